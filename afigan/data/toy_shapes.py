@@ -1,0 +1,172 @@
+"""A synthetic COCO-format instance-segmentation data set: the package's embedded default.
+
+Coloured squares, discs and triangles on a noisy gradient background, with polygon masks at
+COCO's small / medium / large scales. Deterministic from a seed, written in a few seconds, and
+used by the quick start, the tests and the benchmarks (no download needed).
+
+    python -m afigan.data.toy OUT_DIR [--train 48 --val 16 --seed 0]   (see afigan/data/toy.py)
+
+writes ``OUT_DIR/{train,val}/*.png`` and ``OUT_DIR/annotations/instances_{train,val}.json``.
+This module needs only numpy and Pillow; the Detectron2 registration lives in
+``afigan.data.datasets``.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["TOY_CATEGORIES", "make_toy_dataset", "toy_dataset_ready", "ensure_toy_dataset", "toy_paths"]
+
+TOY_CATEGORIES = [
+    {"id": 1, "name": "square", "supercategory": "shape"},
+    {"id": 2, "name": "disc", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+# Object side lengths in pixels for the three COCO size classes (area < 32^2, < 96^2, larger).
+_SCALES = {"small": (10, 26), "medium": (36, 80), "large": (100, 150)}
+_FORMAT_VERSION = 1
+
+
+def toy_paths(root: str, split: str) -> Tuple[str, str]:
+    """(json_file, image_root) of a split ("train" or "val") under ``root``."""
+    return os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split)
+
+
+def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> List[Tuple[float, float]]:
+    r = size / 2.0
+    if kind == "square":
+        corners = [(-r, -r), (r, -r), (r, r), (-r, r)]
+    elif kind == "disc":
+        corners = [(r * math.cos(t), r * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
+    else:
+        corners = [(r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in corners]
+
+
+def _area(poly: List[Tuple[float, float]]) -> float:
+    xs, ys = np.array(poly).T
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
+def _background(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
+    base = rng.uniform(40, 200, size=3)
+    slope = rng.uniform(-60, 60, size=(2, 3))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = base + (yy[..., None] / h) * slope[0] + (xx[..., None] / w) * slope[1]
+    img += rng.normal(0, 12, size=(h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, first_ann_id: int) -> Dict:
+    images, annotations = [], []
+    ann_id = first_ann_id
+    for image_id in range(1, num_images + 1):
+        # Sizes vary and include odd numbers, so padding and odd pyramids are exercised.
+        h, w = int(rng.randint(160, 225)), int(rng.randint(192, 289))
+        canvas = Image.fromarray(_background(rng, h, w))
+        draw = ImageDraw.Draw(canvas)
+        boxes: List[Tuple[float, float, float, float]] = []
+        for _ in range(int(rng.randint(1, 5))):
+            scale = ["small", "medium", "large"][rng.choice(3, p=[0.4, 0.4, 0.2])]
+            lo, hi = _SCALES[scale]
+            size = float(rng.uniform(lo, min(hi, min(h, w) - 4)))
+            kind = TOY_CATEGORIES[rng.randint(len(TOY_CATEGORIES))]
+            # Bound on the polygon's distance from its centre (+1 px margin) keeps it inside the image.
+            r = (size / 2 + 1) * (math.sqrt(2) if kind["name"] == "square" else 1.0)
+            if 2 * r >= min(h, w):
+                continue
+            for _attempt in range(30):
+                cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+                poly = _polygon(kind["name"], cx, cy, size, float(rng.uniform(0, 2 * math.pi)))
+                xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+                box = (min(xs), min(ys), max(xs), max(ys))
+                if all(box[2] + 2 < b[0] or b[2] + 2 < box[0] or box[3] + 2 < b[1] or b[3] + 2 < box[1] for b in boxes):
+                    break
+            else:
+                continue  # no free spot for this object; the image gets one fewer
+            boxes.append(box)
+            colour = tuple(int(c) for c in rng.randint(0, 256, size=3))
+            draw.polygon(poly, fill=colour)
+            annotations.append({
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": kind["id"],
+                "segmentation": [[round(v, 2) for p in poly for v in p]],
+                "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
+                "area": round(_area(poly), 2),
+                "iscrowd": 0,
+            })
+            ann_id += 1
+        file_name = f"{image_id:06d}.png"
+        canvas.save(os.path.join(image_dir, file_name))
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+    return {
+        "info": {"description": "afigan synthetic toy shapes", "version": _FORMAT_VERSION},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": TOY_CATEGORIES,
+    }
+
+
+def make_toy_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, seed: int = 0) -> str:
+    """Write the toy set to ``out_dir`` (replacing it) and return ``out_dir``.
+
+    The set is built in a temporary sibling directory and renamed into place, so concurrent
+    callers (e.g. several DDP ranks) and interrupted runs never leave a half-written set.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
+    try:
+        rng = np.random.RandomState(seed)
+        os.makedirs(os.path.join(tmp, "annotations"))
+        for split, n, first_id in (("train", num_train, 1), ("val", num_val, 1_000_000)):
+            os.makedirs(os.path.join(tmp, split))
+            coco = _make_split(rng, n, os.path.join(tmp, split), first_id)
+            with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
+                json.dump(coco, f)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except FileExistsError:
+        # Another process moved its identical copy into place first.
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def toy_dataset_ready(root: str) -> bool:
+    """True when both splits' json files exist under ``root``."""
+    return all(os.path.isfile(toy_paths(root, s)[0]) for s in ("train", "val"))
+
+
+def ensure_toy_dataset(root: str, **kwargs) -> str:
+    """Create the toy set at ``root`` unless it is already there; return ``root``."""
+    if not toy_dataset_ready(root):
+        make_toy_dataset(root, **kwargs)
+    return root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory to write (replaced if it exists)")
+    parser.add_argument("--train", type=int, default=48, help="number of training images")
+    parser.add_argument("--val", type=int, default=16, help="number of validation images")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = make_toy_dataset(args.out_dir, args.train, args.val, args.seed)
+    for split in ("train", "val"):
+        with open(toy_paths(out, split)[0]) as f:
+            coco = json.load(f)
+        print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances -> {toy_paths(out, split)[0]}")

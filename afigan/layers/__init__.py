@@ -1,0 +1,9 @@
+"""Pure-PyTorch building blocks of afigan. Nothing here imports Detectron2."""
+from .af_interpolator import AFInterpolator, ResidualDenseBlock, ResidualInResidualDenseBlock
+from .discriminator import FeaturePatchDiscriminator
+from .losses import crop_to_common, discriminator_loss, frozen_parameters, generator_loss
+from .shape import check_feature_map, resize_to
+from .state_dict import check_state_dict_fits
+from .upsample import InterpolateUpsampler, build_upsampler, register_upsampler, upsampler_kinds
+
+__all__ = [k for k in dir() if not k.startswith("_")]

@@ -1,0 +1,78 @@
+"""The feature patch discriminator ``D``: one real/fake logit per pyramid-feature location.
+
+Spec §4: three 3x3 Conv + BN + LeakyReLU(0.2) blocks (256 -> 512 -> 1024 -> 1024) and a final
+3x3 conv to one channel, all stride 1 / padding 1, so the output keeps the input's H x W. The
+module tree (``Discriminators.0.{0..3}.0`` with the norm as ``.norm``) mirrors the reference so
+its checkpoints load with ``strict=True``.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .shape import check_feature_map
+
+__all__ = ["FeaturePatchDiscriminator", "ConvNorm"]
+
+
+class ConvNorm(nn.Conv2d):
+    """A Conv2d followed by an optional norm held as ``self.norm`` (Detectron2's Conv2d layout)."""
+
+    def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return self.norm(x) if self.norm is not None else x
+
+
+def _make_norm(kind: str, channels: int) -> Optional[nn.Module]:
+    if kind == "BN":
+        return nn.BatchNorm2d(channels)
+    if kind == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if kind in ("", "none", None):
+        return None
+    raise ValueError(f"FeaturePatchDiscriminator norm must be 'BN', 'SyncBN' or '', got {kind!r}.")
+
+
+class FeaturePatchDiscriminator(nn.Module):
+    """(N, channels, h, w) features -> (N, 1, h, w) logits.
+
+    Args:
+        channels: input feature channels (256).
+        width: channels of the first block (512); later blocks use min(2^n, 4) * channels.
+        norm: "BN" (reference), "SyncBN" or "" (no norm).
+        spectral_norm: wrap every conv in spectral normalisation (off by default; changes the
+            state-dict keys, so reference checkpoints no longer load).
+    """
+
+    def __init__(self, channels: int = 256, norm: str = "BN", spectral_norm: bool = False):
+        super().__init__()
+        self.channels = channels
+        widths = [channels] + [min(2 ** n, 4) * channels for n in (1, 2, 3)]
+        blocks = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            conv = ConvNorm(c_in, c_out, 3, 1, 1, norm=_make_norm(norm, c_out))
+            blocks.append(nn.Sequential(conv, nn.LeakyReLU(0.2, inplace=True)))
+        blocks.append(nn.Sequential(ConvNorm(widths[-1], 1, 3, 1, 1)))
+        for block in blocks:
+            conv = block[0]
+            # Detectron2's c2_msra_fill: Kaiming-normal, fan-out, ReLU gain, zero bias.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            if spectral_norm:
+                nn.utils.parametrizations.spectral_norm(conv)
+        self.Discriminators = nn.ModuleList([nn.Sequential(*blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.channels, type(self).__name__)
+        return self.Discriminators[0](x)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict`` but names the first key or shape that does not fit."""
+        from .state_dict import check_state_dict_fits
+
+        check_state_dict_fits(self, state_dict, strict=strict, what=type(self).__name__)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

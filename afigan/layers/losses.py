@@ -1,0 +1,102 @@
+"""Adversarial and content losses of AFI-GAN, summed over pyramid levels.
+
+Shapes: every feature dict maps a level name ("p2", ...) to an (N, C, H, W) tensor. Real and
+fake maps of one level may differ by a few pixels (padding of the half-size image); both are
+cut to their common top-left window first (spec §5.4), which keeps them aligned because
+Detectron2 pads at the bottom/right.
+"""
+import contextlib
+from typing import Callable, Dict, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .shape import crop_to_common
+
+__all__ = ["discriminator_loss", "generator_loss", "frozen_parameters", "crop_to_common"]
+
+Features = Mapping[str, torch.Tensor]
+
+
+def _levels(fake: Features, real: Features, levels: Optional[Iterable[str]]):
+    names = list(levels) if levels is not None else [k for k in fake if k in real]
+    missing = [k for k in names if k not in fake or k not in real]
+    if missing:
+        raise KeyError(f"Feature level {missing[0]!r} is missing; real has {sorted(real)}, fake has {sorted(fake)}.")
+    if not names:
+        raise ValueError("No pyramid level is shared by the real and fake features.")
+    return names
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    # Computed in float32: the loss is tiny relative to the content term and fp16 loses it.
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+@contextlib.contextmanager
+def frozen_parameters(module):
+    """Temporarily set ``requires_grad=False`` on every parameter of ``module`` (if it is one),
+    so a generator update can back-propagate through D without touching D's gradients."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def discriminator_loss(
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
+    real: Features,
+    fake: Features,
+    levels: Optional[Iterable[str]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Per level: BCE(D(real), 1) + BCE(D(sg(fake)), 0) (plain sum over levels, no 1/2).
+
+    Returns ``{"loss_d_real_<l>", "loss_d_fake_<l>"}`` for each level; their sum is the
+    discriminator loss. ``fake`` is detached here, so the generator gets no gradient.
+    """
+    out = {}
+    for name in _levels(fake, real, levels):
+        f, r = crop_to_common(fake[name].detach(), real[name].detach())
+        out[f"loss_d_real_{name}"] = _bce(discriminator(r), 1.0)
+        out[f"loss_d_fake_{name}"] = _bce(discriminator(f), 0.0)
+    return out
+
+
+def generator_loss(
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
+    fake: Features,
+    real: Features,
+    levels: Optional[Iterable[str]] = None,
+    adv_weight: float = 1e-3,
+    content_weight: float = 1.0,
+    adv_grad: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Per level: adv_weight * BCE(D(fake), 1) + content_weight * L1(fake, real).
+
+    Returns ``{"loss_adv_<l>", "loss_content_<l>"}`` (already weighted); their sum is the
+    generator loss. D's parameters are frozen while it is run, so they receive no gradient.
+    ``adv_grad=False`` reproduces the reference's bug B1: D's logits are computed without
+    gradient, the adversarial term is a constant and only the content loss trains G.
+    """
+    out = {}
+    for name in _levels(fake, real, levels):
+        f, r = crop_to_common(fake[name], real[name].detach())
+        if adv_weight:
+            if adv_grad:
+                with frozen_parameters(discriminator):
+                    logits = discriminator(f)
+            else:
+                with torch.no_grad():
+                    logits = discriminator(f)
+            out[f"loss_adv_{name}"] = adv_weight * _bce(logits, 1.0)
+        out[f"loss_content_{name}"] = content_weight * F.l1_loss(f.float(), r.float())
+    return out

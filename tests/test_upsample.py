@@ -1,0 +1,36 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from afigan.layers import AFInterpolator, build_upsampler, upsampler_kinds
+
+
+def test_kinds():
+    assert {"nearest", "bilinear", "afi"} <= set(upsampler_kinds())
+
+
+@pytest.mark.parametrize("kind", ["nearest", "bilinear", "afi"])
+def test_same_call_signature(kind):
+    up = build_upsampler(kind, 8, growth=4)
+    x = torch.randn(1, 8, 5, 3)
+    assert up(x).shape == (1, 8, 10, 6)
+    assert up(x, output_size=(9, 7)).shape == (1, 8, 9, 7)
+    assert up(x, (10, 6)).shape == (1, 8, 10, 6)
+
+
+def test_nearest_matches_detectron2_fpn_upsampling():
+    x = torch.randn(2, 4, 3, 5)
+    up = build_upsampler("nearest", 4)
+    assert torch.equal(up(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert sum(p.numel() for p in up.parameters()) == 0
+
+
+def test_afi_factory_passes_hyper_parameters():
+    up = build_upsampler("afi", 32, num_blocks=1, growth=8)
+    assert isinstance(up, AFInterpolator)
+    assert len(up.Generators[0][1].RDBs) == 1
+
+
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"Unknown upsampler kind 'carafe'; expected one of \['afi', 'bilinear', 'nearest'"):
+        build_upsampler("carafe", 8)
