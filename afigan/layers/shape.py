@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn import functional as F
 
-__all__ = ["check_feature_map", "resize_to", "crop_to_common"]
+__all__ = ["check_feature_map", "resize_to", "crop_to_common", "fit_to"]
 
 
 def check_feature_map(x: torch.Tensor, channels: Optional[int], who: str) -> None:
@@ -48,3 +48,12 @@ def crop_to_common(a: torch.Tensor, b: torch.Tensor):
     h = min(a.shape[-2], b.shape[-2])
     w = min(a.shape[-1], b.shape[-1])
     return a[..., :h, :w], b[..., :h, :w]
+
+
+def fit_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crop or edge-pad (..., H, W) at the bottom/right to ``size`` (no bound on the change)."""
+    x = x[..., : size[0], : size[1]]
+    pad_h, pad_w = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x

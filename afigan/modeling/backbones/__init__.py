@@ -1,0 +1,1 @@
+"""Bottom-up networks wrapped as Detectron2 backbones, and their neck builders."""

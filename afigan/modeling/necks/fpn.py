@@ -1,0 +1,97 @@
+"""FPN with a pluggable x2 upsampler (the reference's FPN_AFIGAN, spec §3.1).
+
+Detectron2's FPN with one change: the top-down ``F.interpolate(..., scale_factor=2)`` becomes
+``self.srf_module(prev, output_size=lateral.shape[-2:])``, one shared upsampler instance called
+once per top-down step (3 times for p5 -> p2). Module names, output names, channels, strides
+and ``size_divisibility`` are the stock ones, so Detectron2-zoo FPN weights load, and with
+``MODEL.AFI.INTERP nearest`` the outputs equal the stock FPN's exactly.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from afigan.layers import build_upsampler
+
+from .common import resolve_norm, upsampler_from_config
+
+__all__ = ["AFIFPN", "build_resnet_fpn_sr_backbone", "fpn_kwargs_from_config"]
+
+
+def fpn_kwargs_from_config(cfg, bottom_up: Backbone, top_block: Optional[nn.Module] = None) -> Dict:
+    """Constructor arguments shared by AFIFPN and AFIPAFPN, from ``MODEL.FPN`` / ``MODEL.AFI``."""
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in bottom_up.output_shape()]
+    if not cfg.MODEL.FPN.IN_FEATURES or missing:
+        raise ValueError(
+            f"MODEL.FPN.IN_FEATURES must name outputs of the bottom-up network {sorted(bottom_up.output_shape())} "
+            f"(set MODEL.RESNETS.OUT_FEATURES to match), got {list(cfg.MODEL.FPN.IN_FEATURES)}."
+        )
+    return dict(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=resolve_norm(cfg.MODEL.FPN.NORM),
+        top_block=LastLevelMaxPool() if top_block is None else top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        upsampler=upsampler_from_config(cfg, out_channels),
+    )
+
+
+class AFIFPN(FPN):
+    """Detectron2 FPN whose top-down x2 upsampling is ``self.srf_module``.
+
+    Args: those of :class:`detectron2.modeling.FPN`, plus ``upsampler``: an ``nn.Module``
+    called as ``up(x, output_size)`` (see :func:`afigan.layers.build_upsampler`); default a
+    fresh AF interpolator. Input: the bottom-up network's input (N, 3, H, W); output: dict
+    ``p2..p6`` of (N, out_channels, H / stride, W / stride).
+    """
+
+    @configurable
+    def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum",
+                 upsampler: Optional[nn.Module] = None, square_pad=0):
+        super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
+                         fuse_type=fuse_type, square_pad=square_pad)
+        self.srf_module = upsampler if upsampler is not None else build_upsampler("afi", out_channels)
+
+    @classmethod
+    def from_config(cls, cfg, bottom_up, top_block=None):
+        return fpn_kwargs_from_config(cfg, bottom_up, top_block)
+
+    def top_down(self, bottom_up_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """Merged top-down maps T_i (before the output convs), highest resolution first."""
+        prev = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
+        merged = [prev]
+        for idx, lateral_conv in enumerate(self.lateral_convs):
+            if idx == 0:
+                continue
+            lateral = lateral_conv(bottom_up_features[self.in_features[-idx - 1]])
+            prev = lateral + self.srf_module(prev, output_size=lateral.shape[-2:])
+            if self._fuse_type == "avg":
+                prev = prev / 2
+            merged.insert(0, prev)
+        return merged
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        bottom_up_features = self.bottom_up(x)
+        merged = self.top_down(bottom_up_features)
+        results = [conv(t) for conv, t in zip(self.output_convs[::-1], merged)]
+        if self.top_block is not None:
+            if self.top_block.in_feature in bottom_up_features:
+                top_in = bottom_up_features[self.top_block.in_feature]
+            else:
+                top_in = results[self._out_features.index(self.top_block.in_feature)]
+            results.extend(self.top_block(top_in))
+        return dict(zip(self._out_features, results))
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_fpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """ResNet + FPN with the AF interpolator (reference builder name)."""
+    return AFIFPN(cfg, bottom_up=build_resnet_backbone(cfg, input_shape))
