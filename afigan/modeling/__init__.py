@@ -1,3 +1,4 @@
 """Detectron2 components of afigan; importing this module registers them."""
 from . import necks  # noqa: F401
 from . import backbones  # noqa: F401
+from .convert import afi_fpn, use_af_interpolator  # noqa: F401

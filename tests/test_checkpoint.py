@@ -1,0 +1,115 @@
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from detectron2.modeling import build_model  # noqa: E402
+
+from afigan.checkpoint import AFICheckpointer, atomic_torch_save, load_interpolator_weights  # noqa: E402
+from conftest import load_listing, random_state_dict  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
+
+RELEASED = {
+    "mask_rcnn_R_50_FPN_afi.json": "inference/AFI-GAN_maskrcnn_R_50_FPN.yaml",
+    "mask_rcnn_R_50_PAFPN_afi.json": "inference/AFI-GAN_maskrcnn_R_50_PAFPN.yaml",
+    "cascade_mask_rcnn_ResNeSt101_FPN_afi.json": "inference/AFI-GAN_cascade_mask_rcnn_ResNeSt101_FPN.yaml",
+    "cascade_mask_rcnn_ResNeSt101_PAFPN_afi.json": "inference/AFI-GAN_cascade_mask_rcnn_ResNeSt101_PAFPN.yaml",
+    "cascade_rcnn_swin_BiFPN_afi.json": "inference/AFI-GAN_cascade_rcnn_swint_BiFPN_ST.yaml",
+}
+
+
+@pytest.mark.parametrize("listing,config", sorted(RELEASED.items()))
+def test_released_layout_loads_with_zero_missing_and_unexpected_keys(listing, config):
+    torch.set_grad_enabled(False)
+    try:
+        model = build_model(make_cfg(config))
+        sd = random_state_dict(load_listing(listing))
+        ckpt = AFICheckpointer(model)
+        incompatible = ckpt._load_model({"model": dict(sd)})
+        assert incompatible.missing_keys == []
+        assert incompatible.unexpected_keys == []
+        assert incompatible.incorrect_shapes == []
+        own = model.state_dict()
+        assert set(own) == set(sd)
+        for k in ("backbone.srf_module.Generators.0.3.0.weight", next(k for k in sd if "bottom_up" in k)):
+            assert torch.equal(own[k], sd[k]), k
+    finally:
+        torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    return build_model(make_cfg("toy/fpn_toy.yaml"))
+
+
+def test_stage1_generator_file_as_model_weights_goes_into_srf_module(tmp_path, toy_model):
+    g = {f"Generators.{k.split('Generators.', 1)[1]}": torch.randn_like(v)
+         for k, v in toy_model.state_dict().items() if "srf_module" in k}
+    path = str(tmp_path / "G.pth")
+    torch.save({"model": g, "iteration": 3}, path)
+    before = {k: v.clone() for k, v in toy_model.state_dict().items() if "srf_module" not in k}
+    AFICheckpointer(toy_model).load(path)
+    sd = toy_model.state_dict()
+    for k, v in g.items():
+        assert torch.equal(sd["backbone.srf_module." + k], v)
+    for k, v in before.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_load_interpolator_weights_copies_only_interpolator(tmp_path, toy_model):
+    other = build_model(make_cfg("toy/fpn_toy.yaml"))
+    path = str(tmp_path / "stage2.pth")
+    torch.save({"model": other.state_dict(), "iteration": 10}, path)
+    before = {k: v.clone() for k, v in toy_model.state_dict().items()}
+    loaded = load_interpolator_weights(toy_model, path)
+    after = toy_model.state_dict()
+    assert sorted(loaded) == sorted(k for k in after if k.startswith("backbone.srf_module."))
+    for k in after:
+        if k in loaded:
+            assert torch.equal(after[k], other.state_dict()[k]), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+
+
+def test_missing_weights_file_is_one_sentence(tmp_path, toy_model):
+    with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*nope.pth' does not exist"):
+        load_interpolator_weights(toy_model, str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint file '.*nope.pth' does not exist"):
+        AFICheckpointer(toy_model).load(str(tmp_path / "nope.pth"))
+
+
+def test_wrong_shaped_interpolator_tensor_names_key_and_expected_shape(tmp_path, toy_model):
+    sd = {k: v.clone() for k, v in toy_model.state_dict().items()}
+    sd["backbone.srf_module.Generators.0.0.0.bias"] = torch.zeros(256)
+    path = str(tmp_path / "bad.pth")
+    torch.save({"model": sd}, path)
+    with pytest.raises(ValueError, match=r"'Generators.0.0.0.bias'.*shape \[256\].*expects \[64\]"):
+        load_interpolator_weights(toy_model, path)
+    with pytest.raises(ValueError, match=r"'backbone.srf_module.Generators.0.0.0.bias' has shape \[256\].*expects \[64\]"):
+        AFICheckpointer(toy_model).load(path)
+
+
+def test_file_without_interpolator_is_rejected(tmp_path, toy_model):
+    path = str(tmp_path / "plain.pth")
+    torch.save({"model": {"backbone.fpn_lateral2.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="contains no interpolator tensors"):
+        load_interpolator_weights(toy_model, path)
+
+
+def test_checkpointer_saves_atomically(tmp_path, toy_model, monkeypatch):
+    ckpt = AFICheckpointer(toy_model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    assert open(tmp_path / "last_checkpoint").read() == "model_0000001.pth"
+    good = (tmp_path / "model_0000001.pth").read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"x": 1}, str(tmp_path / "model_0000001.pth"))
+    assert (tmp_path / "model_0000001.pth").read_bytes() == good
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
