@@ -1,1 +1,2 @@
 """Bottom-up networks wrapped as Detectron2 backbones, and their neck builders."""
+from . import resnest  # noqa: F401
