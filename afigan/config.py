@@ -96,6 +96,7 @@ def add_afigan_config(cfg: CN) -> CN:
     d = _node(a, "DIS")
     _set_default(d, "NORM", "BN")  # discriminator norm: "BN" (reference) | "SyncBN" | ""
     _set_default(d, "SPECTRAL_NORM", False)  # spectral norm on D's convs (changes checkpoint keys)
+    _set_default(d, "BASE_WIDTH", 0)  # D's blocks have min(2^n, 4) * BASE_WIDTH channels; 0 = FPN width (reference)
     _set_default(d, "BASE_LR", -1.0)  # D learning rate; <= 0 means SOLVER.BASE_LR (reference)
     lg = _node(a, "LEGACY")
     _set_default(lg, "INDEPENDENT_FLIP", False)  # B2: flip HR and LR images independently

@@ -42,3 +42,9 @@ def test_no_norm_and_wrong_channels():
         d(torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="norm must be"):
         FeaturePatchDiscriminator(norm="GN")
+
+
+def test_base_width_makes_a_smaller_discriminator():
+    d = FeaturePatchDiscriminator(channels=32, base_width=16)
+    assert [b[0].out_channels for b in d.Discriminators[0]] == [32, 64, 64, 1]
+    assert d(torch.randn(1, 32, 5, 6)).shape == (1, 1, 5, 6)

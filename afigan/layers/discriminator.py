@@ -42,16 +42,18 @@ class FeaturePatchDiscriminator(nn.Module):
 
     Args:
         channels: input feature channels (256).
-        width: channels of the first block (512); later blocks use min(2^n, 4) * channels.
         norm: "BN" (reference), "SyncBN" or "" (no norm).
         spectral_norm: wrap every conv in spectral normalisation (off by default; changes the
             state-dict keys, so reference checkpoints no longer load).
+        base_width: the n-th block has min(2^n, 4) * base_width channels; default ``channels``
+            (reference). Smaller values make a cheap discriminator for CPU runs.
     """
 
-    def __init__(self, channels: int = 256, norm: str = "BN", spectral_norm: bool = False):
+    def __init__(self, channels: int = 256, norm: str = "BN", spectral_norm: bool = False, base_width: int = 0):
         super().__init__()
         self.channels = channels
-        widths = [channels] + [min(2 ** n, 4) * channels for n in (1, 2, 3)]
+        base = base_width or channels
+        widths = [channels] + [min(2 ** n, 4) * base for n in (1, 2, 3)]
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             conv = ConvNorm(c_in, c_out, 3, 1, 1, norm=_make_norm(norm, c_out))

@@ -1,0 +1,87 @@
+"""Stage 3, the target detector (spec §9), and the evaluation entry of ``run_net``.
+
+A Detectron2 ``DefaultTrainer`` with:
+
+* loading order (non-resume): ``MODEL.WEIGHTS`` (e.g. ImageNet), then ONLY the interpolator
+  tensors of ``MODEL.AF_EXTRACTOR_WEIGHTS`` (a stage-2 checkpoint, a stage-1 G file or a
+  released detector) into ``backbone.srf_module``; on ``--resume`` with a checkpoint in
+  ``OUTPUT_DIR`` everything comes from it, and without one the non-resume path runs (the
+  reference silently skipped the AF weights then, bug B8);
+* a working ``test`` with Detectron2's ``COCOEvaluator`` at ``TEST.EVAL_PERIOD`` and at the end
+  (the reference crashed there, bug B5);
+* a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.modeling import GeneralizedRCNNWithTTA
+
+from afigan.checkpoint import AFICheckpointer, load_interpolator_weights
+from afigan.data.hr_lr_mapper import SafeDatasetMapper
+from afigan.data.loader import build_resumable_train_loader, check_dataset_names
+
+from .common import require_file
+
+__all__ = ["Stage3Trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Stage3Trainer(DefaultTrainer):
+    """Trains any registered detector (heads and AFI neck from the cfg) with an initialised
+    interpolator; ``test(cfg, model)`` runs COCO evaluation on every ``DATASETS.TEST``."""
+
+    def build_hooks(self):
+        # DefaultTrainer made a plain DetectionCheckpointer just before calling this; the
+        # periodic-checkpoint hook built below must hold the atomic one.
+        self.checkpointer = AFICheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    def resume_or_load(self, resume: bool = True):
+        cfg = self.cfg.MODEL
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+        else:
+            if cfg.WEIGHTS:
+                self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
+            if cfg.AF_EXTRACTOR_WEIGHTS:
+                load_interpolator_weights(self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS"))
+            self.start_iter = 0
+        self._trainer.data_loader.dataset.start_iter = self.start_iter
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg, SafeDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_dataset_names([dataset_name], "DATASETS.TEST")
+        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate with Detectron2's test-time augmentation (``TEST.AUG.*``)."""
+        model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+                      for name in cfg.DATASETS.TEST]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """``test`` (plus TTA when ``TEST.AUG.ENABLED``) and Detectron2's ``verify_results``."""
+        res = cls.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(cls.test_with_TTA(cfg, model))
+        verify_results(cfg, res)
+        return res
