@@ -58,6 +58,14 @@ def test_adversarial_term_gives_generator_gradient_and_leaves_d_alone():
     assert all(p.requires_grad for p in d.parameters())  # restored after the call
 
 
+def test_generator_loss_leaves_discriminator_statistics_alone():
+    d = FeaturePatchDiscriminator(channels=4)
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    generator_loss(d, {"p2": torch.randn(2, 4, 5, 5)}, {"p2": torch.randn(2, 4, 5, 5)})
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_legacy_detached_adversarial_term_gives_zero_gradient():
     d = FeaturePatchDiscriminator(channels=4)
     fake = torch.randn(1, 4, 5, 5, requires_grad=True)

@@ -2,8 +2,10 @@
 import logging
 import math
 import os
+import random
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from detectron2.config import get_cfg
@@ -13,7 +15,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from afigan.config import add_afigan_config, fallback_syncbn
 
-__all__ = ["setup_cfg", "check_finite", "NamedLRScheduler", "default_writers", "require_file", "GradScalerOrNone",
+__all__ = ["setup_cfg", "check_finite", "NamedLRScheduler", "SeedEachIteration", "default_writers", "require_file", "GradScalerOrNone",
            "final_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,23 @@ class NamedLRScheduler(hooks.LRScheduler):
         self.trainer.storage.put_scalar(f"lr_{self._name}", lr, smoothing_hint=False)
         if self._enabled:
             self.scheduler.step()
+
+
+class SeedEachIteration(hooks.HookBase):
+    """Seed Python, NumPy and torch from (SEED, iteration, rank) before every step.
+
+    Random choices inside the model (RPN / ROI sampling) then depend only on the iteration, so
+    a resumed run repeats an uninterrupted one exactly (the data stream is seeded the same way,
+    see afigan.data.loader)."""
+
+    def __init__(self, seed: int):
+        self._seed = max(int(seed), 0)
+
+    def before_step(self):
+        state = np.random.SeedSequence([self._seed, 1 + self.trainer.iter, comm.get_rank()]).generate_state(2)
+        np.random.seed(int(state[0]))
+        random.seed(int(state[1]))
+        torch.manual_seed(int(state[1]))
 
 
 def default_writers(output_dir: str, max_iter: int) -> List:

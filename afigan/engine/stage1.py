@@ -32,7 +32,7 @@ from afigan.data.loader import build_resumable_train_loader
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator, discriminator_loss, generator_loss
 from afigan.modeling.meta_arch.teacher import build_guide_model
 
-from .common import (GradScalerOrNone, NamedLRScheduler, backward_and_step, check_finite, default_writers,
+from .common import (GradScalerOrNone, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
                      write_metrics)
 
 __all__ = ["Stage1Trainer", "build_generator", "build_discriminator", "LevelwiseGenerator", "DiscriminatorLoss"]
@@ -129,6 +129,7 @@ class Stage1Trainer(TrainerBase):
         cfg = self.cfg
         ret = [
             hooks.IterationTimer(),
+            SeedEachIteration(cfg.SEED),
             NamedLRScheduler(self.optimizer_G, self.scheduler_G, "G"),
             NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D"),
         ]
@@ -159,31 +160,49 @@ class Stage1Trainer(TrainerBase):
         logger.info("Stage 1: training G and D from iteration %d to %d.", self.start_iter, self.max_iter)
         super().train(self.start_iter, self.max_iter)
 
-    def run_step(self):
+    def next_batch(self):
+        """The next training batch and the seconds spent waiting for it."""
         if self._data_iter is None:
             self._data_iter = iter(self.data_loader)
         t0 = time.perf_counter()
         data = next(self._data_iter)
-        data_time = time.perf_counter() - t0
-        cfg = self.cfg.MODEL.AFI
+        return data, time.perf_counter() - t0
+
+    def teacher_features(self, data):
+        """(real, low): the teacher's pyramids of ``image`` and of its low-resolution twin."""
         real = select(self.teacher(data, "image"), self.levels, "teacher")
         low = select(self.teacher(data, self.lr_key), self.levels, "teacher")
+        return real, low
+
+    def d_step(self, real, fake) -> Dict[str, torch.Tensor]:
+        """One discriminator update on real vs detached fake features; returns its losses."""
         with self.amp.autocast():
-            fake = self.G_ddp(low)
             d_losses = self.D_loss(real, {k: v.detach() for k, v in fake.items()})
         check_finite(d_losses, self.iter)
         backward_and_step(sum(d_losses.values()), self.optimizer_D, self.scaler_D)
+        return d_losses
 
+    def g_step(self, real, fake) -> Dict[str, torch.Tensor]:
+        """One generator update (D frozen, so D's parameters and gradients stay untouched)."""
+        a = self.cfg.MODEL.AFI
         with self.amp.autocast():
-            if cfg.LEGACY.RUN_D_ON_REAL_IN_G_STEP:
+            if a.LEGACY.RUN_D_ON_REAL_IN_G_STEP:
                 with torch.no_grad():  # the reference's unused pass; it only moves BN statistics
                     for v in real.values():
                         self.D(v)
-            g_losses = generator_loss(self.D, fake, real, self.levels, adv_weight=cfg.ADV_WEIGHT,
-                                      content_weight=cfg.CONTENT_WEIGHT, adv_grad=cfg.ADV_GRAD_TO_G)
+            g_losses = generator_loss(self.D, fake, real, self.levels, adv_weight=a.ADV_WEIGHT,
+                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G)
         check_finite(g_losses, self.iter)
         backward_and_step(sum(g_losses.values()), self.optimizer_G, self.scaler_G)
+        return g_losses
 
+    def run_step(self):
+        data, data_time = self.next_batch()
+        real, low = self.teacher_features(data)
+        with self.amp.autocast():
+            fake = self.G_ddp(low)  # ONE G pass: its detached output feeds the D step
+        d_losses = self.d_step(real, fake)
+        g_losses = self.g_step(real, fake)
         losses = {**d_losses, **g_losses}
         losses["loss_D"] = sum(d_losses.values()).detach()
         losses["loss_G"] = sum(g_losses.values()).detach()

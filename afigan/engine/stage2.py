@@ -32,7 +32,7 @@ from afigan.data.loader import build_resumable_train_loader
 from afigan.layers import generator_loss
 from afigan.modeling.meta_arch.teacher import build_guide_model
 
-from .common import (GradScalerOrNone, NamedLRScheduler, backward_and_step, check_finite, default_writers,
+from .common import (GradScalerOrNone, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
                      require_file, write_metrics)
 from .stage1 import DiscriminatorLoss, build_discriminator, discriminator_cfg, select
 
@@ -85,6 +85,7 @@ class Stage2Trainer(TrainerBase):
         cfg = self.cfg
         ret = [
             hooks.IterationTimer(),
+            SeedEachIteration(cfg.SEED),
             NamedLRScheduler(self.optimizer, self.scheduler, "M"),
             NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D", enabled=not cfg.MODEL.AFI.LEGACY.FROZEN_DIS_LR),
         ]

@@ -25,7 +25,7 @@ from afigan.checkpoint import AFICheckpointer, load_interpolator_weights
 from afigan.data.hr_lr_mapper import SafeDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names
 
-from .common import require_file
+from .common import SeedEachIteration, require_file
 
 __all__ = ["Stage3Trainer"]
 
@@ -40,7 +40,7 @@ class Stage3Trainer(DefaultTrainer):
         # DefaultTrainer made a plain DetectionCheckpointer just before calling this; the
         # periodic-checkpoint hook built below must hold the atomic one.
         self.checkpointer = AFICheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        return super().build_hooks()
+        return [SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
 
     def resume_or_load(self, resume: bool = True):
         cfg = self.cfg.MODEL

@@ -37,19 +37,29 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def frozen_parameters(module):
-    """Temporarily set ``requires_grad=False`` on every parameter of ``module`` (if it is one),
-    so a generator update can back-propagate through D without touching D's gradients."""
+    """Freeze ``module`` (if it is one) for the duration: ``requires_grad=False`` on its
+    parameters, and BatchNorm layers keep using batch statistics but stop updating their running
+    statistics (momentum 0). A generator update can then back-propagate through D without
+    changing anything of D."""
     if not isinstance(module, nn.Module):
         yield
         return
     params = [p for p in module.parameters() if p.requires_grad]
+    norms = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for p in params:
         p.requires_grad_(False)
+    for m, _, _ in norms:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged, without an in-place restore
     try:
         yield
     finally:
         for p in params:
             p.requires_grad_(True)
+        for m, momentum, tracked in norms:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)  # not used by backward, safe to restore
 
 
 def discriminator_loss(

@@ -1,0 +1,47 @@
+"""Shared set-up of the stage-trainer tests (import after pytest.importorskip("detectron2"))."""
+import argparse
+import os
+
+import torch
+
+from d2_helpers import CONFIGS
+
+# Smallest sizes that still exercise everything: ~100 px images, 2 per batch.
+TINY = [
+    "INPUT.MIN_SIZE_TRAIN", (96,), "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128,
+    "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 0, "SEED", 7, "DATALOADER.NUM_WORKERS", 0,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+]
+
+
+def stage_args(config: str, *opts, resume: bool = False, eval_only: bool = False) -> argparse.Namespace:
+    """What Detectron2's default_argument_parser would give for ``--config-file config opts...``."""
+    return argparse.Namespace(config_file=os.path.join(CONFIGS, config), opts=[str(o) if not isinstance(o, (tuple, list)) else o for o in opts],
+                              resume=resume, eval_only=eval_only, num_gpus=1, num_machines=1, machine_rank=0,
+                              dist_url="auto")
+
+
+def stage_cfg(config: str, output_dir: str, *opts):
+    """A frozen cfg for a stage config at TINY sizes, writing to ``output_dir``."""
+    from afigan.engine import setup_cfg
+
+    return setup_cfg(stage_args(config, *TINY, "OUTPUT_DIR", output_dir, *opts))
+
+
+def save_teacher(path: str) -> str:
+    """A randomly initialised teacher (toy stage-0 architecture) saved as a Detectron2 .pth.
+
+    Its FPN output convs are scaled by 0.05 so the pyramid features are O(1), like a trained
+    teacher's, instead of the O(50) a random BN network in eval mode produces."""
+    from afigan.modeling.meta_arch.teacher import build_guide_model
+    from d2_helpers import make_cfg
+
+    torch.manual_seed(123)
+    teacher = build_guide_model(make_cfg("toy/pipeline/stage1.yaml"), load_weights=False)
+    state = {k: v * 0.05 if "fpn_output" in k else v for k, v in teacher.state_dict().items()}
+    torch.save({"model": state}, path)
+    return path
+
+
+def params(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
