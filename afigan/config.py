@@ -103,6 +103,8 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(lg, "FROZEN_DIS_LR", False)  # O3: stage-2 D scheduler never stepped
     _set_default(lg, "RUN_D_ON_REAL_IN_G_STEP", False)  # O8: wasted D pass on real features in the G step
     _set_default(a, "STAGE", "")  # set by the stage trainers; informational
+    from afigan.modeling.meta_arch.detector_config import add_detector_config  # here: afigan.modeling imports this module
+    add_detector_config(cfg)  # MODEL.FCOS.*, MASKIOU and RoI level keys (FCOS / CenterMask)
     if was_frozen:
         cfg.freeze()
     return cfg
