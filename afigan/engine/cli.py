@@ -23,8 +23,9 @@ def train_stage(stage: str, args):
     cfg = setup_cfg(args, stage=stage)
     trainer = TRAINERS[stage](cfg)
     trainer.resume_or_load(resume=args.resume)
-    result = trainer.train()
-    return result if isinstance(result, dict) else {}
+    trainer.train()
+    # DefaultTrainer keeps the final evaluation (run by its EvalHook) here.
+    return dict(getattr(trainer, "_last_eval_results", None) or {})
 
 
 def eval_only(args):

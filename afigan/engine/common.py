@@ -142,8 +142,21 @@ def write_metrics(storage, losses: Dict[str, torch.Tensor], **scalars) -> None:
         storage.put_scalars(**{k: float(v) for k, v in reduced.items()}, **scalars)
 
 
+def wrap_ddp(module: torch.nn.Module, broadcast_buffers: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel when several processes run (on GPUs or, with gloo, on CPUs);
+    the module itself otherwise. Detectron2's ``create_ddp_model`` always passes ``device_ids``,
+    which DDP rejects for CPU modules."""
+    if comm.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_gpu = next(module.parameters()).device.type == "cuda"
+    return DistributedDataParallel(module, device_ids=[comm.get_local_rank()] if on_gpu else None,
+                                   broadcast_buffers=broadcast_buffers)
+
+
 def final_checkpoint(directory: str) -> str:
     return os.path.join(directory, "model_final.pth")
 
 
-__all__ += ["backward_and_step", "write_metrics"]
+__all__ += ["backward_and_step", "write_metrics", "wrap_ddp"]

@@ -9,7 +9,8 @@ wired into the next stage's weights keys:
     stage1/G_0/model_final.pth      -> MODEL.AFI_GEN_WEIGHTS (stage 2)
     stage1/D_0/model_final.pth      -> MODEL.AFI_DIS_WEIGHTS (stage 2)
     stage2/AFExtractor/model_final.pth -> MODEL.AF_EXTRACTOR_WEIGHTS (stage 3)
-    stage3/model_final.pth          -> MODEL.WEIGHTS (evaluation)
+    stage3/model_final.pth          -> MODEL.WEIGHTS (evaluation in OUTPUT/eval when stage 3 was
+                                       skipped; a stage-3 run evaluates itself at its end)
 
 A stage whose final checkpoint exists is skipped; an interrupted stage resumes from its last
 checkpoint, so re-running the same command after a kill continues where it stopped.
@@ -69,10 +70,10 @@ class Pipeline:
     def _done(self, stage: str) -> bool:
         return all(os.path.isfile(f) for f in self.final[stage])
 
-    def _run(self, stage: str, overrides: List[str], fn=None):
+    def _run(self, stage: str, overrides: List[str], fn=None, output_name: str = ""):
         args = copy.copy(self.args)
         args.config_file = self.files[stage]
-        args.opts = self.opts + ["OUTPUT_DIR", os.path.join(self.output_dir, stage)] + overrides
+        args.opts = self.opts + ["OUTPUT_DIR", os.path.join(self.output_dir, output_name or stage)] + overrides
         args.resume = True  # continue an interrupted stage; a fresh stage has nothing to resume
         args.eval_only = False
         result = {}
@@ -117,7 +118,7 @@ class Pipeline:
                                "MODEL.AFI_GEN_WEIGHTS", self.final["stage1"][0], "MODEL.AFI_DIS_WEIGHTS", self.final["stage1"][1]])
         results = self._maybe("stage3", ["MODEL.AF_EXTRACTOR_WEIGHTS", self.final["stage2"][0]])
         if not results:
-            results = self._run("stage3", ["MODEL.WEIGHTS", self.final["stage3"][0]], fn=_eval_stage)
+            results = self._run("stage3", ["MODEL.WEIGHTS", self.final["stage3"][0]], fn=_eval_stage, output_name="eval")
         path = os.path.join(self.output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)

@@ -22,7 +22,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from detectron2.engine import TrainerBase, create_ddp_model, hooks
+from detectron2.engine import TrainerBase, hooks
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 
@@ -32,7 +32,7 @@ from afigan.data.loader import build_resumable_train_loader
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator, discriminator_loss, generator_loss
 from afigan.modeling.meta_arch.teacher import build_guide_model
 
-from .common import (GradScalerOrNone, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
+from .common import (GradScalerOrNone, wrap_ddp, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
                      write_metrics)
 
 __all__ = ["Stage1Trainer", "build_generator", "build_discriminator", "LevelwiseGenerator", "DiscriminatorLoss"]
@@ -107,8 +107,8 @@ class Stage1Trainer(TrainerBase):
         self.G = build_generator(cfg).to(self.device)
         self.D = build_discriminator(cfg).to(self.device)
         # DDP wrappers: every forward that needs synchronised gradients goes through them (fixes B3).
-        self.G_ddp = create_ddp_model(LevelwiseGenerator(self.G), broadcast_buffers=False)
-        self.D_loss = create_ddp_model(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
+        self.G_ddp = wrap_ddp(LevelwiseGenerator(self.G), broadcast_buffers=False)
+        self.D_loss = wrap_ddp(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
         self.optimizer_G = build_optimizer(cfg, self.G)
         self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
         self.scheduler_G = build_lr_scheduler(cfg, self.optimizer_G)

@@ -21,7 +21,7 @@ from typing import Dict
 import torch
 from torch.nn import functional as F
 
-from detectron2.engine import TrainerBase, create_ddp_model, hooks
+from detectron2.engine import TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
@@ -32,7 +32,7 @@ from afigan.data.loader import build_resumable_train_loader
 from afigan.layers import generator_loss
 from afigan.modeling.meta_arch.teacher import build_guide_model
 
-from .common import (GradScalerOrNone, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
+from .common import (GradScalerOrNone, wrap_ddp, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
                      require_file, write_metrics)
 from .stage1 import DiscriminatorLoss, build_discriminator, discriminator_cfg, select
 
@@ -63,8 +63,8 @@ class Stage2Trainer(TrainerBase):
         self.teacher = build_guide_model(cfg)
         self.model = build_model(cfg)
         self.D = build_discriminator(cfg).to(self.device)
-        self.model_ddp = create_ddp_model(self.model, broadcast_buffers=False)
-        self.D_loss = create_ddp_model(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
+        self.model_ddp = wrap_ddp(self.model, broadcast_buffers=False)
+        self.D_loss = wrap_ddp(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
         self.optimizer = build_optimizer(cfg, self.model)
         self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)

@@ -1,0 +1,157 @@
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from detectron2.engine import HookBase  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from afigan.engine import Stage1Trainer, Stage2Trainer, Stage3Trainer  # noqa: E402
+from afigan.engine.cli import eval_only  # noqa: E402
+from stage_helpers import TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
+
+SRF = "backbone.srf_module."
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A teacher, and a 2-iteration stage-1 run giving G_0 / D_0 final checkpoints."""
+    root = tmp_path_factory.mktemp("chain")
+    teacher = save_teacher(str(root / "teacher.pth"))
+    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher,
+                                "SOLVER.MAX_ITER", 2))
+    t.resume_or_load(resume=False)
+    t.train()
+    return {"root": root, "teacher": teacher, "G": str(root / "stage1" / "G_0" / "model_final.pth"),
+            "D": str(root / "stage1" / "D_0" / "model_final.pth")}
+
+
+def _stage2(chain, out, *opts):
+    torch.manual_seed(0)
+    return Stage2Trainer(stage_cfg("toy/pipeline/stage2.yaml", str(out), "MODEL.GUIDE_WEIGHTS", chain["teacher"],
+                                   "MODEL.WEIGHTS", chain["teacher"], "MODEL.AFI_GEN_WEIGHTS", chain["G"],
+                                   "MODEL.AFI_DIS_WEIGHTS", chain["D"], *opts))
+
+
+def test_stage1_generator_lands_in_stage2_srf_module(chain, tmp_path):
+    t = _stage2(chain, tmp_path)
+    t.resume_or_load(resume=False)
+    g = torch.load(chain["G"], weights_only=False)["model"]
+    sd = t.model.state_dict()
+    for k, v in g.items():
+        assert torch.equal(sd[SRF + k], v), k
+    teacher = torch.load(chain["teacher"], weights_only=False)["model"]
+    # MODEL.WEIGHTS (here the teacher) initialises the rest of M; the srf tensors come from G.
+    assert torch.equal(sd["backbone.fpn_lateral3.weight"], teacher["backbone.fpn_lateral3.weight"])
+    d = torch.load(chain["D"], weights_only=False)["model"]
+    for k, v in t.D.state_dict().items():
+        assert torch.equal(v, d[k]), k
+
+
+def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path):
+    t = _stage2(chain, tmp_path, "SOLVER.MAX_ITER", 2)
+    t.resume_or_load(resume=False)
+    calls = []
+    t.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    lr_d = t.optimizer_D.param_groups[0]["lr"]
+    t.train()
+    assert len(calls) == 2  # one backbone pass of M per iteration
+    keys = set(t.storage.histories())
+    assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_content_p2", "loss_adv_p6", "loss_d_real_p3", "loss_M", "loss_D"} <= keys
+    assert t.optimizer_D.param_groups[0]["lr"] != lr_d or t.scheduler_D.last_epoch == 2  # D's schedule steps
+    assert os.path.isfile(tmp_path / "AFExtractor" / "model_final.pth")
+    assert os.path.isfile(tmp_path / "Disc" / "model_final.pth")
+    # Inference of the AF extractor on ordinary images works (bug B6 of the reference).
+    t.model.eval()
+    with torch.no_grad():
+        out = t.model([{"image": torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8), "height": 97, "width": 131}])
+    assert "instances" in out[0]
+
+
+def test_legacy_frozen_discriminator_lr(chain, tmp_path):
+    t = _stage2(chain, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 100, "MODEL.AFI.LEGACY.FROZEN_DIS_LR", True)
+    t.resume_or_load(resume=False)
+    lr_d = t.optimizer_D.param_groups[0]["lr"]
+    t.train()
+    assert t.optimizer_D.param_groups[0]["lr"] == lr_d
+    assert t.optimizer.param_groups[0]["lr"] > lr_d
+
+
+def test_stage2_srf_lands_in_stage3_and_nothing_else(chain, tmp_path):
+    s2 = _stage2(chain, tmp_path / "s2", "SOLVER.MAX_ITER", 1)
+    s2.resume_or_load(resume=False)
+    s2.train()
+    ckpt = str(tmp_path / "s2" / "AFExtractor" / "model_final.pth")
+    torch.manual_seed(0)
+    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "s3"), "MODEL.AF_EXTRACTOR_WEIGHTS", ckpt))
+    before = params(t.model.module if hasattr(t.model, "module") else t.model)
+    # --resume with no checkpoint yet must still load the AF weights (reference bug B8).
+    t.resume_or_load(resume=True)
+    after = t.model.state_dict()
+    stage2 = torch.load(ckpt, weights_only=False)["model"]
+    srf = [k for k in after if k.startswith(SRF)]
+    assert srf
+    for k in after:
+        if k in srf:
+            assert torch.equal(after[k], stage2[k]), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+
+
+class _StopAt(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise KeyboardInterrupt
+
+
+def _stage3(out):
+    torch.manual_seed(0)
+    return Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(out), "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2))
+
+
+def test_stage3_resume_equals_uninterrupted_run(tmp_path):
+    full = _stage3(tmp_path / "full")
+    full.resume_or_load(resume=True)
+    full.cfg.defrost()
+    full.cfg.DATASETS.TEST = ()  # no evaluation needed here
+    full.train()
+    part = _stage3(tmp_path / "part")
+    part.cfg.defrost()
+    part.cfg.DATASETS.TEST = ()
+    part.register_hooks([_StopAt(1)])
+    part.resume_or_load(resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        part.train()
+    resumed = _stage3(tmp_path / "part")
+    resumed.cfg.defrost()
+    resumed.cfg.DATASETS.TEST = ()
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    # Same batches, same sampling seeds, same optimizer state: equal up to float reordering.
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_stage3_missing_af_extractor_file_is_one_sentence(tmp_path):
+    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "MODEL.AF_EXTRACTOR_WEIGHTS", str(tmp_path / "x.pth")))
+    with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*x.pth' does not exist"):
+        t.resume_or_load(resume=False)
+
+
+def test_eval_only_prints_coco_ap(tmp_path):
+    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
+    t.resume_or_load(resume=False)
+    t.checkpointer.save("model_final")
+    res = eval_only(stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path),
+                               "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True))
+    assert set(res) == {"bbox", "segm"}
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(res["bbox"])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        eval_only(stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path), eval_only=True))
