@@ -11,6 +11,8 @@ import warnings
 
 from detectron2.config import CfgNode as CN
 
+from .fe_config import add_fe_config
+
 __all__ = ["add_afigan_config", "afi_freeze", "fallback_syncbn", "AFI_LEGACY_SWITCHES"]
 
 # Switches that reproduce a behaviour of the reference code (spec §16/§20); all off by default.
@@ -103,6 +105,7 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(lg, "FROZEN_DIS_LR", False)  # O3: stage-2 D scheduler never stepped
     _set_default(lg, "RUN_D_ON_REAL_IN_G_STEP", False)  # O8: wasted D pass on real features in the G step
     _set_default(a, "STAGE", "")  # set by the stage trainers; informational
+    add_fe_config(cfg)  # MODEL.FE.*: the feature-enhancement regulariser (afigan/fe_config.py)
     from afigan.modeling.meta_arch.detector_config import add_detector_config  # here: afigan.modeling imports this module
     add_detector_config(cfg)  # MODEL.FCOS.*, MASKIOU and RoI level keys (FCOS / CenterMask)
     if was_frozen:
