@@ -1,0 +1,118 @@
+"""Inference cost of the necks with each upsampler: parameters, FLOPs (fvcore) and median latency
+of the neck alone and of a whole Mask R-CNN R-50 forward. Used by tools/benchmark_necks.py."""
+import statistics
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.analysis import FlopCountAnalysis
+
+from afigan.config import add_afigan_config
+
+__all__ = ["NECKS", "neck_cfg", "benchmark", "format_table"]
+
+# Backbone builder and the RPN / ROI feature names each neck needs in a Mask R-CNN.
+NECKS = {
+    "FPN": dict(name="build_resnet_fpn_sr_backbone", rpn=["p2", "p3", "p4", "p5", "p6"], roi=["p2", "p3", "p4", "p5"]),
+    "PAFPN": dict(name="build_resnet_pafpn_sr_backbone", rpn=["p2", "p3", "p4", "p5", "p6"], roi=["p2", "p3", "p4", "p5"]),
+    "BiFPN": dict(name="build_resnet_bifpn_sr_backbone", rpn=["p3", "p4", "p5", "p6", "p7"], roi=["p3", "p4", "p5", "p6"]),
+}
+
+
+def neck_cfg(neck: str, kind: str, device: str):
+    """Mask R-CNN R-50 config with ``neck`` upsampling with ``kind`` (reference sizes: 256 channels,
+    3 dense blocks)."""
+    cfg = add_afigan_config(get_cfg())
+    spec = NECKS[neck]
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.BACKBONE.NAME = spec["name"]
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BIFPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.BIFPN.NORM = "BN"
+    cfg.MODEL.AFI.INTERP = kind
+    cfg.MODEL.RPN.IN_FEATURES = spec["rpn"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = spec["roi"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    return cfg
+
+
+class _Const(nn.Module):
+    """Stands in for the bottom-up network: returns precomputed features (neck-only timing)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return self.features
+
+
+def _median_seconds(fn, repeats: int, device: str) -> float:
+    times = []
+    for i in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:  # the first call warms up caches and kernels
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def benchmark(necks: List[str], kinds: List[str], size=(800, 1216), device: str = "cpu", repeats: int = 5,
+              full: bool = True) -> List[Dict]:
+    """One row per (neck, kind): neck parameters, neck GFLOPs and ms, full-model GFLOPs and ms."""
+    rows = []
+    h, w = size
+    for neck in necks:
+        for kind in kinds:
+            model = build_model(neck_cfg(neck, kind, device)).eval()
+            backbone = model.backbone
+            image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+            images = model.preprocess_image([{"image": image}]).tensor
+            bottom_up = backbone.bottom_up
+            feats = bottom_up(images)
+            neck_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("bottom_up."))
+            srf_params = sum(p.numel() for p in backbone.srf_module.parameters()) if hasattr(backbone, "srf_module") else 0
+            backbone.bottom_up = _Const(feats)
+            try:
+                neck_flops = FlopCountAnalysis(backbone, images).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+                neck_s = _median_seconds(lambda: backbone(images), repeats, device)
+            finally:
+                backbone.bottom_up = bottom_up
+            row = dict(neck=neck, kind=kind, neck_params=neck_params, interpolator_params=srf_params,
+                       neck_gflops=neck_flops / 1e9, neck_ms=neck_s * 1e3, image=f"{h}x{w}", device=device)
+            if full:
+                inputs = [{"image": image, "height": h, "width": w}]
+                flops = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+                row.update(model_params=sum(p.numel() for p in model.parameters()), model_gflops=flops / 1e9,
+                           model_ms=_median_seconds(lambda: model(inputs), repeats, device) * 1e3)
+            rows.append(row)
+            del model
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    cols = [("neck", "neck", "{}"), ("kind", "upsampler", "{}"), ("neck_params", "neck params (M)", "{:.2f}"),
+            ("neck_gflops", "neck GFLOPs", "{:.1f}"), ("neck_ms", "neck ms", "{:.1f}"),
+            ("model_gflops", "Mask R-CNN GFLOPs", "{:.1f}"), ("model_ms", "Mask R-CNN ms", "{:.1f}")]
+    cols = [c for c in cols if c[0] in rows[0]]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [c[2].format(r[c[0]] / 1e6 if c[0] == "neck_params" else r[c[0]]) for c in cols]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
