@@ -12,6 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import setup_logger
 
 from afigan.config import add_afigan_config, fallback_syncbn
 
@@ -39,6 +40,9 @@ def setup_cfg(args, stage: str = ""):
     fallback_syncbn(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures Detectron2's and fvcore's loggers; afigan's own INFO lines (weights
+    # loaded, legacy switches, stage progress) need theirs.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="afigan", abbrev_name="afigan")
     return cfg
 
 
