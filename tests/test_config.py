@@ -59,3 +59,15 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path):
     cfg = afigan.add_afigan_config(get_cfg())
     with pytest.raises(KeyError, match="MODEL.AFI.INTREP"):
         cfg.merge_from_file(str(f))
+
+
+def test_syncbn_falls_back_to_bn_in_a_single_process():
+    from afigan.config import fallback_syncbn
+
+    cfg = afigan.add_afigan_config(get_cfg())
+    cfg.MODEL.RESNETS.NORM = "SyncBN"
+    cfg.MODEL.FPN.NORM = "SyncBN"
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "SyncBN"
+    fallback_syncbn(cfg)
+    assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.BIFPN.NORM) == ("BN",) * 4
+    assert cfg.MODEL.AFI.DIS.NORM == "BN"
