@@ -31,12 +31,21 @@ def toy_dicts(root: str, split: str = "train") -> List[Dict]:
     return load_coco_json(*toy_paths(root, split), f"toy_{split}_{abs(hash(root))}")
 
 
-def mapped(cfg, dicts: List[Dict], is_train: bool) -> List[Dict]:
-    """``dicts`` through Detectron2's DatasetMapper (resize, flip, Instances with polygon masks)."""
+def mapped(cfg, dicts: List[Dict], is_train: bool, seed: int = 0) -> List[Dict]:
+    """``dicts`` through Detectron2's DatasetMapper (resize, flip, Instances with polygon masks).
+
+    The random sizes and flips come from numpy's global generator, seeded here with ``seed`` (and
+    restored afterwards) so that every run of a test sees the same batch."""
+    import numpy as np
     from detectron2.data import DatasetMapper
 
     mapper = DatasetMapper(cfg, is_train=is_train)
-    return [mapper(dict(d)) for d in dicts]
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return [mapper(dict(d)) for d in dicts]
+    finally:
+        np.random.set_state(state)
 
 
 def train_step(model, batch: List[Dict]) -> Dict[str, torch.Tensor]:
