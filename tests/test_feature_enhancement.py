@@ -160,8 +160,14 @@ def test_positive_lambda_step_moves_only_the_named_stages_by_the_analytic_gradie
 
 
 def test_frozen_target_stage_contributes_nothing(caplog):
-    with caplog.at_level(logging.WARNING, logger="afigan"):
-        model = build_model(_fe_cfg("toy/Base-toy.yaml", CHEAP, "MODEL.BACKBONE.FREEZE_AT", 3)).train()
+    # The trainers' setup_logger(name="afigan") stops propagation to the root logger that caplog
+    # listens on, so listen on the afigan logger itself.
+    logging.getLogger("afigan").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="afigan"):
+            model = build_model(_fe_cfg("toy/Base-toy.yaml", CHEAP, "MODEL.BACKBONE.FREEZE_AT", 3)).train()
+    finally:
+        logging.getLogger("afigan").removeHandler(caplog.handler)
     assert "res3" in caplog.text and "frozen" in caplog.text
     with EventStorage():
         losses = model(toy_batch(SIZES))
