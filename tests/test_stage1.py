@@ -152,3 +152,42 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, teacher, monk
         t.train()
     assert sorted(os.listdir(tmp_path / "G_0")) == ["last_checkpoint", "model_0000001.pth"]
     assert open(tmp_path / "G_0" / "last_checkpoint").read() == "model_0000001.pth"
+
+
+def test_one_g_pass_per_level_and_no_d_pass_on_real_in_the_g_step(tmp_path, teacher):
+    t = _trainer(tmp_path, teacher)
+    g_calls, d_calls = [], []
+    t.G.register_forward_hook(lambda *a: g_calls.append(1))
+    t.D.register_forward_hook(lambda *a: d_calls.append(1))
+    with EventStorage() as storage:
+        t.storage = storage
+        t.iter = 0
+        t.run_step()
+    levels = len(t.levels)
+    assert len(g_calls) == levels
+    assert len(d_calls) == 2 * levels + levels  # D step: real + fake; G step: fake only
+
+
+def test_annotations_without_usable_boxes_are_one_sentence(tmp_path, teacher):
+    import json
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from afigan.data.toy_shapes import make_toy_dataset, toy_paths
+
+    root = make_toy_dataset(str(tmp_path / "crowd"), num_train=2, num_val=1)
+    json_file, image_root = toy_paths(root, "train")
+    coco = json.load(open(json_file))
+    for a in coco["annotations"]:
+        a["iscrowd"] = 1  # nothing a detector can train on
+    json.dump(coco, open(json_file, "w"))
+    name = "afigan_test_all_crowd"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, json_file, image_root)
+    try:
+        with pytest.raises(ValueError, match=r"DATASETS.TRAIN \('afigan_test_all_crowd',\) gives no usable training image"):
+            _trainer(tmp_path / "out", teacher, "DATASETS.TRAIN", (name,))
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
