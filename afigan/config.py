@@ -11,6 +11,8 @@ import warnings
 
 from detectron2.config import CfgNode as CN
 
+from .config_utils import node as _node
+from .config_utils import set_default as _set_default
 from .fe_config import add_fe_config
 
 __all__ = ["add_afigan_config", "afi_freeze", "fallback_syncbn", "AFI_LEGACY_SWITCHES"]
@@ -22,18 +24,6 @@ AFI_LEGACY_SWITCHES = (
     "MODEL.AFI.LEGACY.FROZEN_DIS_LR  (O3: stage-2 D never leaves its warm-up learning rate)",
     "MODEL.AFI.LEGACY.RUN_D_ON_REAL_IN_G_STEP  (O8: D also sees real features in the G step)",
 )
-
-
-def _set_default(node: CN, key: str, value) -> None:
-    """Add ``key`` unless present, so a second call keeps values already merged into the cfg."""
-    if key not in node:
-        node[key] = value
-
-
-def _node(parent: CN, key: str) -> CN:
-    if key not in parent:
-        parent[key] = CN()
-    return parent[key]
 
 
 def add_afigan_config(cfg: CN) -> CN:

@@ -7,13 +7,14 @@ no other model.
 """
 from detectron2.config import CfgNode as CN
 
+from .config_utils import node as _node
+from .config_utils import set_default as _set_default
+
 __all__ = ["add_fe_config"]
 
 
 def add_fe_config(cfg: CN) -> CN:
     """Add ``MODEL.FE`` to ``cfg`` in place (keys already present are kept) and return it."""
-    from .config import _node, _set_default  # lazy: afigan.config imports this module
-
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     fe = _node(cfg.MODEL, "FE")

@@ -3,6 +3,7 @@ import argparse
 import os
 
 import torch
+from detectron2.engine import HookBase
 
 from d2_helpers import CONFIGS
 
@@ -45,3 +46,14 @@ def save_teacher(path: str) -> str:
 
 def params(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class StopAt(HookBase):
+    """A hook that 'kills' training (KeyboardInterrupt) right after iteration ``iteration``."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise KeyboardInterrupt

@@ -6,11 +6,10 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.engine import Stage1Trainer  # noqa: E402
-from stage_helpers import params, save_teacher, stage_cfg  # noqa: E402
+from stage_helpers import StopAt as _StopAt, params, save_teacher, stage_cfg  # noqa: E402
 
 CFG = "toy/pipeline/stage1.yaml"
 
@@ -89,15 +88,6 @@ def test_content_loss_falls_on_a_fixed_batch_and_teacher_never_changes(tmp_path,
     assert all(k.startswith("Generators.0.") for k in g["model"])
     d = torch.load(os.path.join(str(tmp_path), "D_0", "model_final.pth"), weights_only=False)
     assert all(k.startswith("Discriminators.0.") for k in d["model"])
-
-
-class _StopAt(HookBase):
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def after_step(self):
-        if self.trainer.iter == self.iteration:
-            raise KeyboardInterrupt
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, teacher):

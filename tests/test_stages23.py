@@ -5,12 +5,11 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.engine import Stage1Trainer, Stage2Trainer, Stage3Trainer  # noqa: E402
 from afigan.engine.cli import eval_only  # noqa: E402
-from stage_helpers import TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
+from stage_helpers import StopAt as _StopAt, TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
 
 SRF = "backbone.srf_module."
 
@@ -98,15 +97,6 @@ def test_stage2_srf_lands_in_stage3_and_nothing_else(chain, tmp_path):
             assert torch.equal(after[k], stage2[k]), k
         else:
             assert torch.equal(after[k], before[k]), k
-
-
-class _StopAt(HookBase):
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def after_step(self):
-        if self.trainer.iter == self.iteration:
-            raise KeyboardInterrupt
 
 
 def _stage3(out):

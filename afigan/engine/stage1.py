@@ -15,27 +15,19 @@ their own checkpoints under ``OUTPUT_DIR/G_0`` and ``OUTPUT_DIR/D_0`` (model, op
 scheduler, iteration); ``resume_or_load(resume=True)`` restores both and continues.
 """
 import logging
-import os
-import time
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 from torch import nn
 
-from detectron2.engine import TrainerBase, hooks
-from detectron2.solver import build_lr_scheduler, build_optimizer
-from detectron2.utils import comm
+from afigan.data.hr_lr_mapper import lr_key
+from afigan.layers import AFInterpolator, generator_loss
 
-from afigan.checkpoint import AFICheckpointer
-from afigan.data.hr_lr_mapper import HRLRDatasetMapper, lr_key
-from afigan.data.loader import build_resumable_train_loader
-from afigan.layers import AFInterpolator, FeaturePatchDiscriminator, discriminator_loss, generator_loss
-from afigan.modeling.meta_arch.teacher import build_guide_model
+from .adversarial import AdversarialTrainer, DiscriminatorLoss, build_discriminator, discriminator_cfg, select
+from .common import backward_and_step, check_finite, wrap_ddp, write_metrics
 
-from .common import (GradScalerOrNone, wrap_ddp, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
-                     write_metrics)
-
-__all__ = ["Stage1Trainer", "build_generator", "build_discriminator", "LevelwiseGenerator", "DiscriminatorLoss"]
+__all__ = ["Stage1Trainer", "build_generator", "build_discriminator", "discriminator_cfg", "LevelwiseGenerator",
+           "DiscriminatorLoss", "select"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +36,6 @@ def build_generator(cfg) -> AFInterpolator:
     """The AF interpolator G with ``MODEL.FPN.OUT_CHANNELS`` channels and ``MODEL.AFI.*`` sizes."""
     a = cfg.MODEL.AFI
     return AFInterpolator(cfg.MODEL.FPN.OUT_CHANNELS, a.NUM_BLOCKS, a.GROWTH, a.RES_SCALE, a.SKIP)
-
-
-def build_discriminator(cfg) -> FeaturePatchDiscriminator:
-    """The feature patch discriminator D for ``MODEL.FPN.OUT_CHANNELS`` channels."""
-    d = cfg.MODEL.AFI.DIS
-    return FeaturePatchDiscriminator(cfg.MODEL.FPN.OUT_CHANNELS, norm=d.NORM, spectral_norm=d.SPECTRAL_NORM,
-                                     base_width=d.BASE_WIDTH)
-
-
-def discriminator_cfg(cfg):
-    """cfg whose SOLVER.BASE_LR is D's (``MODEL.AFI.DIS.BASE_LR`` when > 0)."""
-    if cfg.MODEL.AFI.DIS.BASE_LR <= 0:
-        return cfg
-    c = cfg.clone()
-    c.defrost()
-    c.SOLVER.BASE_LR = cfg.MODEL.AFI.DIS.BASE_LR
-    return c
 
 
 class LevelwiseGenerator(nn.Module):
@@ -75,112 +50,41 @@ class LevelwiseGenerator(nn.Module):
         return {k: self.generator(v) for k, v in features.items()}
 
 
-class DiscriminatorLoss(nn.Module):
-    """The discriminator loss of all levels in one forward (one DDP call per step)."""
+class Stage1Trainer(AdversarialTrainer):
+    """Trains G and D against the teacher; ``train()`` runs SOLVER.MAX_ITER iterations.
+    ``G``, ``optimizer_G``, ``scheduler_G``, ``checkpointer_G`` name the main network's parts."""
 
-    def __init__(self, discriminator: nn.Module, levels: Sequence[str]):
-        super().__init__()
-        self.discriminator = discriminator
-        self.levels = list(levels)
-
-    def forward(self, real: Dict[str, torch.Tensor], fake: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return discriminator_loss(self.discriminator, real, fake, self.levels)
-
-
-def select(features: Dict[str, torch.Tensor], levels: Sequence[str], what: str) -> Dict[str, torch.Tensor]:
-    missing = [l for l in levels if l not in features]
-    if missing:
-        raise KeyError(f"MODEL.AFI.LEVELS names {missing[0]!r}, but the {what} returns only {sorted(features)}.")
-    return {l: features[l] for l in levels}
-
-
-class Stage1Trainer(TrainerBase):
-    """Trains G and D against the teacher; ``train()`` runs SOLVER.MAX_ITER iterations."""
+    main_name, main_dir, dis_dir = "G", "G_0", "D_0"
 
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.device = torch.device(cfg.MODEL.DEVICE)
-        self.levels = list(cfg.MODEL.AFI.LEVELS)
+        super().__init__(cfg, build_generator(cfg))
         self.lr_key = lr_key("image", cfg.MODEL.AFI.SCALE_RATIO)
-        self.teacher = build_guide_model(cfg)
-        self.G = build_generator(cfg).to(self.device)
-        self.D = build_discriminator(cfg).to(self.device)
-        # DDP wrappers: every forward that needs synchronised gradients goes through them (fixes B3).
-        self.G_ddp = wrap_ddp(LevelwiseGenerator(self.G), broadcast_buffers=False)
-        self.D_loss = wrap_ddp(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
-        self.optimizer_G = build_optimizer(cfg, self.G)
-        self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
-        self.scheduler_G = build_lr_scheduler(cfg, self.optimizer_G)
-        self.scheduler_D = build_lr_scheduler(discriminator_cfg(cfg), self.optimizer_D)
-        self.amp = GradScalerOrNone(cfg, self.device)
-        self.scaler_G, self.scaler_D = self.amp.scaler(), self.amp.scaler()
-        self.data_loader = build_resumable_train_loader(cfg, HRLRDatasetMapper(cfg, is_train=True))
-        self._data_iter = None
-        self.checkpointer_G = AFICheckpointer(self.G, os.path.join(cfg.OUTPUT_DIR, "G_0"),
-                                              optimizer=self.optimizer_G, scheduler=self.scheduler_G)
-        self.checkpointer_D = AFICheckpointer(self.D, os.path.join(cfg.OUTPUT_DIR, "D_0"),
-                                              optimizer=self.optimizer_D, scheduler=self.scheduler_D)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.register_hooks(self.build_hooks())
+        self.G_ddp = wrap_ddp(LevelwiseGenerator(self.G))
 
-    def build_hooks(self):
-        cfg = self.cfg
-        ret = [
-            hooks.IterationTimer(),
-            SeedEachIteration(cfg.SEED),
-            NamedLRScheduler(self.optimizer_G, self.scheduler_G, "G"),
-            NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D"),
-        ]
-        if comm.is_main_process():
-            ret += [
-                hooks.PeriodicCheckpointer(self.checkpointer_G, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
-                hooks.PeriodicCheckpointer(self.checkpointer_D, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
-                hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter), period=20),
-            ]
-        return ret
+    G = property(lambda self: self.main)
+    optimizer_G = property(lambda self: self.optimizer_main)
+    scheduler_G = property(lambda self: self.scheduler_main)
+    checkpointer_G = property(lambda self: self.checkpointer_main)
+    scaler_G = property(lambda self: self.scaler_main)
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume G and D from ``OUTPUT_DIR/{G_0,D_0}/last_checkpoint`` when ``resume`` and one
         exists; otherwise load ``MODEL.AFI_GEN_WEIGHTS`` / ``MODEL.AFI_DIS_WEIGHTS`` if given."""
-        g = self.checkpointer_G.resume_or_load(self.cfg.MODEL.AFI_GEN_WEIGHTS, resume=resume)
-        d = self.checkpointer_D.resume_or_load(self.cfg.MODEL.AFI_DIS_WEIGHTS, resume=resume)
-        if resume and self.checkpointer_G.has_checkpoint():
-            it_g, it_d = g.get("iteration", -1), d.get("iteration", -1)
-            if it_g != it_d:
-                raise ValueError(
-                    f"Cannot resume stage 1: G_0 is at iteration {it_g} but D_0 at {it_d}; "
-                    f"point both last_checkpoint files at checkpoints of the same iteration."
-                )
-            self.start_iter = it_g + 1
+        if not (resume and self.resume_both("stage 1")):
+            self.checkpointer_G.load(self.cfg.MODEL.AFI_GEN_WEIGHTS, checkpointables=[])
+            self.checkpointer_D.load(self.cfg.MODEL.AFI_DIS_WEIGHTS, checkpointables=[])
+            self.start_iter = 0
         self.data_loader.dataset.start_iter = self.start_iter
 
     def train(self):
         logger.info("Stage 1: training G and D from iteration %d to %d.", self.start_iter, self.max_iter)
-        super().train(self.start_iter, self.max_iter)
-
-    def next_batch(self):
-        """The next training batch and the seconds spent waiting for it."""
-        if self._data_iter is None:
-            self._data_iter = iter(self.data_loader)
-        t0 = time.perf_counter()
-        data = next(self._data_iter)
-        return data, time.perf_counter() - t0
+        super().train()
 
     def teacher_features(self, data):
         """(real, low): the teacher's pyramids of ``image`` and of its low-resolution twin."""
         real = select(self.teacher(data, "image"), self.levels, "teacher")
         low = select(self.teacher(data, self.lr_key), self.levels, "teacher")
         return real, low
-
-    def d_step(self, real, fake) -> Dict[str, torch.Tensor]:
-        """One discriminator update on real vs detached fake features; returns its losses."""
-        with self.amp.autocast():
-            d_losses = self.D_loss(real, {k: v.detach() for k, v in fake.items()})
-        check_finite(d_losses, self.iter)
-        backward_and_step(sum(d_losses.values()), self.optimizer_D, self.scaler_D)
-        return d_losses
 
     def g_step(self, real, fake) -> Dict[str, torch.Tensor]:
         """One generator update (D frozen, so D's parameters and gradients stay untouched)."""

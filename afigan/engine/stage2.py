@@ -14,27 +14,18 @@ scheduler steps (``MODEL.AFI.LEGACY.FROZEN_DIS_LR`` keeps it at its warm-up valu
 Checkpoints: ``OUTPUT_DIR/AFExtractor`` (M) and ``OUTPUT_DIR/Disc`` (D); resume restores both.
 """
 import logging
-import os
-import time
 from typing import Dict
 
 import torch
 from torch.nn import functional as F
 
-from detectron2.engine import TrainerBase, hooks
 from detectron2.modeling import build_model
-from detectron2.solver import build_lr_scheduler, build_optimizer
-from detectron2.utils import comm
 
-from afigan.checkpoint import AFICheckpointer, load_interpolator_weights, read_checkpoint
-from afigan.data.hr_lr_mapper import HRLRDatasetMapper
-from afigan.data.loader import build_resumable_train_loader
+from afigan.checkpoint import load_interpolator_weights, read_checkpoint
 from afigan.layers import generator_loss
-from afigan.modeling.meta_arch.teacher import build_guide_model
 
-from .common import (GradScalerOrNone, wrap_ddp, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite, default_writers,
-                     require_file, write_metrics)
-from .stage1 import DiscriminatorLoss, build_discriminator, discriminator_cfg, select
+from .adversarial import AdversarialTrainer, select
+from .common import backward_and_step, check_finite, require_file, wrap_ddp, write_metrics
 
 __all__ = ["Stage2Trainer", "downsample_targets"]
 
@@ -50,68 +41,30 @@ def downsample_targets(features: Dict[str, torch.Tensor], mode: str = "nearest")
     raise ValueError(f"MODEL.AFI.TARGET_DOWNSAMPLE must be 'nearest' or 'avg', got {mode!r}.")
 
 
-class Stage2Trainer(TrainerBase):
-    """Trains the AF extractor M and D; ``train()`` runs SOLVER.MAX_ITER iterations."""
+class Stage2Trainer(AdversarialTrainer):
+    """Trains the AF extractor M and D; ``train()`` runs SOLVER.MAX_ITER iterations.
+    ``model``, ``optimizer``, ``scheduler``, ``checkpointer`` name M's parts."""
+
+    main_name, main_dir, dis_dir = "M", "AFExtractor", "Disc"
 
     def __init__(self, cfg):
-        super().__init__()
         if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN_AFExtractor":
             raise ValueError(f"Stage 2 needs MODEL.META_ARCHITECTURE 'GeneralizedRCNN_AFExtractor', got {cfg.MODEL.META_ARCHITECTURE!r}.")
-        self.cfg = cfg
-        self.device = torch.device(cfg.MODEL.DEVICE)
-        self.levels = list(cfg.MODEL.AFI.LEVELS)
-        self.teacher = build_guide_model(cfg)
-        self.model = build_model(cfg)
-        self.D = build_discriminator(cfg).to(self.device)
-        self.model_ddp = wrap_ddp(self.model, broadcast_buffers=False)
-        self.D_loss = wrap_ddp(DiscriminatorLoss(self.D, self.levels), broadcast_buffers=False)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
-        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
-        self.scheduler_D = build_lr_scheduler(discriminator_cfg(cfg), self.optimizer_D)
-        self.amp = GradScalerOrNone(cfg, self.device)
-        self.scaler, self.scaler_D = self.amp.scaler(), self.amp.scaler()
-        self.data_loader = build_resumable_train_loader(cfg, HRLRDatasetMapper(cfg, is_train=True))
-        self._data_iter = None
-        self.checkpointer = AFICheckpointer(self.model, os.path.join(cfg.OUTPUT_DIR, "AFExtractor"),
-                                            optimizer=self.optimizer, scheduler=self.scheduler)
-        self.checkpointer_D = AFICheckpointer(self.D, os.path.join(cfg.OUTPUT_DIR, "Disc"),
-                                              optimizer=self.optimizer_D, scheduler=self.scheduler_D)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.register_hooks(self.build_hooks())
+        self.freeze_dis_lr = cfg.MODEL.AFI.LEGACY.FROZEN_DIS_LR
+        super().__init__(cfg, build_model(cfg))
+        self.model_ddp = wrap_ddp(self.model)
 
-    def build_hooks(self):
-        cfg = self.cfg
-        ret = [
-            hooks.IterationTimer(),
-            SeedEachIteration(cfg.SEED),
-            NamedLRScheduler(self.optimizer, self.scheduler, "M"),
-            NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D", enabled=not cfg.MODEL.AFI.LEGACY.FROZEN_DIS_LR),
-        ]
-        if comm.is_main_process():
-            ret += [
-                hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
-                hooks.PeriodicCheckpointer(self.checkpointer_D, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
-                hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter), period=20),
-            ]
-        return ret
+    model = property(lambda self: self.main)
+    optimizer = property(lambda self: self.optimizer_main)
+    scheduler = property(lambda self: self.scheduler_main)
+    checkpointer = property(lambda self: self.checkpointer_main)
+    scaler = property(lambda self: self.scaler_main)
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume M and D from their last checkpoints when ``resume`` and they exist (fixes B8);
         otherwise initialise from MODEL.WEIGHTS, MODEL.AFI_GEN_WEIGHTS and MODEL.AFI_DIS_WEIGHTS."""
         cfg = self.cfg.MODEL
-        if resume and self.checkpointer.has_checkpoint():
-            it_m = self.checkpointer.resume_or_load("", resume=True).get("iteration", -1)
-            if not self.checkpointer_D.has_checkpoint():
-                raise FileNotFoundError(
-                    f"Cannot resume stage 2: {self.checkpointer.save_dir} has a checkpoint but {self.checkpointer_D.save_dir} has none."
-                )
-            it_d = self.checkpointer_D.resume_or_load("", resume=True).get("iteration", -1)
-            if it_m != it_d:
-                raise ValueError(f"Cannot resume stage 2: AFExtractor is at iteration {it_m} but Disc at {it_d}.")
-            self.start_iter = it_m + 1
-        else:
+        if not (resume and self.resume_both("stage 2")):
             if cfg.WEIGHTS:
                 self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
             load_interpolator_weights(self.model, require_file(cfg.AFI_GEN_WEIGHTS, "MODEL.AFI_GEN_WEIGHTS"),
@@ -125,22 +78,16 @@ class Stage2Trainer(TrainerBase):
 
     def train(self):
         logger.info("Stage 2: training the AF extractor from iteration %d to %d.", self.start_iter, self.max_iter)
-        super().train(self.start_iter, self.max_iter)
+        super().train()
 
     def run_step(self):
-        if self._data_iter is None:
-            self._data_iter = iter(self.data_loader)
-        t0 = time.perf_counter()
-        data = next(self._data_iter)
-        data_time = time.perf_counter() - t0
+        data, data_time = self.next_batch()
         a = self.cfg.MODEL.AFI
         targets = downsample_targets(select(self.teacher(data, "image"), self.levels, "teacher"), a.TARGET_DOWNSAMPLE)
         with self.amp.autocast():
             det_losses, features = self.model_ddp(data)
             fake = select(features, self.levels, "AF extractor's neck")
-            d_losses = self.D_loss(targets, {k: v.detach() for k, v in fake.items()})
-        check_finite(d_losses, self.iter)
-        backward_and_step(sum(d_losses.values()), self.optimizer_D, self.scaler_D)
+        d_losses = self.d_step(targets, fake)
 
         with self.amp.autocast():
             g_losses = generator_loss(self.D, fake, targets, self.levels, adv_weight=a.ADV_WEIGHT,

@@ -7,19 +7,10 @@ touches the cfg it is given and is idempotent.
 """
 from detectron2.config import CfgNode as CN
 
+from afigan.config_utils import node as _node
+from afigan.config_utils import set_default as _set_default
+
 __all__ = ["add_detector_config", "add_fcos_config", "add_centermask_config"]
-
-
-def _set_default(node: CN, key: str, value) -> None:
-    """Add ``key`` unless present, so a second call keeps values already merged into the cfg."""
-    if key not in node:
-        node[key] = value
-
-
-def _node(parent: CN, key: str) -> CN:
-    if key not in parent:
-        parent[key] = CN()
-    return parent[key]
 
 
 def add_fcos_config(cfg: CN) -> CN:

@@ -82,6 +82,10 @@ class AFIFPN(FPN):
         bottom_up_features = self.bottom_up(x)
         merged = self.top_down(bottom_up_features)
         results = [conv(t) for conv, t in zip(self.output_convs[::-1], merged)]
+        return self.with_top_block(bottom_up_features, results)
+
+    def with_top_block(self, bottom_up_features: Dict[str, torch.Tensor], results: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Append the top block's levels (e.g. P6) to ``results`` and name every output."""
         if self.top_block is not None:
             if self.top_block.in_feature in bottom_up_features:
                 top_in = bottom_up_features[self.top_block.in_feature]

@@ -69,13 +69,7 @@ class AFIPAFPN(AFIFPN):
             if self._fuse_type == "avg":
                 m = m / 2
             results.append(out(m))
-        if self.top_block is not None:
-            if self.top_block.in_feature in bottom_up_features:
-                top_in = bottom_up_features[self.top_block.in_feature]
-            else:
-                top_in = results[self._out_features.index(self.top_block.in_feature)]
-            results.extend(self.top_block(top_in))
-        return dict(zip(self._out_features, results))
+        return self.with_top_block(bottom_up_features, results)
 
 
 @BACKBONE_REGISTRY.register()
