@@ -89,10 +89,19 @@ class Pipeline:
 
         d2_logger.setup_logger.cache_clear()
 
-        launch(main if self.args.num_gpus <= 1 else _Worker(fn or train_stage, stage), self.args.num_gpus,
-               num_machines=self.args.num_machines, machine_rank=self.args.machine_rank,
-               dist_url=self.args.dist_url, args=(args,))
-        return result
+        results_file = os.path.join(self.output_dir, f".{output_name or stage}_results.json")
+        if self.args.num_gpus <= 1:
+            launch(main, 1, args=(args,))
+            return result
+        # Spawned workers cannot hand back a dict: the main rank writes it to a file.
+        if os.path.exists(results_file):
+            os.remove(results_file)
+        launch(_Worker(fn or train_stage, stage, results_file), self.args.num_gpus, num_machines=self.args.num_machines,
+               machine_rank=self.args.machine_rank, dist_url=self.args.dist_url, args=(args,))
+        if os.path.exists(results_file):
+            with open(results_file) as f:
+                return json.load(f)
+        return {}
 
     def teacher_weights(self) -> str:
         given = _stage_cfg_value(self.files["stage1"], "MODEL.GUIDE_WEIGHTS")
@@ -138,10 +147,15 @@ def _eval_stage(stage: str, args):
 
 
 class _Worker:
-    """Picklable main function for multi-process launches (results stay in the workers' logs)."""
+    """Picklable main function for multi-process launches; the main rank saves the results."""
 
-    def __init__(self, fn, stage):
-        self.fn, self.stage = fn, stage
+    def __init__(self, fn, stage, results_file):
+        self.fn, self.stage, self.results_file = fn, stage, results_file
 
     def __call__(self, args):
-        self.fn(self.stage, args)
+        from detectron2.utils import comm
+
+        results = self.fn(self.stage, args) or {}
+        if comm.is_main_process():
+            with open(self.results_file, "w") as f:
+                json.dump(results, f)

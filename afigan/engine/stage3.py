@@ -16,16 +16,19 @@ import os
 import weakref
 from collections import OrderedDict
 
+import torch
+
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
+from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer, load_interpolator_weights
 from afigan.data.hr_lr_mapper import SafeDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names
 
-from .common import SeedEachIteration, require_file
+from .common import GradScalerOrNone, SeedEachIteration, require_file, wrap_ddp
 
 __all__ = ["Stage3Trainer"]
 
@@ -36,10 +39,26 @@ class Stage3Trainer(DefaultTrainer):
     """Trains any registered detector (heads and AFI neck from the cfg) with an initialised
     interpolator; ``test(cfg, model)`` runs COCO evaluation on every ``DATASETS.TEST``."""
 
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except: the model is wrapped by wrap_ddp (Detectron2's
+        # create_ddp_model passes device_ids, which DDP rejects on CPU, so multi-process CPU runs
+        # failed), AMP is used only on CUDA, and the checkpointer writes atomically.
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(model)
+        amp = GradScalerOrNone(cfg, torch.device(cfg.MODEL.DEVICE)).enabled
+        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
     def build_hooks(self):
-        # DefaultTrainer made a plain DetectionCheckpointer just before calling this; the
-        # periodic-checkpoint hook built below must hold the atomic one.
-        self.checkpointer = AFICheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         return [SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
 
     def resume_or_load(self, resume: bool = True):
