@@ -15,15 +15,7 @@ from .config_utils import node as _node
 from .config_utils import set_default as _set_default
 from .fe_config import add_fe_config
 
-__all__ = ["add_afigan_config", "afi_freeze", "fallback_syncbn", "AFI_LEGACY_SWITCHES"]
-
-# Switches that reproduce a behaviour of the reference code (spec §16/§20); all off by default.
-AFI_LEGACY_SWITCHES = (
-    "MODEL.AFI.ADV_GRAD_TO_G=False  (B1: detached adversarial term)",
-    "MODEL.AFI.LEGACY.INDEPENDENT_FLIP  (B2: HR and LR flipped independently)",
-    "MODEL.AFI.LEGACY.FROZEN_DIS_LR  (O3: stage-2 D never leaves its warm-up learning rate)",
-    "MODEL.AFI.LEGACY.RUN_D_ON_REAL_IN_G_STEP  (O8: D also sees real features in the G step)",
-)
+__all__ = ["add_afigan_config", "afi_freeze", "fallback_syncbn"]
 
 
 def add_afigan_config(cfg: CN) -> CN:

@@ -16,8 +16,8 @@ from detectron2.utils.logger import setup_logger
 
 from afigan.config import add_afigan_config, fallback_syncbn
 
-__all__ = ["setup_cfg", "check_finite", "NamedLRScheduler", "SeedEachIteration", "default_writers", "require_file", "GradScalerOrNone",
-           "final_checkpoint"]
+__all__ = ["setup_cfg", "check_finite", "NamedLRScheduler", "SeedEachIteration", "default_writers", "require_file",
+           "GradScalerOrNone", "backward_and_step", "write_metrics", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,3 @@ def wrap_ddp(module: torch.nn.Module, broadcast_buffers: bool = False) -> torch.
     return DistributedDataParallel(module, device_ids=[comm.get_local_rank()] if on_gpu else None,
                                    broadcast_buffers=broadcast_buffers)
 
-
-def final_checkpoint(directory: str) -> str:
-    return os.path.join(directory, "model_final.pth")
-
-
-__all__ += ["backward_and_step", "write_metrics", "wrap_ddp"]

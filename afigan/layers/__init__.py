@@ -2,7 +2,7 @@
 from .af_interpolator import AFInterpolator, ResidualDenseBlock, ResidualInResidualDenseBlock
 from .discriminator import FeaturePatchDiscriminator
 from .losses import crop_to_common, discriminator_loss, frozen_parameters, generator_loss
-from .shape import check_feature_map, crop_to_common as _crop, fit_to, resize_to
+from .shape import check_feature_map, fit_to, resize_to
 from .state_dict import check_state_dict_fits
 from .upsample import InterpolateUpsampler, build_upsampler, register_upsampler, upsampler_kinds
 from .fe_regularizers import FeatureEnhancementRegularizer, frobenius_term, stage_weights, variance_term
