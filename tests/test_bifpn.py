@@ -52,6 +52,16 @@ def count_calls(module):
     return calls, handle
 
 
+
+def srf_calls_per_forward(neck) -> int:
+    """How many times one eval forward of a 128x128 image calls the shared interpolator."""
+    calls, handle = count_calls(neck.srf_module)
+    neck.eval()
+    with torch.no_grad():
+        neck(torch.randn(1, 3, 128, 128))
+    handle.remove()
+    return len(calls)
+
 def test_output_names_channels_strides():
     neck = build()
     shapes = neck.output_shape()
@@ -76,12 +86,7 @@ def test_faithful_is_seven_layers_with_one_shared_interpolator_called_28_times()
     for k in range(7):
         assert getattr(neck, f"BiFPNLayer_{k}_p7_w2").tolist() == [1.0, 1.0]
         assert getattr(neck, f"BiFPNLayer_{k}_p5_w2").tolist() == [1.0, 1.0, 1.0]
-    calls, handle = count_calls(neck.srf_module)
-    neck.eval()
-    with torch.no_grad():
-        neck(torch.randn(1, 3, 128, 128))
-    handle.remove()
-    assert len(calls) == 28
+    assert srf_calls_per_forward(neck) == 28
 
 
 def test_corrected_mode_honours_fpn_repeat():
@@ -89,12 +94,7 @@ def test_corrected_mode_honours_fpn_repeat():
     assert neck.num_layers == 3
     layers = {n.split("_")[1] for n, _ in neck.named_parameters() if n.startswith("BiFPNLayer_")}
     assert layers == {"0", "1", "2"}
-    calls, handle = count_calls(neck.srf_module)
-    neck.eval()
-    with torch.no_grad():
-        neck(torch.randn(1, 3, 128, 128))
-    handle.remove()
-    assert len(calls) == 12
+    assert srf_calls_per_forward(neck) == 12
 
 
 @pytest.mark.parametrize("mode", ["faithful", "corrected"])

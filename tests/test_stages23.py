@@ -50,7 +50,7 @@ def test_stage1_generator_lands_in_stage2_srf_module(chain, tmp_path):
 
 
 def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path):
-    t = _stage2(chain, tmp_path, "SOLVER.MAX_ITER", 2)
+    t = _stage2(chain, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 100)
     t.resume_or_load(resume=False)
     calls = []
     t.model.backbone.register_forward_hook(lambda *a: calls.append(1))
@@ -59,7 +59,8 @@ def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path
     assert len(calls) == 2  # one backbone pass of M per iteration
     keys = set(t.storage.histories())
     assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_content_p2", "loss_adv_p6", "loss_d_real_p3", "loss_M", "loss_D"} <= keys
-    assert t.optimizer_D.param_groups[0]["lr"] != lr_d or t.scheduler_D.last_epoch == 2  # D's schedule steps
+    assert t.scheduler_D.last_epoch == 2  # D's schedule stepped every iteration
+    assert t.optimizer_D.param_groups[0]["lr"] != lr_d  # and moved D's learning rate (warm-up)
     assert os.path.isfile(tmp_path / "AFExtractor" / "model_final.pth")
     assert os.path.isfile(tmp_path / "Disc" / "model_final.pth")
     # Inference of the AF extractor on ordinary images works (bug B6 of the reference).

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .state_dict import ClearStateDictErrors
 from .shape import check_feature_map, resize_to
 
 __all__ = ["AFInterpolator", "ResidualDenseBlock", "ResidualInResidualDenseBlock"]
@@ -67,7 +68,7 @@ def _conv_act(conv: nn.Module, act: bool = True) -> nn.Sequential:
     return nn.Sequential(conv, nn.LeakyReLU(0.2, inplace=True)) if act else nn.Sequential(conv)
 
 
-class AFInterpolator(nn.Module):
+class AFInterpolator(ClearStateDictErrors, nn.Module):
     """Learned x2 upsampler for FPN-style necks.
 
     Args:
@@ -117,13 +118,6 @@ class AFInterpolator(nn.Module):
             mode = dict(mode="bilinear", align_corners=False) if self.skip == "bilinear" else dict(mode="nearest")
             out = out + F.interpolate(x, scale_factor=2.0, **mode)
         return resize_to(out, output_size, x.shape[-2:])
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict`` but names the first key or shape that does not fit."""
-        from .state_dict import check_state_dict_fits
-
-        check_state_dict_fits(self, state_dict, strict=strict, what=type(self).__name__)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, skip={self.skip!r}"

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .state_dict import ClearStateDictErrors
 from .shape import check_feature_map
 
 __all__ = ["FeaturePatchDiscriminator", "ConvNorm"]
@@ -37,7 +38,7 @@ def _make_norm(kind: str, channels: int) -> Optional[nn.Module]:
     raise ValueError(f"FeaturePatchDiscriminator norm must be 'BN', 'SyncBN' or '', got {kind!r}.")
 
 
-class FeaturePatchDiscriminator(nn.Module):
+class FeaturePatchDiscriminator(ClearStateDictErrors, nn.Module):
     """(N, channels, h, w) features -> (N, 1, h, w) logits.
 
     Args:
@@ -71,10 +72,3 @@ class FeaturePatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.channels, type(self).__name__)
         return self.Discriminators[0](x)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As ``nn.Module.load_state_dict`` but names the first key or shape that does not fit."""
-        from .state_dict import check_state_dict_fits
-
-        check_state_dict_fits(self, state_dict, strict=strict, what=type(self).__name__)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)

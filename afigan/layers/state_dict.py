@@ -4,7 +4,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["check_state_dict_fits"]
+__all__ = ["check_state_dict_fits", "ClearStateDictErrors"]
 
 
 def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "model") -> None:
@@ -24,3 +24,12 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, torch.Tens
         for key in state_dict:
             if key not in own:
                 raise ValueError(f"Cannot load {what}: the checkpoint has unexpected key {key!r}.")
+
+
+class ClearStateDictErrors:
+    """Mixin for ``nn.Module``s: ``load_state_dict`` first names the first key or shape that
+    does not fit (see :func:`check_state_dict_fits`), then loads as usual."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        check_state_dict_fits(self, state_dict, strict=strict, what=type(self).__name__)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
