@@ -1,13 +1,15 @@
 """Loading and saving afigan checkpoints: stage outputs, released weights, interpolator extraction.
 
 * :class:`AFICheckpointer` is Detectron2's ``DetectionCheckpointer`` with three changes: files are
-  written atomically (temporary file + rename, so a kill never leaves a truncated checkpoint); a
+  written atomically (its path manager writes a temporary file and renames it, so a kill never
+  leaves a truncated checkpoint or ``last_checkpoint``); a
   missing file is one clear error; and a stand-alone interpolator file (stage-1 ``G_0``, keys
   ``Generators.*``) given as model weights lands in ``backbone.srf_module``. Checkpoints in the
   reference layout (released AFI-GAN weights) load directly: module names are the reference's.
 * :func:`load_interpolator_weights` copies only the interpolator tensors from a stage-1 G file,
   a stage-2 AF-extractor checkpoint or a released/stage-3 detector into a model's ``srf_module``.
 """
+import contextlib
 import logging
 import os
 import pickle
@@ -20,13 +22,16 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from afigan.layers import AFInterpolator
+
 __all__ = [
     "SRF_PREFIX",
     "read_checkpoint",
     "extract_interpolator_state",
     "find_interpolators",
     "load_interpolator_weights",
-    "atomic_torch_save",
+    "atomic_open",
+    "AtomicLocalWrites",
     "AFICheckpointer",
 ]
 
@@ -34,14 +39,17 @@ logger = logging.getLogger(__name__)
 SRF_PREFIX = "backbone.srf_module."
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed, synced and
+    renamed over ``path``, on any exception (a kill included) it is removed and ``path`` is
+    untouched."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +57,22 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class AtomicLocalWrites:
+    """A path manager whose writes to local files go through :func:`atomic_open`; everything else
+    (reads, remote paths, ``exists``, ``rm``, ...) is the wrapped path manager's."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if "w" in mode and "://" not in path:
+            return atomic_open(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
 
 
 def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
@@ -93,8 +117,6 @@ def extract_interpolator_state(state_dict: Mapping[str, torch.Tensor]) -> Dict[s
 
 def find_interpolators(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``(name, module)`` of every ``srf_module`` in ``model`` (the model itself if it is one)."""
-    from afigan.layers import AFInterpolator
-
     model = getattr(model, "module", model)  # DDP
     if isinstance(model, AFInterpolator):
         return [("", model)]
@@ -151,6 +173,11 @@ class AFICheckpointer(DetectionCheckpointer):
 
     last_incompatible = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # fvcore's save() and tag_last_checkpoint() write through the path manager.
+        self.path_manager = AtomicLocalWrites(self.path_manager)
+
     def load(self, path: str, *args, **kwargs):
         if path and not os.path.isfile(path) and "://" not in path:
             raise FileNotFoundError(f"Checkpoint file {path!r} does not exist (check MODEL.WEIGHTS or --resume).")
@@ -175,25 +202,3 @@ class AFICheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         self.last_incompatible = incompatible
         return incompatible
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        """As Detectron2's save, but atomic: a killed job never leaves a truncated file."""
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tmp, path)
-

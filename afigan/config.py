@@ -4,18 +4,30 @@ Keys of the reference implementation keep their names (``MODEL.GUIDE_WEIGHTS``,
 ``MODEL.AFI_FREEZE``, ``MODEL.BIFPN.*``, ``MODEL.SWINT.*``, the ResNeSt keys under
 ``MODEL.RESNETS``), so configs written for it load. Everything the reference hard-coded lives
 under one new node, ``MODEL.AFI``. The function only touches the cfg it is given, never
-Detectron2's global defaults, and calling it twice is harmless.
+Detectron2's global defaults, and calling it twice is harmless. IDs such as B1 or O6 in the
+comments name entries of docs/differences_from_reference.md.
 """
 import logging
 import warnings
 
 from detectron2.config import CfgNode as CN
+from detectron2.utils import comm
 
-from .config_utils import node as _node
-from .config_utils import set_default as _set_default
-from .fe_config import add_fe_config
+__all__ = ["add_afigan_config", "add_fe_config", "add_fcos_config", "add_centermask_config", "afi_freeze",
+           "fallback_syncbn", "lr_key"]
 
-__all__ = ["add_afigan_config", "afi_freeze", "fallback_syncbn"]
+
+def _set_default(parent: CN, key: str, value) -> None:
+    """Add ``key`` unless present, so a second call keeps values already merged into the cfg."""
+    if key not in parent:
+        parent[key] = value
+
+
+def _node(parent: CN, key: str) -> CN:
+    """The child node ``key`` of ``parent``, created empty if missing."""
+    if key not in parent:
+        parent[key] = CN()
+    return parent[key]
 
 
 def add_afigan_config(cfg: CN) -> CN:
@@ -24,20 +36,20 @@ def add_afigan_config(cfg: CN) -> CN:
     cfg.defrost()
     m = cfg.MODEL
 
-    # ---- reference keys (spec §14) ----
+    # ---- reference keys ----
     _set_default(m, "GUIDE_ARCHITECTURE", "")  # teacher meta-arch in GUIDE_ARCH_REGISTRY ("RCNN_FPN_only")
     _set_default(m, "GUIDE_WEIGHTS", "")  # teacher weights (.pkl from the d2 zoo or .pth)
     _set_default(m, "AFI_GEN_WEIGHTS", "")  # stage 1: G init/resume file; stage 2: stage-1 G
     _set_default(m, "AFI_DIS_WEIGHTS", "")  # stage 1: D init/resume file; stage 2: stage-1 D
     _set_default(m, "AF_EXTRACTOR_WEIGHTS", "")  # stage 3: file whose srf_module tensors init G
     _set_default(m, "AFI_FREEZE", False)  # freeze the interpolator inside the neck
-    # Deprecated spelling used by the reference's Swin config (bug B11); None = not given.
+    # Deprecated spelling used by the reference's Swin config (B11 of docs/differences_from_reference.md); None = not given.
     _set_default(m, "SRF_FREEZE", None)
     gb = _node(m, "GUIDE_BACKBONE")
     _set_default(gb, "NAME", "build_resnet_fpn_backbone")  # teacher backbone builder
     _set_default(gb, "FREEZE_AT", 2)  # kept for config compatibility; unused (as in the reference)
 
-    r = m.RESNETS  # ResNeSt (spec §12.1)
+    r = m.RESNETS  # ResNeSt
     _set_default(r, "RADIX", 1)  # split-attention radix; 1 = plain ResNet(-D) blocks
     _set_default(r, "BOTTLENECK_WIDTH", 64)  # group-width scaling
     _set_default(r, "DEEP_STEM", False)  # three 3x3 stem convs (forced on when RADIX > 1)
@@ -75,7 +87,7 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(a, "CONTENT_WEIGHT", 1.0)  # lambda_content (L1) of the generator loss
     _set_default(a, "LEVELS", ["p2", "p3", "p4", "p5", "p6"])  # pyramid levels in the feature losses
     _set_default(a, "SCALE_RATIO", 0.5)  # low-resolution image size / high-resolution size
-    _set_default(a, "ADV_GRAD_TO_G", True)  # False reproduces bug B1 (adversarial term detached)
+    _set_default(a, "ADV_GRAD_TO_G", True)  # False reproduces B1 of docs/differences_from_reference.md (adversarial term detached)
     _set_default(a, "TARGET_DOWNSAMPLE", "nearest")  # stage-2 target: teacher HR features x0.5 ("nearest" | "avg")
     d = _node(a, "DIS")
     _set_default(d, "NORM", "BN")  # discriminator norm: "BN" (reference) | "SyncBN" | ""
@@ -87,12 +99,85 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(lg, "FROZEN_DIS_LR", False)  # O3: stage-2 D scheduler never stepped
     _set_default(lg, "RUN_D_ON_REAL_IN_G_STEP", False)  # O8: wasted D pass on real features in the G step
     _set_default(a, "STAGE", "")  # set by the stage trainers; informational
-    add_fe_config(cfg)  # MODEL.FE.*: the feature-enhancement regulariser (afigan/fe_config.py)
-    from afigan.modeling.meta_arch.detector_config import add_detector_config  # here: afigan.modeling imports this module
-    add_detector_config(cfg)  # MODEL.FCOS.*, MASKIOU and RoI level keys (FCOS / CenterMask)
+    add_fe_config(cfg)  # MODEL.FE.*: the feature-enhancement regulariser
+    add_fcos_config(cfg)  # MODEL.FCOS.*: CenterMask2 / AdelaiDet names and defaults
+    add_centermask_config(cfg)  # MODEL.MASKIOU_ON, MODEL.ROI_MASKIOU_HEAD.*, RoI level assignment
     if was_frozen:
         cfg.freeze()
     return cfg
+
+
+def add_fe_config(cfg: CN) -> CN:
+    """Add ``MODEL.FE.*`` (Feature Enhancement; read only by its components, so no other model changes)."""
+    fe = _node(cfg.MODEL, "FE")
+    _set_default(fe, "ENABLED", True)  # master switch of the FE components; False = exact baseline
+    _set_default(fe, "META_ARCHITECTURE", "GeneralizedRCNN")  # detector wrapped by META_ARCHITECTURE "FeatureEnhanced"
+    _set_default(fe, "BASE_BACKBONE", "build_resnet_fpn_backbone")  # plain builder wrapped by "build_fe_backbone"
+    _set_default(fe, "SHARP_STAGES", ["res3"])  # stages whose weight variance is maximised (torchvision layer2)
+    _set_default(fe, "SMOOTH_STAGES", ["res5"])  # stages whose weight Frobenius norm is penalised (layer4)
+    _set_default(fe, "SHARP_WEIGHT", 1e-5)  # lambda_e; reference: 1e-5 RetinaNet, 1.0 Faster R-CNN
+    _set_default(fe, "SMOOTH_WEIGHT", 1e-5)  # lambda_s; reference: 1e-5
+    _set_default(fe, "PARAMS", "conv_weight")  # tensors that count: "conv_weight" | "conv" (+ biases) | "all"
+    _set_default(fe, "SMOOTH_NORM", "fro")  # "fro" (reference, unsquared) | "fro_sq" (weight-decay-like)
+    _set_default(fe, "VAR_UNBIASED", True)  # n - 1 denominator of the variance (reference)
+    _set_default(fe, "REDUCTION", "sum")  # over tensors: "sum" (reference) | "mean"
+    return cfg
+
+
+def add_fcos_config(cfg: CN) -> CN:
+    """Add ``MODEL.FCOS.*`` (CenterMask2 names and defaults, plus AdelaiDet's loss keys)."""
+    f = _node(cfg.MODEL, "FCOS")
+    _set_default(f, "NUM_CLASSES", 80)  # foreground classes (no background); must equal the data set's
+    _set_default(f, "IN_FEATURES", ["p3", "p4", "p5", "p6", "p7"])  # pyramid levels the head runs on
+    _set_default(f, "FPN_STRIDES", [8, 16, 32, 64, 128])  # their strides (checked against the backbone)
+    _set_default(f, "PRIOR_PROB", 0.01)  # initial foreground probability of the classifier
+    _set_default(f, "INFERENCE_TH_TRAIN", 0.05)  # score threshold of the training-time proposals
+    _set_default(f, "INFERENCE_TH_TEST", 0.05)  # score threshold at test time
+    _set_default(f, "NMS_TH", 0.6)  # class-aware NMS IoU threshold
+    _set_default(f, "PRE_NMS_TOPK_TRAIN", 1000)  # candidates kept per level before NMS (training)
+    _set_default(f, "PRE_NMS_TOPK_TEST", 1000)  # candidates kept per level before NMS (test)
+    _set_default(f, "POST_NMS_TOPK_TRAIN", 100)  # boxes kept per image after NMS (training proposals)
+    _set_default(f, "POST_NMS_TOPK_TEST", 100)  # boxes kept per image after NMS (CenterMask: 50)
+    _set_default(f, "TOP_LEVELS", 2)  # extra levels above P5 made from P5 (2: P6, P7)
+    _set_default(f, "NORM", "GN")  # norm in the towers: "GN" | "BN" | "SyncBN" | "none"
+    _set_default(f, "USE_SCALE", True)  # learnable scalar per level on the box regression
+    _set_default(f, "THRESH_WITH_CTR", False)  # threshold cls*centerness instead of cls alone
+    _set_default(f, "LOSS_ALPHA", 0.25)  # focal-loss alpha
+    _set_default(f, "LOSS_GAMMA", 2.0)  # focal-loss gamma
+    _set_default(f, "SIZES_OF_INTEREST", [64, 128, 256, 512])  # level boundaries of max(l, t, r, b)
+    _set_default(f, "USE_RELU", True)  # ReLU on the distances (improved FCOS); False: exp (original)
+    _set_default(f, "USE_DEFORMABLE", False)  # deformable 3x3 convs in the box and shared towers
+    _set_default(f, "NUM_CLS_CONVS", 4)  # convs in the classification tower
+    _set_default(f, "NUM_BOX_CONVS", 4)  # convs in the box tower
+    _set_default(f, "NUM_SHARE_CONVS", 0)  # convs shared by both towers, before them
+    _set_default(f, "CENTER_SAMPLE", True)  # positives only within POS_RADIUS strides of the box centre
+    _set_default(f, "POS_RADIUS", 1.5)  # centre-sampling radius in strides
+    _set_default(f, "LOC_LOSS_TYPE", "giou")  # box loss: "giou" | "iou" | "linear_iou" | "diou" | "ciou"
+    _set_default(f, "LOSS_NORMALIZER_CLS", "fg")  # cls-loss divisor: "fg" | "moving_fg" | "all" (AdelaiDet)
+    _set_default(f, "LOSS_WEIGHT_CLS", 1.0)  # weight of the classification loss (AdelaiDet)
+    _set_default(f, "YIELD_PROPOSAL", False)  # emit proposals while training (always on under R-CNN meta-archs)
+    return cfg
+
+
+def add_centermask_config(cfg: CN) -> CN:
+    """Add CenterMask's keys: MaskIoU head and the ratio-based RoI level assignment."""
+    m = cfg.MODEL
+    _set_default(m, "MASKIOU_ON", False)  # MaskIoU head that rescales mask scores (CenterMask)
+    _set_default(m, "MASKIOU_LOSS_WEIGHT", 1.0)  # weight of its L2 loss
+    h = _node(m, "ROI_MASKIOU_HEAD")
+    _set_default(h, "NAME", "MaskIoUHead")  # name in afigan's ROI_MASKIOU_HEAD_REGISTRY
+    _set_default(h, "CONV_DIM", 256)  # width of its convs
+    _set_default(h, "NUM_CONV", 4)  # convs (the last has stride 2)
+    _set_default(h, "FC_DIM", 1024)  # width of its two fully-connected layers
+    # "area": FPN's canonical-size rule; "ratio": box area / image area (CenterMask eq. 2).
+    _set_default(m.ROI_MASK_HEAD, "ASSIGN_CRITERION", "area")
+    return cfg
+
+
+def lr_key(base: str, ratio: float) -> str:
+    """Name of the low-resolution twin of an input field (``MODEL.AFI.SCALE_RATIO``):
+    ``lr_key("image", 0.5) == "image_x0.5"``; the HR/LR mapper writes it, the models read it."""
+    return f"{base}_x{ratio:g}"
 
 
 def afi_freeze(cfg: CN) -> bool:
@@ -121,8 +206,6 @@ def fallback_syncbn(cfg: CN) -> CN:
     (one GPU or CPU) and every CPU run get plain BN instead, with a log line, so a config written
     for an 8-GPU job runs unchanged on a laptop. Returns ``cfg`` (modified in place).
     """
-    from detectron2.utils import comm
-
     if comm.get_world_size() > 1 and cfg.MODEL.DEVICE != "cpu":
         return cfg
     was_frozen = cfg.is_frozen()

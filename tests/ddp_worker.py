@@ -18,7 +18,7 @@ def stage1_two_ranks(out_dir: str, teacher: str, result_file: str):
                                       "SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    flat = {name: torch.cat([p.detach().flatten() for p in net.parameters()]) for name, net in (("G", trainer.G), ("D", trainer.D))}
+    flat = {name: torch.cat([p.detach().flatten() for p in net.parameters()]) for name, net in (("G", trainer.model), ("D", trainer.D))}
     gathered = comm.all_gather({k: v.tolist() for k, v in flat.items()})
     if comm.is_main_process():
         diff = {k: max(abs(a - b) for a, b in zip(gathered[0][k], gathered[1][k])) for k in flat}

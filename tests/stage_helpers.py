@@ -34,7 +34,7 @@ def save_teacher(path: str) -> str:
 
     Its FPN output convs are scaled by 0.05 so the pyramid features are O(1), like a trained
     teacher's, instead of the O(50) a random BN network in eval mode produces."""
-    from afigan.modeling.meta_arch.teacher import build_guide_model
+    from afigan.modeling.meta_arch import build_guide_model
     from d2_helpers import make_cfg
 
     torch.manual_seed(123)

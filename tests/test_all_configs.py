@@ -22,7 +22,7 @@ def test_configs_are_found():
 def test_config_loads_and_builds(config):
     cfg = make_cfg(config)
     text = open(os.path.join(CONFIGS, config)).read()
-    assert "/AFI-GAN/" not in text and "\n  WEIGHTS: \"/" not in text  # no absolute paths (reference bug B10)
+    assert "/AFI-GAN/" not in text and "\n  WEIGHTS: \"/" not in text  # no absolute paths (B10 of docs/differences_from_reference.md)
     with torch.no_grad():
         model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0

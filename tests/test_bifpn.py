@@ -1,4 +1,4 @@
-"""BiFPN neck with the shared upsampler (spec §3.3): modes, call counts, odd sizes, freezing."""
+"""BiFPN neck with the shared upsampler: modes, call counts, odd sizes, freezing."""
 import os
 
 import pytest

@@ -7,7 +7,7 @@ pytest.importorskip("detectron2")
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from afigan.checkpoint import AFICheckpointer, atomic_torch_save, load_interpolator_weights  # noqa: E402
+from afigan.checkpoint import AFICheckpointer, load_interpolator_weights  # noqa: E402
 from conftest import load_listing, random_state_dict  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
 
@@ -99,18 +99,45 @@ def test_file_without_interpolator_is_rejected(tmp_path, toy_model):
         load_interpolator_weights(toy_model, path)
 
 
-def test_checkpointer_saves_atomically(tmp_path, toy_model, monkeypatch):
-    ckpt = AFICheckpointer(toy_model, save_dir=str(tmp_path))
+class _KilledWhilePickled:
+    """Pickling this object writes part of the file, then raises as a kill would."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+class _Dies(torch.nn.Module):
+    """A model whose state dict cannot be written once ``die`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(6.0))
+        self.die = False
+
+    def get_extra_state(self):
+        return _KilledWhilePickled() if self.die else {}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_checkpointer_saves_atomically(tmp_path):
+    model = _Dies()
+    ckpt = AFICheckpointer(model, save_dir=str(tmp_path))
     ckpt.save("model_0000001", iteration=1)
     assert open(tmp_path / "last_checkpoint").read() == "model_0000001.pth"
     good = (tmp_path / "model_0000001.pth").read_bytes()
-
-    def broken_save(obj, f, *a, **k):
-        f.write(b"partial")
-        raise KeyboardInterrupt  # a kill in the middle of writing
-
-    monkeypatch.setattr(torch, "save", broken_save)
+    # A kill in the middle of writing the same file: the old file and last_checkpoint survive.
+    model.die = True
+    with torch.no_grad():
+        model.weight.add_(1)
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"x": 1}, str(tmp_path / "model_0000001.pth"))
+        ckpt.save("model_0000001", iteration=2)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000002", iteration=2)
     assert (tmp_path / "model_0000001.pth").read_bytes() == good
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no partial or temporary file
+    assert open(tmp_path / "last_checkpoint").read() == "model_0000001.pth"
+    # And what was written holds the weights of that time.
+    saved = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
+    assert saved["iteration"] == 1 and torch.equal(saved["model"]["weight"], torch.arange(6.0))

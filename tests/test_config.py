@@ -9,6 +9,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY  # noqa: E402
 
 from afigan.config import afi_freeze  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 
 
 def test_reference_keys_and_defaults():
@@ -48,9 +49,41 @@ def test_srf_freeze_is_a_deprecated_alias(tmp_path):
     assert any("SRF_FREEZE is deprecated" in str(x.message) for x in w)
 
 
-def test_reference_builders_are_registered_on_import():
-    for name in ("build_resnet_fpn_sr_backbone", "build_resnet_pafpn_sr_backbone"):
-        assert name in BACKBONE_REGISTRY, name
+P2_P6 = {f"p{l}": 2 ** l for l in range(2, 7)}
+P3_P7 = {f"p{l}": 2 ** l for l in range(3, 8)}
+# Every bottom-up x neck builder of afigan.modeling.necks.builders: a toy config that uses it, and
+# the pyramid it must return (names and strides).
+BUILDERS = {
+    "build_resnet_fpn_sr_backbone": ("toy/fpn_toy.yaml", P2_P6),
+    "build_resnet_pafpn_sr_backbone": ("toy/pafpn_toy.yaml", P2_P6),
+    "build_resnet_bifpn_sr_backbone": ("toy/bifpn_toy.yaml", P3_P7),
+    "build_resnest_fpn_sr_backbone": ("toy/detectors/cascade_mask_rcnn_S_101_PAFPN_toy_afi.yaml", P2_P6),
+    "build_resnest_pafpn_sr_backbone": ("toy/detectors/cascade_mask_rcnn_S_101_PAFPN_toy_afi.yaml", P2_P6),
+    "build_swint_bifpn_sr_backbone": ("toy/detectors/cascade_rcnn_Swin_T_BiFPN_toy_afi.yaml", P3_P7),
+    "build_fcos_resnet_fpn_sr_backbone": ("toy/detectors/fcos_R_50_FPN_toy_afi.yaml", P3_P7),
+    "build_retinanet_resnet_fpn_sr_backbone": ("toy/detectors/retinanet_R_50_FPN_toy_afi.yaml", P3_P7),
+}
+
+
+def test_every_neck_builder_is_registered_and_builds_its_pyramid():
+    import torch
+    from detectron2.modeling import build_backbone
+
+    from afigan.modeling.necks import builders
+
+    assert sorted(builders.__all__) == sorted(BUILDERS)
+    registered = {name for name, _ in BACKBONE_REGISTRY if name.endswith("_sr_backbone") and "_fe_" not in name}
+    assert registered == set(BUILDERS)  # no builder of a neck lives anywhere else
+    for name, (config, strides) in BUILDERS.items():
+        assert BACKBONE_REGISTRY.get(name) is getattr(builders, name)
+        with torch.no_grad():
+            backbone = build_backbone(make_cfg(config, "MODEL.BACKBONE.NAME", name))
+        shapes = backbone.output_shape()
+        assert {k: v.stride for k, v in shapes.items()} == strides, name
+        assert sum(p.numel() for p in backbone.srf_module.parameters()) > 0, name  # the AF interpolator is in it
+        with torch.no_grad():
+            out = backbone.eval()(torch.zeros(1, 3, 128, 128))
+        assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {k: (128 // s, 128 // s) for k, s in strides.items()}, name
 
 
 def test_unknown_key_is_rejected_with_its_name(tmp_path):

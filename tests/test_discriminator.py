@@ -31,7 +31,7 @@ def test_init_is_msra_fan_out_with_zero_bias():
     d = FeaturePatchDiscriminator()
     last = d.Discriminators[0][3][0]
     assert torch.count_nonzero(last.bias) == 0
-    # fan-out of the last conv is 1 * 3 * 3, so std = sqrt(2 / 9) ~ 0.47 (spec §4).
+    # fan-out of the last conv is 1 * 3 * 3, so std = sqrt(2 / 9) ~ 0.47.
     assert abs(last.weight.std().item() - (2 / 9) ** 0.5) < 0.03
 
 

@@ -14,8 +14,8 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
 from afigan import add_afigan_config  # noqa: E402
-from afigan.modeling.meta_arch import FCOS, FCOSScaledHead, check_num_classes  # noqa: E402
-from afigan.modeling.meta_arch.fcos_targets import centerness_targets, fcos_targets  # noqa: E402
+from afigan.modeling.fcos import FCOS, FCOSScaledHead, check_num_classes  # noqa: E402
+from afigan.modeling.fcos.targets import centerness_targets, fcos_targets  # noqa: E402
 
 from detector_helpers import (  # noqa: E402
     build_or_skip, load_cfg, mapped, one_thread, synthetic_input, toy_dicts, train_step)

@@ -15,7 +15,7 @@ from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.modeling import enable_feature_enhancement  # noqa: E402
-from afigan.modeling.backbones.enhanced import fe_losses, has_feature_enhancement  # noqa: E402
+from afigan.modeling.feature_enhancement import fe_losses, has_feature_enhancement  # noqa: E402
 from d2_helpers import CONFIGS, make_cfg, toy_batch  # noqa: E402
 
 SIZES = ((64, 64), (64, 96))

@@ -6,7 +6,8 @@ pytest.importorskip("detectron2")
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 
-from afigan.data.hr_lr_mapper import HRLRDatasetMapper, lr_key  # noqa: E402
+from afigan.config import lr_key  # noqa: E402
+from afigan.data.hr_lr_mapper import HRLRDatasetMapper  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
 
 AUG = ["INPUT.MIN_SIZE_TRAIN", (96, 128), "INPUT.MAX_SIZE_TRAIN", 200]

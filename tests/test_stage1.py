@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.engine import Stage1Trainer  # noqa: E402
@@ -38,15 +39,15 @@ def test_g_step_leaves_d_alone_and_gets_adversarial_gradient(tmp_path, teacher):
         t.d_step(real, fake)
         d_before = params(t.D)
         d_grads = [p.grad.clone() for p in t.D.parameters()]
-        g_before = params(t.G)
+        g_before = params(t.model)
         t.g_step(real, fake)
     for k, v in params(t.D).items():
         assert torch.equal(v, d_before[k]), k  # parameters and BN statistics
     assert all(torch.equal(p.grad, g) for p, g in zip(t.D.parameters(), d_grads))  # no gradient from the G step
     # Content weight 0: any change of G comes from the adversarial term alone.
-    grads = [p.grad for p in t.G.parameters()]
+    grads = [p.grad for p in t.model.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    assert any(not torch.equal(v, g_before[k]) for k, v in params(t.G).items())
+    assert any(not torch.equal(v, g_before[k]) for k, v in params(t.model).items())
 
 
 def test_legacy_detached_adversarial_term_gives_g_no_gradient(tmp_path, teacher):
@@ -56,7 +57,7 @@ def test_legacy_detached_adversarial_term_gives_g_no_gradient(tmp_path, teacher)
         fake = t.G_ddp(low)
         losses = t.g_step(real, fake)
     assert all(v > 0 for k, v in losses.items() if k.startswith("loss_adv"))
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in t.G.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in t.model.parameters())
 
 
 def test_content_loss_falls_on_a_fixed_batch_and_teacher_never_changes(tmp_path, teacher):
@@ -65,7 +66,7 @@ def test_content_loss_falls_on_a_fixed_batch_and_teacher_never_changes(tmp_path,
     t = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 20, "SOLVER.BASE_LR", 0.3, "MODEL.AFI.DIS.BASE_LR", 0.001,
                  "SOLVER.CHECKPOINT_PERIOD", 1000)
     batch, _ = t.next_batch()
-    t._data_iter = itertools.repeat(batch)
+    t.data_loader = itertools.repeat(batch)
     teacher_before = params(t.teacher)
     t.train()
     hist = t.storage.history("loss_content_p3").values()
@@ -81,7 +82,7 @@ def test_content_loss_falls_on_a_fixed_batch_and_teacher_never_changes(tmp_path,
     for level in ("p2", "p6"):
         assert {f"loss_d_real_{level}", f"loss_d_fake_{level}", f"loss_adv_{level}", f"loss_content_{level}"} <= keys
     assert {"lr_G", "lr_D"} <= keys
-    assert t.scheduler_G.last_epoch == 20 and t.scheduler_D.last_epoch == 20
+    assert t.scheduler.last_epoch == 20 and t.scheduler_D.last_epoch == 20
     # Final checkpoints of both networks, reference layout.
     g = torch.load(os.path.join(str(tmp_path), "G_0", "model_final.pth"), weights_only=False)
     assert set(g) >= {"model", "optimizer", "scheduler", "iteration"} and g["iteration"] == 19
@@ -106,7 +107,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, teacher
     assert resumed.start_iter == 3
     resumed.train()
     # CPU float32 arithmetic repeats exactly here; 1e-6 leaves room for BLAS reordering.
-    for net in ("G", "D"):
+    for net in ("model", "D"):
         a, b = params(getattr(full, net)), params(getattr(resumed, net))
         for k in a:
             assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), (net, k)
@@ -124,30 +125,34 @@ def test_unregistered_dataset_is_one_sentence(tmp_path, teacher):
         _trainer(tmp_path, teacher, "DATASETS.TRAIN", ("coco_2099_train",))
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, teacher, monkeypatch):
+class _PoisonG(HookBase):
+    """Fills one of G's weights with NaN before iteration ``iteration``."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, teacher):
     t = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2)
     t.resume_or_load(resume=False)
-    import afigan.engine.stage1 as stage1
-
-    real_loss = stage1.generator_loss
-
-    def poisoned(*a, **k):
-        out = real_loss(*a, **k)
-        if t.iter == 2:
-            out["loss_content_p4"] = out["loss_content_p4"] * float("nan")
-        return out
-
-    monkeypatch.setattr(stage1, "generator_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"Loss 'loss_content_p4' became nan at iteration 2"):
+    t.register_hooks([_PoisonG(2)])
+    with pytest.raises(FloatingPointError, match=r"Loss became infinite or NaN at iteration=2"):
         t.train()
     assert sorted(os.listdir(tmp_path / "G_0")) == ["last_checkpoint", "model_0000001.pth"]
     assert open(tmp_path / "G_0" / "last_checkpoint").read() == "model_0000001.pth"
+    # The check runs before D's optimiser step: D's weights are still finite.
+    assert all(torch.isfinite(p).all() for p in t.D.parameters())
 
 
 def test_one_g_pass_per_level_and_no_d_pass_on_real_in_the_g_step(tmp_path, teacher):
     t = _trainer(tmp_path, teacher)
     g_calls, d_calls = [], []
-    t.G.register_forward_hook(lambda *a: g_calls.append(1))
+    t.model.register_forward_hook(lambda *a: g_calls.append(1))
     t.D.register_forward_hook(lambda *a: d_calls.append(1))
     with EventStorage() as storage:
         t.storage = storage
@@ -156,6 +161,36 @@ def test_one_g_pass_per_level_and_no_d_pass_on_real_in_the_g_step(tmp_path, teac
     levels = len(t.levels)
     assert len(g_calls) == levels
     assert len(d_calls) == 2 * levels + levels  # D step: real + fake; G step: fake only
+
+
+def test_legacy_d_pass_on_real_moves_bn_statistics_in_the_reference_order(tmp_path, teacher):
+    import copy
+
+    from afigan.layers import crop_to_common
+
+    t = _trainer(tmp_path, teacher, "MODEL.AFI.LEGACY.RUN_D_ON_REAL_IN_G_STEP", True, "MODEL.AFI.ADV_GRAD_TO_G", False)
+    with EventStorage() as storage:
+        t.storage = storage
+        t.iter = 0
+        real, low = _features(t)
+        fake = t.G_ddp(low)
+        t.d_step(real, fake)
+        expected = copy.deepcopy(t.D)  # D after its own step: the reference's G step starts here
+        calls = []
+        t.D.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+        t.g_step(real, fake)
+    # The reference, per level: D(cropped fake), then D(cropped real), both in train mode.
+    with torch.no_grad():
+        order = []
+        for level in t.levels:
+            f, r = crop_to_common(fake[level], real[level])
+            expected(f)
+            expected(r)
+            order += [tuple(f.shape), tuple(r.shape)]
+    assert calls == order
+    got, want = params(t.D), params(expected)
+    bn = [k for k in want if "running_" in k]
+    assert bn and all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
 
 
 def test_annotations_without_usable_boxes_are_one_sentence(tmp_path, teacher):

@@ -7,7 +7,7 @@ pytest.importorskip("detectron2")
 
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from afigan.engine import Stage1Trainer, Stage2Trainer, Stage3Trainer  # noqa: E402
+from afigan.engine import Stage1Trainer, Stage2Trainer, DetectorTrainer  # noqa: E402
 from afigan.engine.cli import eval_only  # noqa: E402
 from stage_helpers import StopAt as _StopAt, TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
 
@@ -58,12 +58,12 @@ def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path
     t.train()
     assert len(calls) == 2  # one backbone pass of M per iteration
     keys = set(t.storage.histories())
-    assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_content_p2", "loss_adv_p6", "loss_d_real_p3", "loss_M", "loss_D"} <= keys
+    assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_content_p2", "loss_adv_p6", "loss_d_real_p3", "M_total_loss", "D_total_loss"} <= keys
     assert t.scheduler_D.last_epoch == 2  # D's schedule stepped every iteration
     assert t.optimizer_D.param_groups[0]["lr"] != lr_d  # and moved D's learning rate (warm-up)
     assert os.path.isfile(tmp_path / "AFExtractor" / "model_final.pth")
     assert os.path.isfile(tmp_path / "Disc" / "model_final.pth")
-    # Inference of the AF extractor on ordinary images works (bug B6 of the reference).
+    # Inference of the AF extractor on ordinary images works (B6 of docs/differences_from_reference.md of the reference).
     t.model.eval()
     with torch.no_grad():
         out = t.model([{"image": torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8), "height": 97, "width": 131}])
@@ -85,9 +85,9 @@ def test_stage2_srf_lands_in_stage3_and_nothing_else(chain, tmp_path):
     s2.train()
     ckpt = str(tmp_path / "s2" / "AFExtractor" / "model_final.pth")
     torch.manual_seed(0)
-    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "s3"), "MODEL.AF_EXTRACTOR_WEIGHTS", ckpt))
+    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "s3"), "MODEL.AF_EXTRACTOR_WEIGHTS", ckpt))
     before = params(t.model.module if hasattr(t.model, "module") else t.model)
-    # --resume with no checkpoint yet must still load the AF weights (reference bug B8).
+    # --resume with no checkpoint yet must still load the AF weights (B8 of docs/differences_from_reference.md).
     t.resume_or_load(resume=True)
     after = t.model.state_dict()
     stage2 = torch.load(ckpt, weights_only=False)["model"]
@@ -102,7 +102,7 @@ def test_stage2_srf_lands_in_stage3_and_nothing_else(chain, tmp_path):
 
 def _stage3(out):
     torch.manual_seed(0)
-    return Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(out), "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2))
+    return DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(out), "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2))
 
 
 def test_stage3_resume_equals_uninterrupted_run(tmp_path):
@@ -131,13 +131,13 @@ def test_stage3_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_stage3_missing_af_extractor_file_is_one_sentence(tmp_path):
-    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "MODEL.AF_EXTRACTOR_WEIGHTS", str(tmp_path / "x.pth")))
+    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "MODEL.AF_EXTRACTOR_WEIGHTS", str(tmp_path / "x.pth")))
     with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*x.pth' does not exist"):
         t.resume_or_load(resume=False)
 
 
 def test_eval_only_prints_coco_ap(tmp_path):
-    t = Stage3Trainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
+    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
     t.resume_or_load(resume=False)
     t.checkpointer.save("model_final")
     res = eval_only(stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path),

@@ -5,8 +5,17 @@ from torch.nn import functional as F
 from afigan.layers import AFInterpolator, build_upsampler, upsampler_kinds
 
 
-def test_kinds():
+def test_kinds_and_what_they_build():
     assert {"nearest", "bilinear", "afi"} <= set(upsampler_kinds())
+    counts = {kind: sum(p.numel() for p in build_upsampler(kind, 256).parameters()) for kind in ("nearest", "bilinear", "afi")}
+    assert counts == {"nearest": 0, "bilinear": 0, "afi": 7_834_624}  # afi: the reference interpolator
+
+
+def test_bilinear_matches_torch_bilinear_upsampling():
+    x = torch.randn(2, 4, 3, 5)
+    up = build_upsampler("bilinear", 4)
+    expected = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    assert torch.allclose(up(x), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["nearest", "bilinear", "afi"])

@@ -7,6 +7,8 @@ Trailing KEY VALUE pairs apply to every stage. Finished stages are skipped; re-r
 command after an interruption resumes. See afigan/engine/pipeline.py.
 """
 import afigan  # noqa: F401  (registers afigan's components)
+from afigan.data.datasets import toy_root
+from afigan.data.toy_shapes import make_toy_dataset
 from afigan.engine.pipeline import Pipeline
 from detectron2.engine import default_argument_parser
 
@@ -18,9 +20,6 @@ def main():
     parser.add_argument("--make-toy-data", action="store_true", help="(re)generate the toy data set first")
     args = parser.parse_args()
     if args.make_toy_data:
-        from afigan.data.datasets import toy_root
-        from afigan.data.toy_shapes import make_toy_dataset
-
         make_toy_dataset(toy_root())
     results = Pipeline(args.config_dir, args.output_dir, args, args.opts).run()
     for task, metrics in results.items():

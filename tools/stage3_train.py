@@ -1,18 +1,11 @@
 #!/usr/bin/env python
-"""AFI-GAN stage 3. See afigan/engine/stage3.py.
+"""AFI-GAN stage 3: the target detector. See afigan/engine/detector.py.
 
     python tools/stage3_train.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALUE ...]
+    python tools/stage3_train.py --eval-only --config-file CONFIG MODEL.WEIGHTS path/to/model_final.pth
 """
 import afigan  # noqa: F401  (registers afigan's components)
-from afigan.engine.cli import train_stage
-from detectron2.engine import default_argument_parser, launch
-
-
-def main(args):
-    return train_stage("stage3", args)
-
+from afigan.engine.cli import launch_stage
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_stage("stage3")

@@ -6,11 +6,20 @@ two to compare; written as a Markdown table, JSON and a PNG plot.
 import json
 import logging
 import os
-import pickle
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+import detectron2.data.transforms as T
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+
+from afigan.checkpoint import read_checkpoint
+from afigan.config import add_afigan_config
+from afigan.modeling.feature_enhancement import find_stage_root
 
 from .features import stage_responses
 from .filters import DEFAULT_CUT, stage_weight_stats, stage_weights_from_state_dict, white_noise_hf_share
@@ -33,28 +42,13 @@ COLUMNS = [  # (key, header, format)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file without building a model: a Detectron2 ``.pth`` (its
-    ``"model"`` entry), a plain state dict, or a Detectron2-format ``.pkl`` (numpy arrays)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
-    if not isinstance(data, dict):
-        raise ValueError(f"Checkpoint {path!r} holds a {type(data).__name__}, not a state dict.")
-    return {k: torch.as_tensor(v) for k, v in data.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+    """Tensors of a checkpoint file without building a model (any file
+    :func:`afigan.checkpoint.read_checkpoint` reads: ``.pth``, plain state dict, zoo ``.pkl``)."""
+    return {k: v for k, v in read_checkpoint(path, "checkpoint")["model"].items() if isinstance(v, torch.Tensor)}
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """``get_cfg()`` + afigan's keys + ``config_file`` + ``opts``, on the CPU unless ``opts`` say otherwise."""
-    from detectron2.config import get_cfg
-
-    from afigan.config import add_afigan_config
-
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file {config_file!r} does not exist.")
     cfg = get_cfg()
@@ -67,9 +61,6 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
 def load_model(config_file: str, checkpoint: str, opts: Sequence[str] = ()):
     """``(cfg, model)``: the config's detector (see :func:`load_config`) in eval mode with
     ``checkpoint`` loaded through Detectron2's checkpointer."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
     if "://" not in checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
     cfg = load_config(config_file, opts)
@@ -82,9 +73,6 @@ def load_images(paths: Iterable[str], cfg, model, short_edge: Optional[int] = No
     """Normalised (3, H, W) float tensors, as the model's bottom-up network sees them: read in
     ``cfg.INPUT.FORMAT``, shortest edge resized to ``short_edge`` (default ``INPUT.MIN_SIZE_TEST``,
     longest ≤ ``INPUT.MAX_SIZE_TEST``), minus pixel mean, over pixel std. Directories are listed."""
-    import detectron2.data.transforms as T
-    from detectron2.data.detection_utils import read_image
-
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -133,8 +121,6 @@ def analyze_checkpoint(checkpoint: str, config_file: Optional[str] = None, opts:
     for stage, items in per_stage.items():
         result["stages"][stage] = stage_weight_stats([t for _, t in items], cut)
     if images:
-        from afigan.modeling.backbones.enhanced import find_stage_root
-
         names = list(per_stage)
         path = find_stage_root(model.backbone, names)
         root = model.backbone.get_submodule(path) if path else model.backbone

@@ -1,6 +1,7 @@
 """Training cost of each AFI-GAN stage and of plain Detectron2 training of the same detector
 with a nearest-neighbour FPN: median seconds per iteration and peak memory. Each measurement runs
 in its own process (tools/benchmark_training.py) so peak memory is that stage's alone."""
+import argparse
 import os
 import resource
 import statistics
@@ -10,14 +11,17 @@ from typing import Dict, List
 
 import torch
 
-from detectron2.engine import HookBase
+from detectron2.engine import DefaultTrainer, HookBase
 
-from afigan.engine.common import setup_cfg
+from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer, setup_cfg
+from afigan.engine.adversarial import build_discriminator
+from afigan.engine.stage1 import build_generator
+from afigan.modeling.meta_arch import build_guide_model
 
-__all__ = ["STAGES", "measure"]
+__all__ = ["BENCHMARK_CONFIGS", "measure"]
 
-# stage -> (trainer name, config) ; "plain_nn" is Detectron2's DefaultTrainer on the NN-FPN detector.
-STAGES = {
+# measured stage -> its toy config; "plain_nn" is Detectron2's own DefaultTrainer on the NN-FPN detector.
+BENCHMARK_CONFIGS = {
     "stage1": "toy/pipeline/stage1.yaml",
     "stage2": "toy/pipeline/stage2.yaml",
     "stage3": "toy/pipeline/stage3.yaml",
@@ -41,8 +45,6 @@ class _Timer(HookBase):
 
 
 def _args(config: str, opts: List[str]):
-    import argparse
-
     return argparse.Namespace(config_file=config, opts=opts, resume=False, eval_only=False, num_gpus=1,
                               num_machines=1, machine_rank=0, dist_url="auto")
 
@@ -50,11 +52,6 @@ def _args(config: str, opts: List[str]):
 def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, device: str, reference: bool,
             amp: bool = False) -> Dict:
     """Train ``iters`` iterations of ``stage`` and return median s/iter (first 2 dropped) and peak memory."""
-    from detectron2.engine import DefaultTrainer
-
-    from afigan.engine import Stage1Trainer, Stage2Trainer, Stage3Trainer
-    from afigan.modeling.meta_arch.teacher import build_guide_model
-
     out = tempfile.mkdtemp(prefix=f"bench_{stage}_")
     opts = ["OUTPUT_DIR", out, "MODEL.DEVICE", device, "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(iters),
             "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(2 * size), "SOLVER.CHECKPOINT_PERIOD", "100000",
@@ -62,7 +59,7 @@ def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, dev
     if reference:  # the paper's sizes: 256-channel FPN, 3 dense blocks, full-width D, R-50
         opts += ["MODEL.FPN.OUT_CHANNELS", "256", "MODEL.AFI.NUM_BLOCKS", "3", "MODEL.AFI.GROWTH", "32",
                  "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
-    config = os.path.join(configs_dir, STAGES[stage])
+    config = os.path.join(configs_dir, BENCHMARK_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
         cfg = setup_cfg(_args(config, list(opts)))
         teacher = build_guide_model(cfg, load_weights=False)
@@ -70,13 +67,11 @@ def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, dev
         torch.save({"model": teacher.state_dict()}, path)
         opts += ["MODEL.GUIDE_WEIGHTS", path]
         if stage == "stage2":
-            from afigan.engine.stage1 import build_discriminator, build_generator
-
             torch.save({"model": build_generator(cfg).state_dict()}, os.path.join(out, "G.pth"))
             torch.save({"model": build_discriminator(cfg).state_dict()}, os.path.join(out, "D.pth"))
             opts += ["MODEL.AFI_GEN_WEIGHTS", os.path.join(out, "G.pth"), "MODEL.AFI_DIS_WEIGHTS", os.path.join(out, "D.pth")]
     cfg = setup_cfg(_args(config, opts), stage=stage)
-    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": Stage3Trainer, "plain_nn": DefaultTrainer}[stage](cfg)
+    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain_nn": DefaultTrainer}[stage](cfg)
     trainer.device_sync = device.startswith("cuda")
     timer = _Timer()
     trainer.register_hooks([timer])

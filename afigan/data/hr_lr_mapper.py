@@ -4,7 +4,7 @@ Per image it returns ``image`` (the augmented high-resolution image, uint8 C x H
 ``image_x{r}`` (the same image resized to (floor(H r), floor(W r)), PIL bilinear),
 ``instances`` and ``instances_x{r}`` (the annotations through the HR transforms, then through
 the x r resize). Because the LR image is derived from the *augmented* HR image, both share one
-flip decision and one crop (fixes the reference's B2 and B9). ``MODEL.AFI.LEGACY.INDEPENDENT_FLIP``
+flip decision and one crop (B2 and B9 of docs/differences_from_reference.md). ``MODEL.AFI.LEGACY.INDEPENDENT_FLIP``
 flips the LR twin again with probability 1/2, which reproduces the reference's independent flips.
 """
 import copy
@@ -19,21 +19,19 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .image_io import read_image_or_raise
+from afigan.config import lr_key
 
-__all__ = ["HRLRDatasetMapper", "lr_key", "SafeDatasetMapper"]
+from .image_io import read_image_or_raise, require_image_file
 
-
-def lr_key(base: str, ratio: float) -> str:
-    """Name of the low-resolution twin of a field: ``lr_key("image", 0.5) == "image_x0.5"``."""
-    return f"{base}_x{ratio:g}"
+__all__ = ["HRLRDatasetMapper", "FileCheckingDatasetMapper"]
 
 
-class SafeDatasetMapper(DatasetMapper):
-    """Detectron2's DatasetMapper whose unreadable-image error names the file (stage 3, eval)."""
+class FileCheckingDatasetMapper(DatasetMapper):
+    """Detectron2's DatasetMapper that first checks the image file exists, so a missing image
+    stops with its name instead of a traceback from inside PIL (detector training, evaluation)."""
 
     def __call__(self, dataset_dict):
-        read_image_or_raise(dataset_dict["file_name"], self.image_format, check_only=True)
+        require_image_file(dataset_dict["file_name"])
         return super().__call__(dataset_dict)
 
 
@@ -41,7 +39,7 @@ class HRLRDatasetMapper(DatasetMapper):
     """DatasetMapper that also emits the x ``scale_ratio`` twin of the image and annotations.
 
     Args: those of :class:`detectron2.data.DatasetMapper`, plus ``scale_ratio`` (LR size / HR
-    size, default 0.5) and ``independent_flip`` (legacy B2 behaviour, default False).
+    size, default 0.5) and ``independent_flip`` (the reference's behaviour, B2; default False).
     """
 
     @configurable
@@ -52,7 +50,7 @@ class HRLRDatasetMapper(DatasetMapper):
         self.scale_ratio = scale_ratio
         self.independent_flip = independent_flip
         if independent_flip:
-            logging.getLogger(__name__).warning("Legacy mode: HR and LR images are flipped independently (bug B2).")
+            logging.getLogger(__name__).warning("Legacy mode: HR and LR images are flipped independently (B2 of docs/differences_from_reference.md).")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):

@@ -1,18 +1,22 @@
-"""Reading images with an error that names the file."""
+"""Image files with errors that name them."""
 import os
 
 from detectron2.data import detection_utils as utils
 
-__all__ = ["read_image_or_raise"]
+__all__ = ["require_image_file", "read_image_or_raise"]
 
 
-def read_image_or_raise(file_name: str, image_format: str, check_only: bool = False):
-    """Read an image as Detectron2 does (EXIF-transposed, in ``image_format``); an unreadable or
-    missing file raises ``OSError`` naming it. With ``check_only`` only existence is checked."""
+def require_image_file(file_name: str) -> str:
+    """Return ``file_name`` if it exists, else raise FileNotFoundError naming it."""
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Image file {file_name!r} does not exist (check the data set's image root).")
-    if check_only:
-        return None
+    return file_name
+
+
+def read_image_or_raise(file_name: str, image_format: str):
+    """Read an image as Detectron2 does (EXIF-transposed, in ``image_format``); a missing or
+    unreadable file raises ``OSError`` naming it."""
+    require_image_file(file_name)
     try:
         return utils.read_image(file_name, format=image_format)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file

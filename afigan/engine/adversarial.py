@@ -1,10 +1,14 @@
-"""What stages 1 and 2 share: a frozen teacher, a main network trained against a feature patch
+"""What stages 1 and 2 share: a frozen teacher, a network trained against a feature patch
 discriminator D, two optimisers and schedules, checkpoints for both, hooks, the D update.
 
-Subclasses set ``main_name`` ("G" / "M", for the logged learning rate), ``main_dir`` and
-``dis_dir`` (checkpoint folders under OUTPUT_DIR), build the main network, and implement
-``resume_or_load`` and ``run_step``.
+Attribute names follow Detectron2's ``DefaultTrainer`` for the trained network (``model``,
+``optimizer``, ``scheduler``, ``checkpointer``: G in stage 1, the AF extractor M in stage 2) and
+add ``D``, ``optimizer_D``, ``scheduler_D``, ``checkpointer_D``. Subclasses set ``model_name``
+(``"G"`` / ``"M"``: logged learning rate ``lr_<name>`` and total loss ``<name>_total_loss``) and
+``checkpoint_dirs`` (the folders under OUTPUT_DIR of the network and of D), build the network,
+and implement ``resume_or_load`` and ``run_step``.
 """
+import logging
 import os
 import time
 from typing import Dict
@@ -12,20 +16,21 @@ from typing import Dict
 import torch
 from torch import nn
 
-from detectron2.engine import TrainerBase, hooks
+from detectron2.engine import SimpleTrainer, TrainerBase, default_writers, hooks
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
-from afigan.data.loader import build_resumable_train_loader
+from afigan.data.loader import build_resumable_train_loader, load_train_dataset
 from afigan.layers import FeaturePatchDiscriminator, discriminator_loss
-from afigan.modeling.meta_arch.teacher import build_guide_model
+from afigan.modeling.meta_arch import build_guide_model
 
-from .common import (GradScalerOrNone, NamedLRScheduler, SeedEachIteration, backward_and_step, check_finite,
-                     default_writers, wrap_ddp)
+from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
 
 __all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_discriminator(cfg) -> FeaturePatchDiscriminator:
@@ -66,35 +71,39 @@ def select(features: Dict[str, torch.Tensor], levels, what: str) -> Dict[str, to
 
 
 class AdversarialTrainer(TrainerBase):
-    """Base of the stage-1 and stage-2 trainers (see module docstring)."""
+    """Base of the stage-1 and stage-2 trainers (see module docstring).
 
-    main_name = "G"
-    main_dir = "G_0"
-    dis_dir = "D_0"
+    ``data_loader`` is built on first use, from the start iteration that ``resume_or_load`` set
+    (the training data set itself is loaded, and checked, in the constructor); assign any
+    iterable of batches to it to train on other data.
+    """
+
+    model_name = "G"
+    checkpoint_dirs = ("G_0", "D_0")
     freeze_dis_lr = False
 
-    def __init__(self, cfg, main: nn.Module):
+    def __init__(self, cfg, model: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.levels = list(cfg.MODEL.AFI.LEVELS)
         self.teacher = build_guide_model(cfg)
-        self.main = main.to(self.device)
+        self.model = model.to(self.device)
         self.D = build_discriminator(cfg).to(self.device)
-        # Every forward whose parameter gradients must be synchronised goes through a DDP wrapper (fixes B3).
-        self.D_loss = wrap_ddp(DiscriminatorLoss(self.D, self.levels))
-        self.optimizer_main = build_optimizer(cfg, self.main)
+        # Every forward whose parameter gradients must be synchronised goes through a DDP wrapper
+        # (docs/differences_from_reference.md, B3).
+        self.D_loss = ddp(DiscriminatorLoss(self.D, self.levels))
+        self.optimizer = build_optimizer(cfg, self.model)
         self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
-        self.scheduler_main = build_lr_scheduler(cfg, self.optimizer_main)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.scheduler_D = build_lr_scheduler(discriminator_cfg(cfg), self.optimizer_D)
-        self.amp = GradScalerOrNone(cfg, self.device)
-        self.scaler_main, self.scaler_D = self.amp.scaler(), self.amp.scaler()
-        self.data_loader = build_resumable_train_loader(cfg, HRLRDatasetMapper(cfg, is_train=True))
-        self._data_iter = None
-        self.checkpointer_main = AFICheckpointer(self.main, os.path.join(cfg.OUTPUT_DIR, self.main_dir),
-                                                 optimizer=self.optimizer_main, scheduler=self.scheduler_main)
-        self.checkpointer_D = AFICheckpointer(self.D, os.path.join(cfg.OUTPUT_DIR, self.dis_dir),
-                                              optimizer=self.optimizer_D, scheduler=self.scheduler_D)
+        self.amp = AMPPolicy(cfg, self.device)
+        self.scaler, self.scaler_D = self.amp.grad_scaler(), self.amp.grad_scaler()
+        self.train_dataset = load_train_dataset(cfg)
+        self._data_loader = self._batches = None
+        model_dir, dis_dir = (os.path.join(cfg.OUTPUT_DIR, d) for d in self.checkpoint_dirs)
+        self.checkpointer = AFICheckpointer(self.model, model_dir, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.checkpointer_D = AFICheckpointer(self.D, dis_dir, optimizer=self.optimizer_D, scheduler=self.scheduler_D)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.register_hooks(self.build_hooks())
@@ -104,51 +113,69 @@ class AdversarialTrainer(TrainerBase):
         ret = [
             hooks.IterationTimer(),
             SeedEachIteration(cfg.SEED),
-            NamedLRScheduler(self.optimizer_main, self.scheduler_main, self.main_name),
+            NamedLRScheduler(self.optimizer, self.scheduler, self.model_name),
             NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D", enabled=not self.freeze_dis_lr),
         ]
         if comm.is_main_process():
             ret += [
-                hooks.PeriodicCheckpointer(self.checkpointer_main, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
+                hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
                 hooks.PeriodicCheckpointer(self.checkpointer_D, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
                 hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter), period=20),
             ]
         return ret
 
     def resume_both(self, stage: str) -> bool:
-        """Resume the main network and D from their last checkpoints if they exist; returns
-        whether it did. The two must be at the same iteration."""
-        if not self.checkpointer_main.has_checkpoint():
+        """Resume the network and D from their last checkpoints if they exist; returns whether
+        it did. The two must be at the same iteration."""
+        if not self.checkpointer.has_checkpoint():
             return False
         if not self.checkpointer_D.has_checkpoint():
             raise FileNotFoundError(
-                f"Cannot resume {stage}: {self.checkpointer_main.save_dir} has a checkpoint but {self.checkpointer_D.save_dir} has none."
+                f"Cannot resume {stage}: {self.checkpointer.save_dir} has a checkpoint but {self.checkpointer_D.save_dir} has none."
             )
-        it_main = self.checkpointer_main.resume_or_load("", resume=True).get("iteration", -1)
+        it_model = self.checkpointer.resume_or_load("", resume=True).get("iteration", -1)
         it_d = self.checkpointer_D.resume_or_load("", resume=True).get("iteration", -1)
-        if it_main != it_d:
+        if it_model != it_d:
+            model_dir, dis_dir = self.checkpoint_dirs
             raise ValueError(
-                f"Cannot resume {stage}: {self.main_dir} is at iteration {it_main} but {self.dis_dir} at {it_d}; "
+                f"Cannot resume {stage}: {model_dir} is at iteration {it_model} but {dis_dir} at {it_d}; "
                 f"point both last_checkpoint files at checkpoints of the same iteration."
             )
-        self.start_iter = it_main + 1
+        self.start_iter = it_model + 1
         return True
 
     def train(self):
         super().train(self.start_iter, self.max_iter)
 
+    @property
+    def data_loader(self):
+        if self._data_loader is None:
+            self._data_loader = build_resumable_train_loader(self.cfg, HRLRDatasetMapper(self.cfg, is_train=True),
+                                                             start_iter=self.start_iter, dataset=self.train_dataset)
+        return self._data_loader
+
+    @data_loader.setter
+    def data_loader(self, loader):
+        self._data_loader, self._batches = loader, None
+
     def next_batch(self):
         """The next training batch and the seconds spent waiting for it."""
-        if self._data_iter is None:
-            self._data_iter = iter(self.data_loader)
+        if self._batches is None:
+            self._batches = iter(self.data_loader)
         t0 = time.perf_counter()
-        data = next(self._data_iter)
+        data = next(self._batches)
         return data, time.perf_counter() - t0
 
-    def d_step(self, real, fake) -> Dict[str, torch.Tensor]:
+    def write_metrics(self, losses: Dict[str, torch.Tensor], data_time: float, name: str) -> None:
+        """Detectron2's ``SimpleTrainer.write_metrics`` (averaged over ranks; ``<name>_total_loss``
+        and every term; FloatingPointError on a non-finite total). Called before the optimiser
+        step, so a non-finite loss stops training before it reaches the weights."""
+        SimpleTrainer.write_metrics(losses, data_time, self.iter, prefix=f"{name}_")
+
+    def d_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
         """One discriminator update on real vs detached fake features; returns its losses."""
         with self.amp.autocast():
             d_losses = self.D_loss(real, {k: v.detach() for k, v in fake.items()})
-        check_finite(d_losses, self.iter)
+        self.write_metrics(d_losses, data_time, "D")
         backward_and_step(sum(d_losses.values()), self.optimizer_D, self.scaler_D)
         return d_losses

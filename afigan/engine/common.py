@@ -1,23 +1,19 @@
-"""Pieces shared by the stage trainers: config setup, hooks, writers, loss checks, AMP."""
+"""Pieces shared by the stage trainers: config setup, hooks, AMP policy, DDP wrapping."""
 import logging
-import math
 import os
-import random
-from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.engine import default_setup, hooks
+from detectron2.engine import create_ddp_model, default_setup, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from afigan.config import add_afigan_config, fallback_syncbn
+from afigan.seeding import MODEL, seed_all_rngs
 
-__all__ = ["setup_cfg", "check_finite", "NamedLRScheduler", "SeedEachIteration", "default_writers", "require_file",
-           "GradScalerOrNone", "backward_and_step", "write_metrics", "wrap_ddp"]
+__all__ = ["setup_cfg", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "backward_and_step",
+           "ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +29,7 @@ def setup_cfg(args, stage: str = ""):
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        logging.getLogger(__name__).warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
+        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
         cfg.MODEL.DEVICE = "cpu"
     if stage:
         cfg.MODEL.AFI.STAGE = stage
@@ -55,20 +51,6 @@ def require_file(path: str, key: str) -> str:
     return path
 
 
-def check_finite(losses: Dict[str, torch.Tensor], iteration: int) -> None:
-    """Stop with a sentence naming the first non-finite loss; nothing is saved after it.
-
-    One device-to-host sync for the whole dict; the loop that finds the name runs only on failure."""
-    if bool(torch.stack([v.detach().float() for v in losses.values()]).isfinite().all()):
-        return
-    for name, value in losses.items():
-        if not math.isfinite(float(value.detach())):
-            raise FloatingPointError(
-                f"Loss {name!r} became {float(value.detach())} at iteration {iteration}; training stopped and the last "
-                f"checkpoint written before this iteration is kept (lower SOLVER.BASE_LR or check the data)."
-            )
-
-
 class NamedLRScheduler(hooks.LRScheduler):
     """Detectron2's LRScheduler hook, logging the learning rate as ``lr_<name>`` so two
     optimisers (G and D) do not overwrite each other's value."""
@@ -86,36 +68,21 @@ class NamedLRScheduler(hooks.LRScheduler):
 
 
 class SeedEachIteration(hooks.HookBase):
-    """Seed Python, NumPy and torch from (SEED, iteration, rank) before every step.
-
-    Random choices inside the model (RPN / ROI sampling) then depend only on the iteration, so
-    a resumed run repeats an uninterrupted one exactly (the data stream is seeded the same way,
-    see afigan.data.loader)."""
+    """Seed the global RNGs from (SEED, iteration, rank) before every step (the ``MODEL`` stream
+    of :mod:`afigan.seeding`), so random choices inside the model (RPN / RoI sampling) depend
+    only on the iteration and a resumed run repeats an uninterrupted one exactly."""
 
     def __init__(self, seed: int):
-        self._seed = max(int(seed), 0)
+        self._seed = seed
 
     def before_step(self):
-        state = np.random.SeedSequence([self._seed, 1 + self.trainer.iter, comm.get_rank()]).generate_state(2)
-        np.random.seed(int(state[0]))
-        random.seed(int(state[1]))
-        torch.manual_seed(int(state[1]))
+        seed_all_rngs(self._seed, self.trainer.iter, comm.get_rank(), MODEL)
 
 
-def default_writers(output_dir: str, max_iter: int) -> List:
-    """Console, metrics.json and (when the tensorboard package is installed) TensorBoard."""
-    writers = [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"))]
-    try:
-        from detectron2.utils.events import TensorboardXWriter
-
-        writers.append(TensorboardXWriter(output_dir))
-    except Exception:  # noqa: BLE001 - tensorboard is optional
-        pass
-    return writers
-
-
-class GradScalerOrNone:
-    """AMP on CUDA when ``SOLVER.AMP.ENABLED``; a no-op otherwise (CPU runs stay float32)."""
+class AMPPolicy:
+    """Whether and how to run mixed precision: on CUDA when ``SOLVER.AMP.ENABLED`` (float16 with
+    gradient scaling, or ``SOLVER.AMP.PRECISION bfloat16``); float32 otherwise, with a warning when
+    AMP was asked for on a CPU."""
 
     def __init__(self, cfg, device: torch.device):
         self.enabled = bool(cfg.SOLVER.AMP.ENABLED) and device.type == "cuda"
@@ -127,7 +94,8 @@ class GradScalerOrNone:
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.enabled)
 
-    def scaler(self) -> Optional["torch.amp.GradScaler"]:
+    def grad_scaler(self):
+        """A new ``GradScaler`` for float16 on CUDA, else None (no scaling needed)."""
         return torch.amp.GradScaler("cuda") if self.enabled and self.dtype == torch.float16 else None
 
 
@@ -143,22 +111,9 @@ def backward_and_step(loss: torch.Tensor, optimizer, scaler=None) -> None:
         scaler.update()
 
 
-def write_metrics(storage, losses: Dict[str, torch.Tensor], **scalars) -> None:
-    """Average the losses over ranks (a collective call) and log them on the main process."""
-    reduced = comm.reduce_dict({k: v.detach().float() for k, v in losses.items()}, average=True)
-    if comm.is_main_process():
-        storage.put_scalars(**{k: float(v) for k, v in reduced.items()}, **scalars)
-
-
-def wrap_ddp(module: torch.nn.Module, broadcast_buffers: bool = False) -> torch.nn.Module:
-    """DistributedDataParallel when several processes run (on GPUs or, with gloo, on CPUs);
-    the module itself otherwise. Detectron2's ``create_ddp_model`` always passes ``device_ids``,
-    which DDP rejects for CPU modules."""
-    if comm.get_world_size() == 1:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
+def ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """Detectron2's ``create_ddp_model`` (DDP when several processes run, the module otherwise),
+    told the module's device: it fills ``device_ids`` with the local rank when none is given,
+    which DDP rejects for a CPU module (multi-process CPU runs use gloo)."""
     on_gpu = next(module.parameters()).device.type == "cuda"
-    return DistributedDataParallel(module, device_ids=[comm.get_local_rank()] if on_gpu else None,
-                                   broadcast_buffers=broadcast_buffers)
-
+    return create_ddp_model(module, device_ids=[comm.get_local_rank()] if on_gpu else None, broadcast_buffers=False)

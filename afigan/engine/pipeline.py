@@ -1,16 +1,13 @@
 """One command for the whole progressive-training chain (stage 0 -> 1 -> 2 -> 3 -> eval).
 
 A *config set* is a directory holding ``stage1.yaml``, ``stage2.yaml``, ``stage3.yaml`` and
-optionally ``stage0.yaml`` (the nearest-neighbour teacher, trained only when ``stage1.yaml``
-gives no ``MODEL.GUIDE_WEIGHTS``). Each stage writes to ``OUTPUT/stageN`` and its final file is
-wired into the next stage's weights keys:
-
-    stage0/model_final.pth          -> MODEL.GUIDE_WEIGHTS (stages 1, 2) and MODEL.WEIGHTS (stage 2, as the reference)
-    stage1/G_0/model_final.pth      -> MODEL.AFI_GEN_WEIGHTS (stage 2)
-    stage1/D_0/model_final.pth      -> MODEL.AFI_DIS_WEIGHTS (stage 2)
-    stage2/AFExtractor/model_final.pth -> MODEL.AF_EXTRACTOR_WEIGHTS (stage 3)
-    stage3/model_final.pth          -> MODEL.WEIGHTS (evaluation in OUTPUT/eval when stage 3 was
-                                       skipped; a stage-3 run evaluates itself at its end)
+optionally ``stage0.yaml`` (the nearest-neighbour teacher, trained only when neither the
+command line nor ``stage1.yaml`` gives ``MODEL.GUIDE_WEIGHTS``). Each stage writes to
+``OUTPUT/stageN``; which of its final files feed which config key of a later stage is the table
+:data:`afigan.engine.stages.STAGES`. Trailing ``KEY VALUE`` pairs of the command line apply to
+every stage and always win over the table and the YAML files. After stage 3 (or, when it was
+already done, by a separate evaluation in ``OUTPUT/eval``) the results go to
+``OUTPUT/results.json``.
 
 A stage whose final checkpoint exists is skipped; an interrupted stage resumes from its last
 checkpoint, so re-running the same command after a kill continues where it stopped.
@@ -24,10 +21,13 @@ from typing import Dict, List, Optional
 
 from detectron2.config import get_cfg
 from detectron2.engine import launch
+from detectron2.utils import comm
+from detectron2.utils import logger as d2_logger
 
 from afigan.config import add_afigan_config
 
 from .cli import eval_only, train_stage
+from .stages import STAGES, Output, Teacher, final_files
 
 __all__ = ["Pipeline", "stage_final_files"]
 
@@ -35,17 +35,11 @@ logger = logging.getLogger("afigan.pipeline")
 
 
 def stage_final_files(output_dir: str) -> Dict[str, List[str]]:
-    """The file(s) whose existence marks each stage as done."""
-    j = os.path.join
-    return {
-        "stage0": [j(output_dir, "stage0", "model_final.pth")],
-        "stage1": [j(output_dir, "stage1", "G_0", "model_final.pth"), j(output_dir, "stage1", "D_0", "model_final.pth")],
-        "stage2": [j(output_dir, "stage2", "AFExtractor", "model_final.pth")],
-        "stage3": [j(output_dir, "stage3", "model_final.pth")],
-    }
+    """The file(s) whose existence marks each stage of a pipeline in ``output_dir`` as done."""
+    return {name: final_files(name, os.path.join(output_dir, name)) for name in STAGES}
 
 
-def _stage_cfg_value(config_file: str, key: str) -> str:
+def _yaml_value(config_file: str, key: str):
     cfg = add_afigan_config(get_cfg())
     cfg.merge_from_file(config_file)
     node = cfg
@@ -58,7 +52,7 @@ class Pipeline:
     """Runs the stages of a config set in order; see the module docstring."""
 
     def __init__(self, config_dir: str, output_dir: str, args: argparse.Namespace, opts: Optional[List[str]] = None):
-        self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in ("stage0", "stage1", "stage2", "stage3")}
+        self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in STAGES}
         for s in ("stage1", "stage2", "stage3"):
             if not os.path.isfile(self.files[s]):
                 raise FileNotFoundError(f"Config set {config_dir!r} lacks {s}.yaml.")
@@ -66,6 +60,32 @@ class Pipeline:
         self.args = args
         self.opts = list(opts or [])
         self.final = stage_final_files(output_dir)
+
+    def _opt(self, key: str) -> str:
+        for k, v in zip(self.opts[::2], self.opts[1::2]):
+            if k == key:
+                return v
+        return ""
+
+    def teacher_weights(self) -> str:
+        """The command line's MODEL.GUIDE_WEIGHTS, else stage1.yaml's, else stage 0's model."""
+        return (self._opt("MODEL.GUIDE_WEIGHTS") or _yaml_value(self.files["stage1"], "MODEL.GUIDE_WEIGHTS")
+                or self.final["stage0"][0])
+
+    def overrides(self, stage: str) -> List[str]:
+        """``KEY VALUE`` pairs that wire ``stage`` to earlier results, per the stage table. Keys
+        the command line names are left out: its value (applied to every stage) wins."""
+        out = []
+        for key, source in STAGES[stage].inputs.items():
+            if self._opt(key):
+                continue
+            if isinstance(source, Output):
+                out += [key, self.final[source.stage][source.index]]
+            elif isinstance(source, Teacher):
+                if source.yaml_first and _yaml_value(self.files[stage], key):
+                    continue
+                out += [key, self.teacher_weights()]
+        return out
 
     def _done(self, stage: str) -> bool:
         return all(os.path.isfile(f) for f in self.final[stage])
@@ -85,8 +105,6 @@ class Pipeline:
         # previous stage's so messages are not printed once per finished stage.
         for name in ("detectron2", "d2", "fvcore", "afigan"):
             logging.getLogger(name).handlers.clear()
-        from detectron2.utils import logger as d2_logger
-
         d2_logger.setup_logger.cache_clear()
 
         results_file = os.path.join(self.output_dir, f".{output_name or stage}_results.json")
@@ -103,29 +121,16 @@ class Pipeline:
                 return json.load(f)
         return {}
 
-    def teacher_weights(self) -> str:
-        given = _stage_cfg_value(self.files["stage1"], "MODEL.GUIDE_WEIGHTS")
-        override = self._opt("MODEL.GUIDE_WEIGHTS")
-        return override or given or self.final["stage0"][0]
-
-    def _opt(self, key: str) -> str:
-        for k, v in zip(self.opts[::2], self.opts[1::2]):
-            if k == key:
-                return v
-        return ""
-
     def run(self) -> Dict:
         """Run every stage that is not done; return the evaluation results of the stage-3 model."""
-        teacher = self.teacher_weights()
-        if teacher == self.final["stage0"][0]:
+        if self.teacher_weights() == self.final["stage0"][0]:
             if not os.path.isfile(self.files["stage0"]):
-                raise ValueError("stage1.yaml gives no MODEL.GUIDE_WEIGHTS and the config set has no stage0.yaml to train a teacher.")
-            self._maybe("stage0", [])
-        self._maybe("stage1", ["MODEL.GUIDE_WEIGHTS", teacher])
-        stage2_weights = _stage_cfg_value(self.files["stage2"], "MODEL.WEIGHTS") or self._opt("MODEL.WEIGHTS") or teacher
-        self._maybe("stage2", ["MODEL.GUIDE_WEIGHTS", teacher, "MODEL.WEIGHTS", stage2_weights,
-                               "MODEL.AFI_GEN_WEIGHTS", self.final["stage1"][0], "MODEL.AFI_DIS_WEIGHTS", self.final["stage1"][1]])
-        results = self._maybe("stage3", ["MODEL.AF_EXTRACTOR_WEIGHTS", self.final["stage2"][0]])
+                raise ValueError("Neither the command line nor stage1.yaml gives MODEL.GUIDE_WEIGHTS, and the config "
+                                 "set has no stage0.yaml to train a teacher.")
+            self._maybe("stage0")
+        self._maybe("stage1")
+        self._maybe("stage2")
+        results = self._maybe("stage3")
         if not results:
             results = self._run("stage3", ["MODEL.WEIGHTS", self.final["stage3"][0]], fn=_eval_stage, output_name="eval")
         path = os.path.join(self.output_dir, "results.json")
@@ -134,11 +139,12 @@ class Pipeline:
         logger.info("Stage-3 evaluation results written to %s", path)
         return results
 
-    def _maybe(self, stage: str, overrides: List[str]) -> Dict:
+    def _maybe(self, stage: str) -> Dict:
         if self._done(stage):
             logger.info("Pipeline: %s is done (%s exists); skipping it.", stage, self.final[stage][0])
             return {}
-        logger.info("Pipeline: running %s with %s", stage, " ".join(overrides))
+        overrides = self.overrides(stage)
+        logger.info("Pipeline: running %s (%s) with %s", stage, STAGES[stage].description, " ".join(overrides))
         return self._run(stage, overrides)
 
 
@@ -153,8 +159,6 @@ class _Worker:
         self.fn, self.stage, self.results_file = fn, stage, results_file
 
     def __call__(self, args):
-        from detectron2.utils import comm
-
         results = self.fn(self.stage, args) or {}
         if comm.is_main_process():
             with open(self.results_file, "w") as f:

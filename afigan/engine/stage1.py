@@ -1,5 +1,5 @@
 """Stage 1, AFI-GAN training: the AF interpolator G and the feature patch discriminator D learn
-to turn a frozen teacher's half-resolution pyramid into its full-resolution one (spec §7).
+to turn a frozen teacher's half-resolution pyramid into its full-resolution one.
 
 Per iteration, for the levels ``MODEL.AFI.LEVELS``:
 
@@ -8,7 +8,7 @@ Per iteration, for the levels ``MODEL.AFI.LEVELS``:
 3. D step: sum_l BCE(D(real), 1) + BCE(D(sg(fake)), 0), through D's DDP wrapper;
 4. G step: sum_l adv_weight * BCE(D(fake), 1) + content_weight * L1(fake, real), with D's
    parameters frozen so the adversarial gradient reaches G but nothing touches D
-   (``MODEL.AFI.ADV_GRAD_TO_G False`` reproduces the reference's detached term, bug B1).
+   (``MODEL.AFI.ADV_GRAD_TO_G False`` reproduces the reference's detached term, B1 of docs/differences_from_reference.md).
 
 Both networks have their own SGD optimiser and warm-up multi-step schedule (both stepped) and
 their own checkpoints under ``OUTPUT_DIR/G_0`` and ``OUTPUT_DIR/D_0`` (model, optimizer,
@@ -20,22 +20,22 @@ from typing import Dict
 import torch
 from torch import nn
 
-from afigan.data.hr_lr_mapper import lr_key
+from afigan.config import lr_key
 from afigan.layers import AFInterpolator, generator_loss
+from afigan.modeling.necks import upsampler_from_config
 
-from .adversarial import AdversarialTrainer, DiscriminatorLoss, build_discriminator, discriminator_cfg, select
-from .common import backward_and_step, check_finite, wrap_ddp, write_metrics
+from .adversarial import AdversarialTrainer, select
+from .common import backward_and_step, ddp
 
-__all__ = ["Stage1Trainer", "build_generator", "build_discriminator", "discriminator_cfg", "LevelwiseGenerator",
-           "DiscriminatorLoss", "select"]
+__all__ = ["Stage1Trainer", "build_generator", "LevelwiseGenerator"]
 
 logger = logging.getLogger(__name__)
 
 
 def build_generator(cfg) -> AFInterpolator:
-    """The AF interpolator G with ``MODEL.FPN.OUT_CHANNELS`` channels and ``MODEL.AFI.*`` sizes."""
-    a = cfg.MODEL.AFI
-    return AFInterpolator(cfg.MODEL.FPN.OUT_CHANNELS, a.NUM_BLOCKS, a.GROWTH, a.RES_SCALE, a.SKIP)
+    """The AF interpolator G with ``MODEL.FPN.OUT_CHANNELS`` channels and the ``MODEL.AFI.*``
+    sizes of the neck's interpolator (never frozen here: stage 1 trains it)."""
+    return upsampler_from_config(cfg, cfg.MODEL.FPN.OUT_CHANNELS, kind="afi", freeze=False)
 
 
 class LevelwiseGenerator(nn.Module):
@@ -51,30 +51,23 @@ class LevelwiseGenerator(nn.Module):
 
 
 class Stage1Trainer(AdversarialTrainer):
-    """Trains G and D against the teacher; ``train()`` runs SOLVER.MAX_ITER iterations.
-    ``G``, ``optimizer_G``, ``scheduler_G``, ``checkpointer_G`` name the main network's parts."""
+    """Trains G (``model``) and D against the teacher; ``train()`` runs SOLVER.MAX_ITER iterations."""
 
-    main_name, main_dir, dis_dir = "G", "G_0", "D_0"
+    model_name = "G"
+    checkpoint_dirs = ("G_0", "D_0")
 
     def __init__(self, cfg):
         super().__init__(cfg, build_generator(cfg))
         self.lr_key = lr_key("image", cfg.MODEL.AFI.SCALE_RATIO)
-        self.G_ddp = wrap_ddp(LevelwiseGenerator(self.G))
-
-    G = property(lambda self: self.main)
-    optimizer_G = property(lambda self: self.optimizer_main)
-    scheduler_G = property(lambda self: self.scheduler_main)
-    checkpointer_G = property(lambda self: self.checkpointer_main)
-    scaler_G = property(lambda self: self.scaler_main)
+        self.G_ddp = ddp(LevelwiseGenerator(self.model))
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume G and D from ``OUTPUT_DIR/{G_0,D_0}/last_checkpoint`` when ``resume`` and one
         exists; otherwise load ``MODEL.AFI_GEN_WEIGHTS`` / ``MODEL.AFI_DIS_WEIGHTS`` if given."""
         if not (resume and self.resume_both("stage 1")):
-            self.checkpointer_G.load(self.cfg.MODEL.AFI_GEN_WEIGHTS, checkpointables=[])
+            self.checkpointer.load(self.cfg.MODEL.AFI_GEN_WEIGHTS, checkpointables=[])
             self.checkpointer_D.load(self.cfg.MODEL.AFI_DIS_WEIGHTS, checkpointables=[])
             self.start_iter = 0
-        self.data_loader.dataset.start_iter = self.start_iter
 
     def train(self):
         logger.info("Stage 1: training G and D from iteration %d to %d.", self.start_iter, self.max_iter)
@@ -86,18 +79,15 @@ class Stage1Trainer(AdversarialTrainer):
         low = select(self.teacher(data, self.lr_key), self.levels, "teacher")
         return real, low
 
-    def g_step(self, real, fake) -> Dict[str, torch.Tensor]:
+    def g_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
         """One generator update (D frozen, so D's parameters and gradients stay untouched)."""
         a = self.cfg.MODEL.AFI
         with self.amp.autocast():
-            if a.LEGACY.RUN_D_ON_REAL_IN_G_STEP:
-                with torch.no_grad():  # the reference's unused pass; it only moves BN statistics
-                    for v in real.values():
-                        self.D(v)
             g_losses = generator_loss(self.D, fake, real, self.levels, adv_weight=a.ADV_WEIGHT,
-                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G)
-        check_finite(g_losses, self.iter)
-        backward_and_step(sum(g_losses.values()), self.optimizer_G, self.scaler_G)
+                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G,
+                                      run_d_on_real=a.LEGACY.RUN_D_ON_REAL_IN_G_STEP)
+        self.write_metrics(g_losses, data_time, "G")
+        backward_and_step(sum(g_losses.values()), self.optimizer, self.scaler)
         return g_losses
 
     def run_step(self):
@@ -105,9 +95,5 @@ class Stage1Trainer(AdversarialTrainer):
         real, low = self.teacher_features(data)
         with self.amp.autocast():
             fake = self.G_ddp(low)  # ONE G pass: its detached output feeds the D step
-        d_losses = self.d_step(real, fake)
-        g_losses = self.g_step(real, fake)
-        losses = {**d_losses, **g_losses}
-        losses["loss_D"] = sum(d_losses.values()).detach()
-        losses["loss_G"] = sum(g_losses.values()).detach()
-        write_metrics(self.storage, losses, data_time=data_time)
+        self.d_step(real, fake, data_time)
+        self.g_step(real, fake, data_time)

@@ -1,4 +1,4 @@
-"""Stage 2, the multi-scale AF extractor (spec §8).
+"""Stage 2, the multi-scale AF extractor.
 
 A detector M whose neck upsamples with G (``GeneralizedRCNN_AFExtractor``) is trained on the
 low-resolution twin ``image_x0.5`` with its boxes, while its pyramid features are pulled towards
@@ -10,7 +10,7 @@ the frozen teacher's full-resolution features downsampled x0.5 (L1) and D keeps 
 with ONE forward of M per step returning (losses, features). Initialisation (non-resume):
 ``MODEL.WEIGHTS`` into M, then the stage-1 G (``MODEL.AFI_GEN_WEIGHTS``) into
 ``backbone.srf_module``, and the stage-1 D (``MODEL.AFI_DIS_WEIGHTS``, model tensors only). D's
-scheduler steps (``MODEL.AFI.LEGACY.FROZEN_DIS_LR`` keeps it at its warm-up value, oddity O3).
+scheduler steps (``MODEL.AFI.LEGACY.FROZEN_DIS_LR`` keeps it at its warm-up value, O3 of docs/differences_from_reference.md).
 Checkpoints: ``OUTPUT_DIR/AFExtractor`` (M) and ``OUTPUT_DIR/Disc`` (D); resume restores both.
 """
 import logging
@@ -25,7 +25,7 @@ from afigan.checkpoint import load_interpolator_weights, read_checkpoint
 from afigan.layers import generator_loss
 
 from .adversarial import AdversarialTrainer, select
-from .common import backward_and_step, check_finite, require_file, wrap_ddp, write_metrics
+from .common import backward_and_step, ddp, require_file
 
 __all__ = ["Stage2Trainer", "downsample_targets"]
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def downsample_targets(features: Dict[str, torch.Tensor], mode: str = "nearest") -> Dict[str, torch.Tensor]:
-    """Teacher HR features x0.5: "nearest" keeps even rows/columns (reference, O2), "avg" pools 2x2."""
+    """Teacher HR features x0.5: "nearest" keeps even rows/columns (reference: O2 of docs/differences_from_reference.md), "avg" pools 2x2."""
     if mode == "nearest":
         return {k: F.interpolate(v, scale_factor=0.5, mode="nearest") for k, v in features.items()}
     if mode == "avg":
@@ -42,26 +42,20 @@ def downsample_targets(features: Dict[str, torch.Tensor], mode: str = "nearest")
 
 
 class Stage2Trainer(AdversarialTrainer):
-    """Trains the AF extractor M and D; ``train()`` runs SOLVER.MAX_ITER iterations.
-    ``model``, ``optimizer``, ``scheduler``, ``checkpointer`` name M's parts."""
+    """Trains the AF extractor M (``model``) and D; ``train()`` runs SOLVER.MAX_ITER iterations."""
 
-    main_name, main_dir, dis_dir = "M", "AFExtractor", "Disc"
+    model_name = "M"
+    checkpoint_dirs = ("AFExtractor", "Disc")
 
     def __init__(self, cfg):
         if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN_AFExtractor":
             raise ValueError(f"Stage 2 needs MODEL.META_ARCHITECTURE 'GeneralizedRCNN_AFExtractor', got {cfg.MODEL.META_ARCHITECTURE!r}.")
         self.freeze_dis_lr = cfg.MODEL.AFI.LEGACY.FROZEN_DIS_LR
         super().__init__(cfg, build_model(cfg))
-        self.model_ddp = wrap_ddp(self.model)
-
-    model = property(lambda self: self.main)
-    optimizer = property(lambda self: self.optimizer_main)
-    scheduler = property(lambda self: self.scheduler_main)
-    checkpointer = property(lambda self: self.checkpointer_main)
-    scaler = property(lambda self: self.scaler_main)
+        self.model_ddp = ddp(self.model)
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """Resume M and D from their last checkpoints when ``resume`` and they exist (fixes B8);
+        """Resume M and D from their last checkpoints when ``resume`` and they exist (B8 of docs/differences_from_reference.md);
         otherwise initialise from MODEL.WEIGHTS, MODEL.AFI_GEN_WEIGHTS and MODEL.AFI_DIS_WEIGHTS."""
         cfg = self.cfg.MODEL
         if not (resume and self.resume_both("stage 2")):
@@ -70,11 +64,10 @@ class Stage2Trainer(AdversarialTrainer):
             load_interpolator_weights(self.model, require_file(cfg.AFI_GEN_WEIGHTS, "MODEL.AFI_GEN_WEIGHTS"),
                                       what="MODEL.AFI_GEN_WEIGHTS")
             # Only D's tensors: stage 2 has its own optimiser and schedule (and the stage-1 file
-            # need not carry optimizer/scheduler/iteration entries, bug B8).
+            # need not carry optimizer/scheduler/iteration entries, B8).
             d_state = read_checkpoint(require_file(cfg.AFI_DIS_WEIGHTS, "MODEL.AFI_DIS_WEIGHTS"), "MODEL.AFI_DIS_WEIGHTS")["model"]
             self.D.load_state_dict(d_state, strict=True)
             self.start_iter = 0
-        self.data_loader.dataset.start_iter = self.start_iter
 
     def train(self):
         logger.info("Stage 2: training the AF extractor from iteration %d to %d.", self.start_iter, self.max_iter)
@@ -87,16 +80,11 @@ class Stage2Trainer(AdversarialTrainer):
         with self.amp.autocast():
             det_losses, features = self.model_ddp(data)
             fake = select(features, self.levels, "AF extractor's neck")
-        d_losses = self.d_step(targets, fake)
+        self.d_step(targets, fake, data_time)
 
         with self.amp.autocast():
             g_losses = generator_loss(self.D, fake, targets, self.levels, adv_weight=a.ADV_WEIGHT,
                                       content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G)
         m_losses = {**det_losses, **g_losses}
-        check_finite(m_losses, self.iter)
+        self.write_metrics(m_losses, data_time, "M")
         backward_and_step(sum(m_losses.values()), self.optimizer, self.scaler)
-
-        losses = {**d_losses, **m_losses}
-        losses["loss_D"] = sum(d_losses.values()).detach()
-        losses["loss_M"] = sum(m_losses.values()).detach()
-        write_metrics(self.storage, losses, data_time=data_time)

@@ -1,6 +1,6 @@
 """The AF interpolator (AFI-GAN's generator ``G``): a learned x2 feature upsampler.
 
-Architecture (spec §2): ``out = Conv_C(LReLU(DeConv(LReLU(Conv_B(RRDB(LReLU(Conv_A(x))))))))
+Architecture: ``out = Conv_C(LReLU(DeConv(LReLU(Conv_B(RRDB(LReLU(Conv_A(x))))))))
 + bilinear_x2(x)``. The learned branch is a residual correction on top of bilinear
 interpolation, and its Kaiming x0.1 initialisation makes a fresh interpolator behave almost
 exactly like bilinear x2.

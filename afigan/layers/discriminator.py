@@ -1,6 +1,6 @@
 """The feature patch discriminator ``D``: one real/fake logit per pyramid-feature location.
 
-Spec §4: three 3x3 Conv + BN + LeakyReLU(0.2) blocks (256 -> 512 -> 1024 -> 1024) and a final
+Three 3x3 Conv + BN + LeakyReLU(0.2) blocks (256 -> 512 -> 1024 -> 1024) and a final
 3x3 conv to one channel, all stride 1 / padding 1, so the output keeps the input's H x W. The
 module tree (``Discriminators.0.{0..3}.0`` with the norm as ``.norm``) mirrors the reference so
 its checkpoints load with ``strict=True``.
@@ -13,11 +13,13 @@ from torch import nn
 from .state_dict import ClearStateDictErrors
 from .shape import check_feature_map
 
-__all__ = ["FeaturePatchDiscriminator", "ConvNorm"]
+__all__ = ["FeaturePatchDiscriminator", "Conv2dThenNorm"]
 
 
-class ConvNorm(nn.Conv2d):
-    """A Conv2d followed by an optional norm held as ``self.norm`` (Detectron2's Conv2d layout)."""
+class Conv2dThenNorm(nn.Conv2d):
+    """An ``nn.Conv2d`` that applies an optional norm held as ``self.norm`` to its output:
+    Detectron2's ``Conv2d`` layout (keys ``weight``, ``bias``, ``norm.*``) without importing it,
+    because ``afigan.layers`` is pure PyTorch."""
 
     def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -29,6 +31,7 @@ class ConvNorm(nn.Conv2d):
 
 
 def _make_norm(kind: str, channels: int) -> Optional[nn.Module]:
+    # Detectron2's get_norm would do, but afigan.layers must not import Detectron2.
     if kind == "BN":
         return nn.BatchNorm2d(channels)
     if kind == "SyncBN":
@@ -57,9 +60,9 @@ class FeaturePatchDiscriminator(ClearStateDictErrors, nn.Module):
         widths = [channels] + [min(2 ** n, 4) * base for n in (1, 2, 3)]
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            conv = ConvNorm(c_in, c_out, 3, 1, 1, norm=_make_norm(norm, c_out))
+            conv = Conv2dThenNorm(c_in, c_out, 3, 1, 1, norm=_make_norm(norm, c_out))
             blocks.append(nn.Sequential(conv, nn.LeakyReLU(0.2, inplace=True)))
-        blocks.append(nn.Sequential(ConvNorm(widths[-1], 1, 3, 1, 1)))
+        blocks.append(nn.Sequential(Conv2dThenNorm(widths[-1], 1, 3, 1, 1)))
         for block in blocks:
             conv = block[0]
             # Detectron2's c2_msra_fill: Kaiming-normal, fan-out, ReLU gain, zero bias.

@@ -1,4 +1,4 @@
-"""The "Feature Enhancement" weight-space regulariser (spec feature_enhancement.md §2.2), pure PyTorch.
+"""The "Feature Enhancement" weight-space regulariser (README.md, Feature Enhancement), pure PyTorch.
 
 The reference method adds two terms to the detector loss, both functions of backbone *weights*
 only (no images, no feature maps, nothing at inference):
@@ -201,7 +201,7 @@ class FeatureEnhancementRegularizer:
         """The loss terms only (see :meth:`compute`)."""
         return self.compute(root)[0]
 
-    # ---- how strong is it? (spec §2.5) ----
+    # ---- how strong is it? ----
     def strength(self, root: nn.Module, weight_decay: float) -> Dict[str, Tuple[float, float]]:
         """Per term, the (min, max) over tensors of |gradient of the term| / |gradient of weight decay|.
 

@@ -2,7 +2,7 @@
 
 Shapes: every feature dict maps a level name ("p2", ...) to an (N, C, H, W) tensor. Real and
 fake maps of one level may differ by a few pixels (padding of the half-size image); both are
-cut to their common top-left window first (spec §5.4), which keeps them aligned because
+cut to their common top-left window first, which keeps them aligned because
 Detectron2 pads at the bottom/right.
 """
 import contextlib
@@ -89,13 +89,17 @@ def generator_loss(
     adv_weight: float = 1e-3,
     content_weight: float = 1.0,
     adv_grad: bool = True,
+    run_d_on_real: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Per level: adv_weight * BCE(D(fake), 1) + content_weight * L1(fake, real).
 
     Returns ``{"loss_adv_<l>", "loss_content_<l>"}`` (already weighted); their sum is the
     generator loss. D's parameters are frozen while it is run, so they receive no gradient.
-    ``adv_grad=False`` reproduces the reference's bug B1: D's logits are computed without
+    ``adv_grad=False`` reproduces the reference's B1 of docs/differences_from_reference.md: D's logits are computed without
     gradient, the adversarial term is a constant and only the content loss trains G.
+    ``run_d_on_real=True`` reproduces the reference's unused D pass on the real features: per
+    level, D(cropped fake) then D(cropped real) without gradient, which moves D's BatchNorm running
+    statistics exactly as the reference's G step does (docs/differences_from_reference.md, O8).
     """
     out = {}
     for name in _levels(fake, real, levels):
@@ -108,5 +112,8 @@ def generator_loss(
                 with torch.no_grad():
                     logits = discriminator(f)
             out[f"loss_adv_{name}"] = adv_weight * _bce(logits, 1.0)
+        if run_d_on_real:
+            with torch.no_grad():
+                discriminator(r)
         out[f"loss_content_{name}"] = content_weight * F.l1_loss(f.float(), r.float())
     return out

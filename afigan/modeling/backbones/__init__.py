@@ -1,4 +1,4 @@
-"""Bottom-up networks wrapped as Detectron2 backbones, and their neck builders."""
+"""Bottom-up networks as Detectron2 backbones: ResNeSt and Swin (their neck builders live in
+:mod:`afigan.modeling.necks.builders`)."""
 from . import resnest  # noqa: F401
 from . import swin  # noqa: F401
-from . import enhanced  # noqa: F401

@@ -19,17 +19,10 @@ from torch.nn import functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone, ResNet
 
-from ..necks.common import resolve_norm
-from ..necks.fpn import AFIFPN
-from ..necks.pafpn import AFIPAFPN
-from .splat import SplAtConv2d
-
 __all__ = [
     "ResNeStStem",
     "ResNeStBottleneckBlock",
     "build_resnest_backbone",
-    "build_resnest_fpn_sr_backbone",
-    "build_resnest_pafpn_sr_backbone",
     "RESNEST_BLOCKS_PER_STAGE",
 ]
 
@@ -92,7 +85,7 @@ class ResNeStBottleneckBlock(CNNBlockBase):
         bottleneck_width: group width = int(bottleneck_channels * bottleneck_width / 64) * num_groups
             (the reference's formula).
         radix: split-attention radix; 1 gives a plain grouped 3x3 conv (named ``conv2`` with
-            ``conv2.norm``), > 1 a :class:`SplAtConv2d` (``conv2.conv``, ``conv2.bn0``, ...).
+            ``conv2.norm``), > 1 timm's :class:`SplitAttn` (``conv2.conv``, ``conv2.bn0``, ...).
         avd: apply the block stride with a 3x3 average pool after conv2 instead of a strided conv.
             Then the stride lives only in that pool, whatever ``stride_in_1x1`` says (the reference
             would also stride conv1 and silently halve the resolution once more).
@@ -129,8 +122,18 @@ class ResNeStBottleneckBlock(CNNBlockBase):
         self.conv1 = Conv2d(in_channels, group_width, 1, stride=stride_1x1, bias=False,
                             norm=get_norm(norm, group_width))
         if radix > 1:
-            self.conv2 = SplAtConv2d(group_width, group_width, 3, stride=stride_3x3, padding=dilation,
-                                     dilation=dilation, groups=num_groups, bias=False, radix=radix, norm=norm)
+            # timm is imported only when a split-attention block is built: importing afigan stays cheap.
+            from timm.layers import SplitAttn
+
+            # timm calls norm_layer(channels, device=..., dtype=...). get_norm gives None for no norm (None/""),
+            # where timm wants norm_layer=None (bn0/bn1 then parameter-free Identity, as in the reference).
+            norm_layer = None if norm is None or norm == "" else (lambda channels, **_: get_norm(norm, channels))
+            # fc1 width make_divisible(in * radix * rd_ratio, min 32, rd_divisor): with divisor 1 and this ratio
+            # it is exactly the reference's max(in * radix // 4, 32) (timm's default rounds to multiples of 8).
+            attn_width = max(group_width * radix // 4, 32)
+            self.conv2 = SplitAttn(group_width, group_width, 3, stride=stride_3x3, padding=dilation, dilation=dilation,
+                                   groups=num_groups, bias=False, radix=radix, norm_layer=norm_layer,
+                                   rd_ratio=attn_width / (group_width * radix), rd_divisor=1)
         else:
             self.conv2 = Conv2d(group_width, group_width, 3, stride=stride_3x3, padding=dilation, bias=False,
                                 groups=num_groups, dilation=dilation, norm=get_norm(norm, group_width))
@@ -144,7 +147,7 @@ class ResNeStBottleneckBlock(CNNBlockBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu_(self.conv1(x))
         out = self.conv2(out)
-        if self.radix == 1:  # SplAtConv2d already ends with its attention-weighted (non-negative) sum
+        if self.radix == 1:  # SplitAttn already ends with its attention-weighted (non-negative) sum
             out = F.relu_(out)
         if self.avd:
             out = self.avd_layer(out)
@@ -187,7 +190,7 @@ def make_resnest_stages(cfg, stem_out_channels: int) -> List[List[CNNBlockBase]]
     last_stage = max([_STAGE_OF.get(f, 1) for f in r.OUT_FEATURES] + [2])
 
     radix = r.RADIX
-    norm = resolve_norm(r.NORM)
+    norm = r.NORM
     in_channels = stem_out_channels
     out_channels = r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
@@ -223,21 +226,10 @@ def build_resnest_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     stem = ResNeStStem(
         in_channels=input_shape.channels,
         out_channels=r.STEM_OUT_CHANNELS,
-        norm=resolve_norm(r.NORM),
+        norm=r.NORM,
         deep_stem=r.DEEP_STEM or r.RADIX > 1,
         stem_width=stem_width_for_depth(r.DEPTH),
     )
     stages = make_resnest_stages(cfg, stem.out_channels)
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
-
-@BACKBONE_REGISTRY.register()
-def build_resnest_fpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """ResNeSt + FPN with the shared AF interpolator (spec §3.1): outputs p2..p6, strides 4..64."""
-    return AFIFPN(cfg, bottom_up=build_resnest_backbone(cfg, input_shape))
-
-
-@BACKBONE_REGISTRY.register()
-def build_resnest_pafpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """ResNeSt + PAFPN with the shared AF interpolator (spec §3.2): outputs p2..p6, strides 4..64."""
-    return AFIPAFPN(cfg, bottom_up=build_resnest_backbone(cfg, input_shape))

@@ -1,10 +1,6 @@
-"""Meta-architectures and dense heads: FCOS (a registered proposal generator), OneStageDetector,
-and the config keys of FCOS / CenterMask. Importing this module registers them."""
-from .detector_config import add_centermask_config, add_detector_config, add_fcos_config
-from .fcos import FCOS
-from .fcos_head import FCOSScaledHead
-from .num_classes import check_num_classes
-from .one_stage import OneStageDetector
-# Neck builders with P6/P7 for the dense heads live with the other necks; importing them here
-# registers them even though afigan.modeling.necks' own __init__ is another module's business.
-from ..necks import fpn_p6p7 as _fpn_p6p7  # noqa: F401
+"""The AFI-GAN meta-architectures: the feature-only teacher (stages 1-2) and the stage-2 AF
+extractor. Importing this module registers them."""
+from .af_extractor import GeneralizedRCNN_AFExtractor
+from .teacher import build_guide_model
+
+__all__ = ["GeneralizedRCNN_AFExtractor", "build_guide_model"]

@@ -3,7 +3,7 @@
 In training it reads ``image_x{r}`` / ``instances_x{r}`` (r = ``MODEL.AFI.SCALE_RATIO``) and
 returns ``(losses, features)`` from ONE backbone pass, so the trainer computes the feature and
 adversarial losses on the same features the detection losses used. In inference it is a plain
-GeneralizedRCNN on ``image`` (the reference's inference path was broken, bug B6).
+GeneralizedRCNN on ``image`` (the reference's inference path was broken, B6 of docs/differences_from_reference.md).
 """
 from typing import Dict, List, Tuple
 
@@ -12,7 +12,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from afigan.data.hr_lr_mapper import lr_key
+from afigan.config import lr_key
 
 __all__ = ["GeneralizedRCNN_AFExtractor"]
 

@@ -8,6 +8,7 @@ fit; head tensors are ignored), and returns it in eval mode with gradients off: 
 optimised, never wrapped in DDP, and its forward runs under ``torch.no_grad()``.
 """
 import logging
+import os
 from typing import Dict, List
 
 import torch
@@ -80,8 +81,6 @@ def build_guide_model(cfg, load_weights: bool = True) -> nn.Module:
                 "MODEL.GUIDE_WEIGHTS is empty: stages 1-2 need a trained teacher; give a Detectron2 "
                 "Mask R-CNN FPN checkpoint (.pkl or .pth), or let tools/pipeline.py train one (stage 0)."
             )
-        import os
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"MODEL.GUIDE_WEIGHTS: file {path!r} does not exist.")
         ckpt = AFICheckpointer(model)

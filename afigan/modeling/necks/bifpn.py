@@ -1,11 +1,11 @@
-"""BiFPN with a pluggable, shared x2 upsampler (the reference's BiFPN_AFIGAN, spec §3.3).
+"""BiFPN with a pluggable, shared x2 upsampler (the reference's BiFPN_AFIGAN).
 
 Two modes (``MODEL.BIFPN.MODE``):
 
 * ``faithful`` (default, loads the released Swin-L checkpoint): 7 layers whatever
   ``FPN_REPEAT`` says; raw fusion weights (initialised to ones, no ReLU, no normalisation);
   layer 0 fuses the separate ``p4_skip`` / ``p5_skip`` projections in its bottom-up pass and
-  layers 1..6 fuse the *initial* laterals c4, c5, p6, p7 there (oddity O6).
+  layers 1..6 fuse the *initial* laterals c4, c5, p6, p7 there (O6 of docs/differences_from_reference.md).
 * ``corrected`` (EfficientDet): ``FPN_REPEAT`` layers, fast normalised ReLU fusion, and layers
   1.. fuse their own inputs in the bottom-up pass. Same parameter names, so the same modules.
 
@@ -20,16 +20,14 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone import Backbone
 
 from afigan.layers import build_upsampler
 
 from .bifpn_layers import BiFPNInput, SeparableConv2d, fuse, static_same_max_pool
-from .common import resolve_norm, upsampler_from_config
+from .common import upsampler_from_config
 
-__all__ = ["AFIBiFPN", "build_resnet_bifpn_sr_backbone", "build_swint_bifpn_sr_backbone", "BIFPN_MODES"]
+__all__ = ["AFIBiFPN", "BIFPN_MODES"]
 
 BIFPN_MODES = ("faithful", "corrected")
 FAITHFUL_NUM_LAYERS = 7  # hard-coded in the reference; FPN_REPEAT is ignored there
@@ -106,7 +104,7 @@ class AFIBiFPN(Backbone):
             bottom_up=bottom_up,
             in_features=list(b.IN_FEATURES),
             out_channels=b.OUT_CHANNELS,
-            norm=resolve_norm(b.NORM),
+            norm=b.NORM,
             mode=mode,
             # Faithful mode ignores FPN_REPEAT, as the reference does (its Swin config says 7).
             num_layers=FAITHFUL_NUM_LAYERS if mode == "faithful" else b.FPN_REPEAT,
@@ -149,22 +147,9 @@ class AFIBiFPN(Backbone):
             if k == 0:
                 skips = [c4_skip, c5_skip] + laterals[3:]
             elif self.mode == "faithful":
-                skips = laterals[1:]  # the initial laterals c4, c5, p6, p7 (reference, O6)
+                skips = laterals[1:]  # the initial laterals c4, c5, p6, p7 (reference, O6 in the module docstring)
             else:
                 skips = a[1:]  # the layer's own inputs (EfficientDet)
             a = self.bifpn_layer(k, a, skips)
         return dict(zip(self._out_features, a))
 
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_bifpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """Detectron2 ResNet + BiFPN (``MODEL.BIFPN.IN_FEATURES``, e.g. res3..res5; FCOS/CenterMask rows)."""
-    return AFIBiFPN(cfg, bottom_up=build_resnet_backbone(cfg, input_shape))
-
-
-@BACKBONE_REGISTRY.register()
-def build_swint_bifpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """Swin Transformer + BiFPN (reference builder name; ``MODEL.SWINT.*``, ``MODEL.BIFPN.*``)."""
-    from afigan.modeling.backbones.swin import build_swint_backbone
-
-    return AFIBiFPN(cfg, bottom_up=build_swint_backbone(cfg, input_shape))

@@ -1,7 +1,7 @@
-"""Building blocks of the BiFPN neck (spec §12.3, after sxhxliang/detectron2_backbone).
+"""Building blocks of the BiFPN neck (after sxhxliang/detectron2_backbone).
 
 Module and parameter names follow the reference so its checkpoints load strictly:
-``SeparableConv2d.{depthwise, pointwise, norm}``, ``ConvNorm.{conv, norm}``, and the pre-BiFPN
+``SeparableConv2d.{depthwise, pointwise, norm}``, ``PointwiseConvNorm.{conv, norm}``, and the pre-BiFPN
 ``before_bifpn.{lateral3..5, top_block.p6, p4_skip, p5_skip}``.
 """
 from typing import List, Optional, Sequence, Tuple
@@ -15,7 +15,7 @@ from detectron2.layers import get_norm
 
 from afigan.layers.shape import fit_to
 
-__all__ = ["SeparableConv2d", "ConvNorm", "static_same_max_pool", "fuse", "TopBlockP6P7", "BiFPNInput"]
+__all__ = ["SeparableConv2d", "PointwiseConvNorm", "static_same_max_pool", "fuse", "TopBlockP6P7", "BiFPNInput"]
 
 # Reference BN settings of the BiFPN (TensorFlow EfficientDet defaults in PyTorch terms).
 BN_MOMENTUM = 0.01
@@ -24,10 +24,10 @@ BN_EPS = 1e-3
 FUSION_EPS = 1e-4
 
 
-def _norm(norm: str, channels: int, tf_defaults: bool) -> Optional[nn.Module]:
-    """d2 ``get_norm``; with ``tf_defaults`` the BN eps/momentum become 1e-3 / 0.01."""
+def _tf_norm(norm: str, channels: int) -> Optional[nn.Module]:
+    """Detectron2's ``get_norm`` with the BiFPN's TensorFlow BN settings (eps 1e-3, momentum 0.01)."""
     layer = get_norm(norm, channels)
-    if layer is not None and tf_defaults:
+    if layer is not None:
         if hasattr(layer, "eps"):
             layer.eps = BN_EPS
         if hasattr(layer, "momentum"):
@@ -36,12 +36,9 @@ def _norm(norm: str, channels: int, tf_defaults: bool) -> Optional[nn.Module]:
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1x1 conv (bias, default init) + plain BatchNorm2d(momentum 0.01, eps 1e-3): never SyncBN,
-    as in the reference's pre-BiFPN layer."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1),
-        nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM, eps=BN_EPS),
-    )
+    """1x1 conv (bias, default init) + plain BN (eps 1e-3, momentum 0.01): never SyncBN, as in
+    the reference's pre-BiFPN layer (docs/differences_from_reference.md, O6)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1), _tf_norm("BN", out_channels))
 
 
 class SeparableConv2d(nn.Module):
@@ -53,21 +50,21 @@ class SeparableConv2d(nn.Module):
         super().__init__()
         self.depthwise = nn.Conv2d(in_channels, in_channels, 3, 1, 1, groups=in_channels, bias=False)
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1)
-        self.norm = _norm(norm, out_channels, tf_defaults=True)
+        self.norm = _tf_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pointwise(self.depthwise(x))
         return self.norm(x) if self.norm is not None else x
 
 
-class ConvNorm(nn.Module):
+class PointwiseConvNorm(nn.Module):
     """1x1 conv with bias (c2-xavier init) followed by an optional norm; (N, C, H, W) -> (N, C_out, H, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = ""):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
         weight_init.c2_xavier_fill(self.conv)
-        self.norm = _norm(norm, out_channels, tf_defaults=False)
+        self.norm = get_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -88,7 +85,7 @@ def static_same_max_pool(x: torch.Tensor, size: Optional[Sequence[int]] = None) 
 
 def fuse(weights: torch.Tensor, inputs: List[torch.Tensor], normalised: bool) -> torch.Tensor:
     """Weighted sum of equally-shaped maps. ``normalised`` = EfficientDet's fast normalised fusion
-    ``relu(w) / (sum relu(w) + 1e-4)``; otherwise the raw weights (reference behaviour, O6)."""
+    ``relu(w) / (sum relu(w) + 1e-4)``; otherwise the raw weights (reference behaviour, O6 of docs/differences_from_reference.md)."""
     if normalised:
         weights = F.relu(weights)
         weights = weights / (weights.sum() + FUSION_EPS)
@@ -103,7 +100,7 @@ class TopBlockP6P7(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = ""):
         super().__init__()
-        self.p6 = ConvNorm(in_channels, out_channels, norm)
+        self.p6 = PointwiseConvNorm(in_channels, out_channels, norm)
 
     def forward(self, c5: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         p6 = static_same_max_pool(self.p6(c5))

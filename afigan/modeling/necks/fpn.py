@@ -1,4 +1,4 @@
-"""FPN with a pluggable x2 upsampler (the reference's FPN_AFIGAN, spec §3.1).
+"""FPN with a pluggable x2 upsampler (the reference's FPN_AFIGAN).
 
 Detectron2's FPN with one change: the top-down ``F.interpolate(..., scale_factor=2)`` becomes
 ``self.srf_module(prev, output_size=lateral.shape[-2:])``, one shared upsampler instance called
@@ -12,16 +12,14 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from afigan.layers import build_upsampler
 
-from .common import resolve_norm, upsampler_from_config
+from .common import upsampler_from_config
 
-__all__ = ["AFIFPN", "build_resnet_fpn_sr_backbone", "fpn_kwargs_from_config"]
+__all__ = ["AFIFPN", "fpn_kwargs_from_config"]
 
 
 def fpn_kwargs_from_config(cfg, bottom_up: Backbone, top_block: Optional[nn.Module] = None) -> Dict:
@@ -37,7 +35,7 @@ def fpn_kwargs_from_config(cfg, bottom_up: Backbone, top_block: Optional[nn.Modu
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
-        norm=resolve_norm(cfg.MODEL.FPN.NORM),
+        norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool() if top_block is None else top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         upsampler=upsampler_from_config(cfg, out_channels),
@@ -94,8 +92,3 @@ class AFIFPN(FPN):
             results.extend(self.top_block(top_in))
         return dict(zip(self._out_features, results))
 
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_fpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """ResNet + FPN with the AF interpolator (reference builder name)."""
-    return AFIFPN(cfg, bottom_up=build_resnet_backbone(cfg, input_shape))

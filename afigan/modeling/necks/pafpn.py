@@ -1,4 +1,4 @@
-"""PAFPN with a pluggable x2 upsampler (the reference's PAFPN_AFIGAN, spec §3.2).
+"""PAFPN with a pluggable x2 upsampler (the reference's PAFPN_AFIGAN).
 
 Top-down pass as in :class:`AFIFPN` (same shared ``srf_module``, no output convs yet), then a
 bottom-up path aggregation: ``M2 = T2``, ``M_i = T_i + ReLU(pafpn_downsample_i(M_{i-1}))``,
@@ -13,20 +13,22 @@ import torch
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.layers import Conv2d, get_norm
 
 from afigan.layers.shape import fit_to
 
 from .fpn import AFIFPN, fpn_kwargs_from_config
 
-__all__ = ["AFIPAFPN", "build_resnet_pafpn_sr_backbone"]
+__all__ = ["AFIPAFPN"]
 
 
 class AFIPAFPN(AFIFPN):
     """Path-aggregation FPN; arguments as :class:`AFIFPN`. Modules: ``fpn_lateral{i}``,
-    ``pafpn_output{i}``, ``pafpn_downsample{i}`` (i > first), ``srf_module``."""
+    ``pafpn_output{i}``, ``pafpn_downsample{i}`` (i > first), ``srf_module``.
+
+    Unlike FPN's ``output_convs`` (top level first, applied top-down), the path-aggregation convs
+    run bottom-up, so they are ``path_output_convs`` / ``path_downsample_convs`` (highest
+    resolution first) and the inherited ``output_convs`` attribute is removed."""
 
     @configurable
     def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum",
@@ -50,8 +52,9 @@ class AFIPAFPN(AFIFPN):
                 weight_init.c2_xavier_fill(down)
                 self.add_module(f"pafpn_downsample{stage}", down)
                 downs.append(down)
-        self.output_convs = outputs  # bottom-up order (highest resolution first)
-        self.downsample_convs = downs
+        del self.output_convs
+        self.path_output_convs = outputs
+        self.path_downsample_convs = downs
 
     @classmethod
     def from_config(cls, cfg, bottom_up, top_block=None):
@@ -61,8 +64,8 @@ class AFIPAFPN(AFIFPN):
         bottom_up_features = self.bottom_up(x)
         merged = self.top_down(bottom_up_features)
         m = merged[0]
-        results = [self.output_convs[0](m)]
-        for t, down, out in zip(merged[1:], self.downsample_convs, self.output_convs[1:]):
+        results = [self.path_output_convs[0](m)]
+        for t, down, out in zip(merged[1:], self.path_downsample_convs, self.path_output_convs[1:]):
             # fit_to: on inputs not divisible by the neck's stride the stride-2 conv can be one
             # pixel larger than the lateral; Detectron2's padding makes it a no-op otherwise.
             m = t + fit_to(F.relu(down(m)), t.shape[-2:])
@@ -71,8 +74,3 @@ class AFIPAFPN(AFIFPN):
             results.append(out(m))
         return self.with_top_block(bottom_up_features, results)
 
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_pafpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """ResNet + PAFPN with the AF interpolator (reference builder name)."""
-    return AFIPAFPN(cfg, bottom_up=build_resnet_backbone(cfg, input_shape))

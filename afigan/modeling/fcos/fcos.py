@@ -23,8 +23,8 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .fcos_head import FCOSScaledHead
-from .fcos_targets import centerness_targets, fcos_targets, level_size_ranges
+from .head import FCOSScaledHead
+from .targets import centerness_targets, fcos_targets, level_size_ranges
 from .num_classes import NO_ROI_HEAD_ARCHS, check_num_classes
 
 __all__ = ["FCOS", "LOC_LOSS_TYPES", "CLS_NORMALIZERS"]

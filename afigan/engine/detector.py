@@ -1,14 +1,15 @@
-"""Stage 3, the target detector (spec §9), and the evaluation entry of ``run_net``.
+"""The detector trainer: stage 3 (the target detector), stage 0 (the nearest-neighbour teacher)
+and ``run_net`` (training and ``--eval-only`` evaluation of any detector config).
 
 A Detectron2 ``DefaultTrainer`` with:
 
 * loading order (non-resume): ``MODEL.WEIGHTS`` (e.g. ImageNet), then ONLY the interpolator
   tensors of ``MODEL.AF_EXTRACTOR_WEIGHTS`` (a stage-2 checkpoint, a stage-1 G file or a
   released detector) into ``backbone.srf_module``; on ``--resume`` with a checkpoint in
-  ``OUTPUT_DIR`` everything comes from it, and without one the non-resume path runs (the
-  reference silently skipped the AF weights then, bug B8);
+  ``OUTPUT_DIR`` everything comes from it, and without one the non-resume path runs
+  (docs/differences_from_reference.md, B8);
 * a working ``test`` with Detectron2's ``COCOEvaluator`` at ``TEST.EVAL_PERIOD`` and at the end
-  (the reference crashed there, bug B5);
+  (B5 there);
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
 import logging
@@ -25,32 +26,39 @@ from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer, load_interpolator_weights
-from afigan.data.hr_lr_mapper import SafeDatasetMapper
-from afigan.data.loader import build_resumable_train_loader, check_dataset_names
+from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
+from afigan.data.loader import build_resumable_train_loader, check_dataset_names, load_train_dataset
 
-from .common import GradScalerOrNone, SeedEachIteration, require_file, wrap_ddp
+from .common import AMPPolicy, SeedEachIteration, ddp, require_file
 
-__all__ = ["Stage3Trainer"]
+__all__ = ["DetectorTrainer"]
 
 logger = logging.getLogger(__name__)
 
 
-class Stage3Trainer(DefaultTrainer):
-    """Trains any registered detector (heads and AFI neck from the cfg) with an initialised
-    interpolator; ``test(cfg, model)`` runs COCO evaluation on every ``DATASETS.TEST``."""
+class DetectorTrainer(DefaultTrainer):
+    """Trains any registered detector (heads and afigan neck from the cfg) with an initialised
+    interpolator; ``test(cfg, model)`` runs COCO evaluation on every ``DATASETS.TEST``.
+
+    The training loader is built when ``train()`` starts, from the start iteration that
+    ``resume_or_load`` set (the data set itself is loaded, and checked, in the constructor).
+    """
+
+    checkpoint_dirs = ("",)
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except: the model is wrapped by wrap_ddp (Detectron2's
-        # create_ddp_model passes device_ids, which DDP rejects on CPU, so multi-process CPU runs
-        # failed), AMP is used only on CUDA, and the checkpointer writes atomically.
+        # DefaultTrainer.__init__ with three changes it cannot be told to make: its
+        # create_ddp_model call passes no device_ids, so DDP gets the local rank and rejects CPU
+        # modules (multi-process CPU runs use gloo); AMP is used only where AMPPolicy allows it
+        # (AMPTrainer asserts CUDA); the checkpointer writes atomically. The loader comes later.
         TrainerBase.__init__(self)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = wrap_ddp(model)
-        amp = GradScalerOrNone(cfg, torch.device(cfg.MODEL.DEVICE)).enabled
-        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.train_dataset = load_train_dataset(cfg)
+        model = ddp(model)
+        amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE)).enabled
+        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, None, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -71,16 +79,21 @@ class Stage3Trainer(DefaultTrainer):
             if cfg.AF_EXTRACTOR_WEIGHTS:
                 load_interpolator_weights(self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS"))
             self.start_iter = 0
-        self._trainer.data_loader.dataset.start_iter = self.start_iter
+
+    def train(self):
+        if self._trainer.data_loader is None:
+            self._trainer.data_loader = self.build_train_loader(self.cfg, self.start_iter, self.train_dataset)
+        return super().train()
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_resumable_train_loader(cfg, SafeDatasetMapper(cfg, True))
+    def build_train_loader(cls, cfg, start_iter: int = 0, dataset=None):
+        return build_resumable_train_loader(cfg, FileCheckingDatasetMapper(cfg, True), start_iter=start_iter,
+                                            dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         check_dataset_names([dataset_name], "DATASETS.TEST")
-        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=FileCheckingDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

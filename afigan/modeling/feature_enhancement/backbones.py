@@ -4,7 +4,7 @@ An "enhanced" backbone is the plain one (same class, forward, ``output_shape``, 
 parameters) plus a parameter-free :class:`~afigan.layers.FeatureEnhancementRegularizer` attached
 to it, which names ResNet stages of its bottom-up network (``res3`` sharp, ``res5`` smooth by
 default). The regulariser reads the stages' current weights whenever :func:`fe_losses` is called;
-the model wrapper in :mod:`afigan.modeling.feature_enhancement` does that in every training
+the model wrapper in :mod:`afigan.modeling.feature_enhancement.meta_arch` does that in every training
 forward and puts the terms into the loss dict.
 
 Registered builders (each = its plain counterpart + the regulariser from ``MODEL.FE``):
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 def fe_regularizer_from_config(cfg) -> FeatureEnhancementRegularizer:
-    """The regulariser described by ``cfg.MODEL.FE`` (see :func:`afigan.fe_config.add_fe_config`)."""
+    """The regulariser described by ``cfg.MODEL.FE`` (keys: :func:`afigan.config.add_fe_config`)."""
     if "FE" not in cfg.MODEL:
         raise KeyError("cfg has no MODEL.FE node; call afigan.add_afigan_config(cfg) before merging FE configs.")
     fe = cfg.MODEL.FE
@@ -91,7 +91,7 @@ def find_stage_root(backbone: nn.Module, stages: Iterable[str]) -> str:
 
 def _require_host(backbone: nn.Module, inputs) -> None:
     # Forward pre-hook: an enhanced backbone training inside a model that never collects its
-    # terms would silently be the baseline -- the reference's main bug (spec §8.1). Stop instead.
+    # terms would silently be the baseline -- the reference's main bug. Stop instead.
     if backbone.training and torch.is_grad_enabled() and not getattr(backbone, "_fe_hosted", False):
         if backbone._fe_regularizer.active:
             raise RuntimeError(

@@ -4,7 +4,7 @@ The terms depend only on backbone weights, so nothing about them is head-specifi
 detector's own training forward has produced its loss dict, ``loss_fe_smooth`` and
 ``loss_fe_sharp`` are computed from the current weights and added to it. They then follow the
 normal Detectron2 path -- summed by the trainer, in the same backward pass as the detector loss
-(never after it, unlike the reference, spec §8.1), logged by the event storage, all-reduced under
+(never after it, unlike the reference), logged by the event storage, all-reduced under
 DDP, untouched by AMP (computed in float32).
 
 How the model gets this behaviour, without changing its state-dict keys or parameters:
@@ -28,7 +28,7 @@ from detectron2.utils.events import get_event_storage
 
 from afigan.layers.fe_regularizers import FeatureEnhancementRegularizer
 
-from .backbones.enhanced import (
+from .backbones import (
     attach_feature_enhancement,
     fe_losses,
     fe_regularizer_from_config,
@@ -80,7 +80,7 @@ def _log_statistics(model: nn.Module, stats: Dict[str, torch.Tensor]) -> None:
 
 def _report_strength(model: nn.Module) -> None:
     # Logged at the first training step (after checkpoint loading), because the smooth term's
-    # pull relative to weight decay depends on the loaded weights' norms (spec §2.5).
+    # pull relative to weight decay depends on the loaded weights' norms.
     reg, root = model.backbone._fe_regularizer, fe_root(model.backbone)
     _, stats = reg.compute(root)
     logger.info("Feature enhancement: %s; initial %s.", reg,
