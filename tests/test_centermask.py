@@ -91,9 +91,9 @@ def test_maskiou_head_shapes_and_loss():
     loss = mask_iou_loss(pred, gt_classes, targets, loss_weight=2.0)
     chosen = pred[torch.arange(4), gt_classes]
     pos = targets > 0  # RoIs with IoU 0 do not count
-    assert float(loss) == pytest.approx(float(2.0 * 0.5 * ((chosen[pos] - targets[pos]) ** 2).sum() / 3))
+    assert float(loss.detach()) == pytest.approx(float(2.0 * 0.5 * ((chosen[pos] - targets[pos]) ** 2).sum().detach() / 3))
     zero = mask_iou_loss(pred, gt_classes, torch.zeros(4))
-    assert float(zero) == 0.0 and zero.requires_grad
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
 
 
 @pytest.mark.parametrize("channels,fc_dim,num_conv", [(64, 128, 2), (256, 1024, 4)])

@@ -231,7 +231,7 @@ def test_tiny_fcos_overfits_one_toy_image(toy_root):
             opt.zero_grad()
             total.backward()
             opt.step()
-            history.append({k: float(v) for k, v in losses.items()})
+            history.append({k: float(v.detach()) for k, v in losses.items()})
     first = sum(history[0].values())
     last = sum(sum(h.values()) for h in history[-5:]) / 5
     assert last <= 0.5 * first, (first, last)

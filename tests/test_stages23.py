@@ -7,8 +7,8 @@ pytest.importorskip("detectron2")
 
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from afigan.engine import Stage1Trainer, Stage2Trainer, DetectorTrainer  # noqa: E402
-from afigan.engine.cli import eval_only  # noqa: E402
+from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa: E402
+from afigan.engine.cli import eval_only, stage_main  # noqa: E402
 from stage_helpers import StopAt as _StopAt, TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
 
 SRF = "backbone.srf_module."
@@ -146,3 +146,19 @@ def test_eval_only_prints_coco_ap(tmp_path):
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(res["bbox"])
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
         eval_only(stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path), eval_only=True))
+
+
+def test_stage3_train_eval_only_evaluates_and_stages_1_2_refuse_it(tmp_path):
+    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
+    t.resume_or_load(resume=False)
+    t.checkpointer.save("model_final")
+    args = stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path / "eval"),
+                      "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True)
+    res = stage_main("stage3", args)
+    assert set(res) == {"bbox", "segm"} and "AP" in res["bbox"]
+    assert not os.path.exists(tmp_path / "eval" / "model_final.pth")  # evaluated, not trained
+    assert os.path.isfile(tmp_path / "eval" / "inference" / "afigan_toy_val" / "coco_instances_results.json")
+    for stage, what in (("stage1", "the AF interpolator G"), ("stage2", "the multi-scale AF extractor")):
+        with pytest.raises(ValueError, match=rf"--eval-only: {stage} trains {what}.*evaluate a detector with tools/run_net.py --eval-only"):
+            stage_main(stage, stage_args(f"toy/pipeline/{stage}.yaml", eval_only=True))
+

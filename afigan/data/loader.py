@@ -67,7 +67,7 @@ def build_index_sampler(cfg, dataset: List[Dict], seed: int) -> Iterable[int]:
         return TrainingSampler(len(dataset), seed=seed)
     if name == "RepeatFactorTrainingSampler":
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, d.REPEAT_THRESHOLD, sqrt=d.get("REPEAT_SQRT", True))
+            dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT)
         return RepeatFactorTrainingSampler(factors, seed=seed)
     if name == "RandomSubsetTrainingSampler":
         return RandomSubsetTrainingSampler(len(dataset), d.RANDOM_SUBSET_RATIO, seed_shuffle=seed, seed_subset=seed)
