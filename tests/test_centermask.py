@@ -107,7 +107,7 @@ def test_maskiou_head_init_keeps_the_activation_scale(channels, fc_dim, num_conv
         x = conv(x)
     fc1 = torch.relu(head.maskiou_fc1(x.flatten(1)))
     fc2 = torch.relu(head.maskiou_fc2(fc1))
-    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    rms = lambda t: float(t.detach().pow(2).mean().sqrt())  # noqa: E731
     assert 0.5 < rms(fc1) / rms(x) < 2 and 0.5 < rms(fc2) / rms(x) < 2
 
 

@@ -15,7 +15,7 @@ from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.modeling import enable_feature_enhancement  # noqa: E402
-from afigan.modeling.feature_enhancement import fe_losses, has_feature_enhancement  # noqa: E402
+from afigan.modeling.feature_enhancement import fe_losses, fe_regularizer, has_feature_enhancement  # noqa: E402
 from d2_helpers import CONFIGS, make_cfg, toy_batch  # noqa: E402
 
 SIZES = ((64, 64), (64, 96))
@@ -202,7 +202,7 @@ def test_enhanced_backbone_in_a_plain_model_refuses_to_train_silently():
     with pytest.raises(RuntimeError, match="does not add its loss terms"), EventStorage():
         model(toy_batch(SIZES))
     enable_feature_enhancement(model)  # the Python switch keeps the backbone's own regulariser
-    assert model.backbone._fe_regularizer.sharp_weight == cfg.MODEL.FE.SHARP_WEIGHT
+    assert fe_regularizer(model.backbone).sharp_weight == cfg.MODEL.FE.SHARP_WEIGHT
     with EventStorage():
         assert "loss_fe_sharp" in model(toy_batch(SIZES))
 
@@ -277,7 +277,7 @@ def test_coco_configs_build_the_enhanced_detector(config_file):
     cfg = make_cfg(config_file)
     model = build_model(cfg)
     assert type(model).__name__ == "FE" + cfg.MODEL.FE.META_ARCHITECTURE
-    reg = model.backbone._fe_regularizer
+    reg = fe_regularizer(model.backbone)
     assert (reg.sharp_stages, reg.smooth_stages) == (("res3",), ("res5",))
     assert (reg.sharp_weight, reg.smooth_weight) == (cfg.MODEL.FE.SHARP_WEIGHT, cfg.MODEL.FE.SMOOTH_WEIGHT)
     assert cfg.MODEL.BACKBONE.NAME.startswith("build_fe_")

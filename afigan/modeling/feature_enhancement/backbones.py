@@ -34,6 +34,7 @@ __all__ = [
     "find_stage_root",
     "attach_feature_enhancement",
     "has_feature_enhancement",
+    "fe_regularizer",
     "fe_root",
     "fe_losses",
     "build_fe_backbone",
@@ -125,6 +126,13 @@ def has_feature_enhancement(backbone: nn.Module) -> bool:
     return isinstance(getattr(backbone, "_fe_regularizer", None), FeatureEnhancementRegularizer)
 
 
+def fe_regularizer(backbone: nn.Module) -> FeatureEnhancementRegularizer:
+    """The regulariser :func:`attach_feature_enhancement` attached to ``backbone``."""
+    if not has_feature_enhancement(backbone):
+        raise ValueError(f"{type(backbone).__name__} carries no feature-enhancement regulariser.")
+    return backbone._fe_regularizer
+
+
 def fe_root(backbone: nn.Module) -> nn.Module:
     """The module whose children are the regulariser's stages (usually ``backbone.bottom_up``)."""
     return backbone.get_submodule(backbone._fe_root) if backbone._fe_root else backbone
@@ -135,7 +143,7 @@ def fe_losses(backbone: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, t
     :meth:`FeatureEnhancementRegularizer.compute`); two empty dicts for a plain backbone."""
     if not has_feature_enhancement(backbone):
         return {}, {}
-    return backbone._fe_regularizer.compute(fe_root(backbone))
+    return fe_regularizer(backbone).compute(fe_root(backbone))
 
 
 def _enhanced(cfg, input_shape: ShapeSpec, base: str) -> Backbone:

@@ -31,6 +31,7 @@ from afigan.layers.fe_regularizers import FeatureEnhancementRegularizer
 from .backbones import (
     attach_feature_enhancement,
     fe_losses,
+    fe_regularizer,
     fe_regularizer_from_config,
     fe_root,
     has_feature_enhancement,
@@ -81,7 +82,7 @@ def _log_statistics(model: nn.Module, stats: Dict[str, torch.Tensor]) -> None:
 def _report_strength(model: nn.Module) -> None:
     # Logged at the first training step (after checkpoint loading), because the smooth term's
     # pull relative to weight decay depends on the loaded weights' norms.
-    reg, root = model.backbone._fe_regularizer, fe_root(model.backbone)
+    reg, root = fe_regularizer(model.backbone), fe_root(model.backbone)
     _, stats = reg.compute(root)
     logger.info("Feature enhancement: %s; initial %s.", reg,
                 ", ".join(f"{k} = {float(v):.6g}" for k, v in stats.items()))
