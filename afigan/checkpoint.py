@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 SRF_PREFIX = "backbone.srf_module."
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb"):
     """Open a temporary file beside ``path`` for writing; on a clean exit it is flushed, synced and
@@ -52,6 +58,7 @@ def atomic_open(path: str, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

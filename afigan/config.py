@@ -75,6 +75,7 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(s, "APE", False)  # absolute position embedding
 
     _set_default(cfg.SOLVER, "OPTIMIZER", "SGD")  # kept for config compatibility; SGD is used
+    _set_default(cfg.SOLVER, "CHECKPOINT_KEEP", 3)  # periodic checkpoints kept (the newest); <= 0 keeps all
     # Read by Detectron2 (and afigan's loader) for SAMPLER_TRAIN RandomSubsetTrainingSampler, but
     # missing from Detectron2's defaults: the share of the training set kept.
     _set_default(cfg.DATALOADER, "RANDOM_SUBSET_RATIO", 1.0)

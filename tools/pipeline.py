@@ -1,24 +1,25 @@
 #!/usr/bin/env python
-"""Run the progressive AFI-GAN chain (stage 0 -> 1 -> 2 -> 3 -> eval) of a config set.
+"""Run the whole progressive AFI-GAN chain of a config set: stage 0 (the nearest-neighbour teacher,
+when no MODEL.GUIDE_WEIGHTS is given) -> stage 1 -> stage 2 -> stage 3 -> COCO evaluation.
+Finished stages are skipped and an interrupted one resumes, so re-running the same command
+continues where it stopped. Trailing KEY VALUE pairs apply to every stage. See afigan/engine/pipeline.py.
 
-    python tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline [--num-gpus N] [KEY VALUE ...]
-
-Trailing KEY VALUE pairs apply to every stage. Finished stages are skipped; re-running the same
-command after an interruption resumes. See afigan/engine/pipeline.py.
+    python tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline --make-toy-data
+    python tools/pipeline.py --config-dir DIR --output-dir OUT [--num-gpus N] [KEY VALUE ...]
 """
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.data.datasets import toy_root
 from afigan.data.toy_shapes import make_toy_dataset
+from afigan.engine.cli import tool_parser
 from afigan.engine.pipeline import Pipeline
-from detectron2.engine import default_argument_parser
 
 
-def main():
-    parser = default_argument_parser()
-    parser.add_argument("--config-dir", required=True, help="directory with stage{0,1,2,3}.yaml")
-    parser.add_argument("--output-dir", default="output/pipeline", help="root of the stages' outputs")
+def main(argv=None):
+    parser = tool_parser(__doc__, hide=("--config-file", "--resume", "--eval-only"))
+    parser.add_argument("--config-dir", required=True, help="directory with stage1.yaml, stage2.yaml, stage3.yaml (and stage0.yaml)")
+    parser.add_argument("--output-dir", default="output/pipeline", help="root of the stages' outputs (default output/pipeline)")
     parser.add_argument("--make-toy-data", action="store_true", help="(re)generate the toy data set first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.make_toy_data:
         make_toy_dataset(toy_root())
     results = Pipeline(args.config_dir, args.output_dir, args, args.opts).run()

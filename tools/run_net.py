@@ -8,4 +8,4 @@ import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
 
 if __name__ == "__main__":
-    launch_stage("stage3")
+    launch_stage("stage3", __doc__)

@@ -7,4 +7,4 @@ import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
 
 if __name__ == "__main__":
-    launch_stage("stage2")
+    launch_stage("stage2", __doc__)

@@ -27,6 +27,7 @@ from afigan.layers import FeaturePatchDiscriminator, discriminator_loss
 from afigan.modeling.meta_arch import build_guide_model
 
 from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
+from .hooks import FinalCheckpointer, checkpoint_keep
 
 __all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
 
@@ -117,9 +118,10 @@ class AdversarialTrainer(TrainerBase):
             NamedLRScheduler(self.optimizer_D, self.scheduler_D, "D", enabled=not self.freeze_dis_lr),
         ]
         if comm.is_main_process():
+            period, keep = cfg.SOLVER.CHECKPOINT_PERIOD, checkpoint_keep(cfg)
             ret += [
-                hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
-                hooks.PeriodicCheckpointer(self.checkpointer_D, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter),
+                FinalCheckpointer(self.checkpointer, period, max_iter=self.max_iter, max_to_keep=keep),
+                FinalCheckpointer(self.checkpointer_D, period, max_iter=self.max_iter, max_to_keep=keep),
                 hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter), period=20),
             ]
         return ret

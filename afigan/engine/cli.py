@@ -1,5 +1,6 @@
 """The functions behind ``tools/*.py`` (kept here so tests reach them): one per entry point,
 each taking Detectron2's parsed ``default_argument_parser`` arguments and run under ``launch``."""
+import argparse
 import functools
 import logging
 
@@ -9,10 +10,11 @@ from detectron2.utils import comm
 from afigan.checkpoint import AFICheckpointer
 
 from .common import setup_cfg
+from .lazy import lazy_main
 from .detector import DetectorTrainer
 from .stages import STAGES
 
-__all__ = ["train_stage", "eval_only", "stage_main", "launch_stage"]
+__all__ = ["train_stage", "eval_only", "stage_main", "tool_parser", "launch_stage", "launch_lazy"]
 
 logger = logging.getLogger("afigan")
 
@@ -55,9 +57,32 @@ def stage_main(stage: str, args):
     return res if comm.is_main_process() else None
 
 
-def launch_stage(stage: str, argv=None):
-    """A stage script's ``__main__``: Detectron2's argument parser, then :func:`stage_main` under
-    ``launch`` (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``)."""
-    args = default_argument_parser().parse_args(argv)
-    return launch(functools.partial(stage_main, stage), args.num_gpus, num_machines=args.num_machines,
-                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+def tool_parser(description: str, hide=()) -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` (``--config-file``, ``--resume``, ``--eval-only``,
+    ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing overrides)
+    whose help starts with the tool's own ``description`` and leaves out the flags in ``hide``
+    (flags the tool does not honour)."""
+    parser = default_argument_parser()
+    parser.description, parser.epilog = description, None
+    for action in parser._actions:  # argparse has no public way to hide an inherited flag
+        if set(action.option_strings) & set(hide):
+            action.help = argparse.SUPPRESS
+    return parser
+
+
+def _launch(main, args):
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
+
+
+def launch_stage(stage: str, description: str, argv=None):
+    """A stage script's ``__main__``: :func:`tool_parser`, then :func:`stage_main` under
+    Detectron2's ``launch``. Stages without an evaluation do not list ``--eval-only``."""
+    hide = () if STAGES[stage].evaluates else ("--eval-only",)
+    args = tool_parser(description, hide).parse_args(argv)
+    return _launch(functools.partial(stage_main, stage), args)
+
+
+def launch_lazy(description: str, argv=None):
+    """``tools/lazy_train_net.py``'s ``__main__``: :func:`afigan.engine.lazy.lazy_main` under ``launch``."""
+    return _launch(lazy_main, tool_parser(description).parse_args(argv))

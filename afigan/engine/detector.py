@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
@@ -30,6 +30,7 @@ from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, load_train_dataset
 
 from .common import AMPPolicy, SeedEachIteration, ddp, require_file
+from .hooks import FinalCheckpointer, checkpoint_keep
 
 __all__ = ["DetectorTrainer"]
 
@@ -67,7 +68,12 @@ class DetectorTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        return [SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
+        ret = super().build_hooks()
+        # DefaultTrainer's checkpoint hook, with SOLVER.CHECKPOINT_KEEP and no periodic copy of the final file.
+        ret = [FinalCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter,
+                                 max_to_keep=checkpoint_keep(self.cfg))
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
+        return [SeedEachIteration(self.cfg.SEED)] + ret
 
     def resume_or_load(self, resume: bool = True):
         cfg = self.cfg.MODEL

@@ -1,7 +1,8 @@
 """Detectron2's own FCOS R-50-FPN with Feature Enhancement, as a LazyConfig (Detectron2's FCOS has
 no yacs config; fe_fcos_R_50_FPN_1x.yaml is the yacs counterpart with afigan's FCOS).
 
-Run with Detectron2's ``tools/lazyconfig_train_net.py --config-file <this file>``. The reference
+Run with ``tools/lazy_train_net.py --config-file <this file>`` (or Detectron2's
+``tools/lazyconfig_train_net.py`` from a Detectron2 checkout). The reference
 never trained FCOS with the final method (its FCOS model could not run), so there is no reference
 lambda: the RetinaNet values (1e-5 / 1e-5) are used. Baseline: ``model.enabled=False``.
 Detectron2's standard FCOS 1x recipe otherwise (MSRA R-50, 16 images/iter, lr 0.01, 90k iters).
@@ -115,4 +116,5 @@ train = dict(
     eval_period=5000,
     log_period=20,
     device="cuda",
+    seed=0,  # read by tools/lazy_train_net.py: every iteration's random draws depend on it only
 )

@@ -1,5 +1,5 @@
 """Toy CPU variant of ../enhanced/fe_fcos_R_50_FPN_1x_lazy.py: R-18, FPN width 64, the synthetic
-afigan_toy set, 200 iterations. Run with Detectron2's tools/lazyconfig_train_net.py."""
+afigan_toy set, 200 iterations. Run with tools/lazy_train_net.py --config-file <this file>."""
 from detectron2.layers import ShapeSpec
 
 from ..enhanced.fe_fcos_R_50_FPN_1x_lazy import dataloader, lr_multiplier, model, optimizer, train
@@ -26,7 +26,8 @@ dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 0
 dataloader.test.num_workers = 0
 
-lr_multiplier.scheduler.milestones = [150, 200]
+# values [1, 0.1, 0.01]: LR drops at 150 and 180, the schedule ends at 200 (= train.max_iter)
+lr_multiplier.scheduler.milestones = [150, 180, 200]
 lr_multiplier.warmup_length = 20 / 200
 
 train.output_dir = "./output/toy_fe_fcos_lazy"
