@@ -68,3 +68,11 @@ def test_config_loads_and_builds(config):
         else:
             expected = 0
         assert sum(p.numel() for p in up.parameters()) == expected
+
+
+def test_every_runnable_config_writes_to_its_own_folder_and_toy_configs_fix_the_seed():
+    runnable = [c for c in YAMLS if not os.path.basename(c).startswith("Base-")]
+    dirs = {c: make_cfg(c).OUTPUT_DIR for c in runnable}
+    assert all(d.startswith("output/") for d in dirs.values()), dirs
+    assert len(set(dirs.values())) == len(dirs)  # no two configs share a folder
+    assert [c for c in YAMLS if c.startswith("toy/") and make_cfg(c).SEED < 0] == []

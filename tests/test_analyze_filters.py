@@ -150,3 +150,24 @@ def test_tool_runs_end_to_end_and_reads_a_sharpened_res3_and_blurred_res5(tmp_pa
     only = json.load(open(paths2["json"]))["results"][0]["stages"]
     assert only["res3"]["kernel_hf"] == pytest.approx(fe["res3"]["kernel_hf"])
     assert "edge_gain" not in only["res3"]
+
+
+def test_verdicts_call_changes_within_the_noise_floor_no_measurable_change():
+    from afigan.analysis.filters import kernel_hf_noise, stage_weight_stats
+    from afigan.analysis.report import verdicts
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 16, 3, 3), (32, 32, 3, 3)]
+    base = [torch.randn(*s, generator=g) for s in shapes]
+    noise = kernel_hf_noise(shapes)
+    assert 0 < noise < 0.01  # white-noise stages of this size scatter by well under 1 %
+    tiny = [w * 1.002 + 1e-4 * torch.randn(w.shape, generator=g) for w in base]  # a change far below the floor
+    sharper = [w - w.mean((2, 3), keepdim=True) for w in base]  # DC removed: clearly more high-frequency energy
+
+    def lines(b):
+        result = lambda label, ws: {"label": label, "stages": {"res3": stage_weight_stats(ws)}}  # noqa: E731
+        return "\n".join(verdicts([result("base", base), result("fe", b)], sharp_stages=("res3",), smooth_stages=()))
+
+    assert "kernel HF share (claimed up)" in lines(tiny) and "no measurable change" in lines(tiny)
+    assert "ΣVar(W) (sharp target)" in lines(tiny) and "as intended" not in lines(tiny)
+    assert "kernel HF share (claimed up): " in lines(sharper) and "(up, as intended)" in lines(sharper)

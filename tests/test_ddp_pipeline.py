@@ -33,10 +33,25 @@ def _pipeline_args(output_dir):
                               resume=True, eval_only=False)
 
 
-def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
+def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path, caplog):
+    import logging
+
+    status = logging.getLogger("afigan_pipeline")
+    status.addHandler(caplog.handler)
     opts = [str(o) if not isinstance(o, tuple) else o for o in TINY] + ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000"]
     out = str(tmp_path / "pipe")
+    try:
+        _run_pipeline_twice(out, opts, caplog)
+    finally:
+        status.removeHandler(caplog.handler)
+
+
+def _run_pipeline_twice(out, opts, caplog):
     results = Pipeline(os.path.join(CONFIGS, "toy", "pipeline"), out, _pipeline_args(out), opts).run()
+    lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
+    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "results"]
+    assert all(": running: " in l for l in lines[:4]), lines
+    caplog.clear()
     for files in stage_final_files(out).values():
         assert all(os.path.isfile(f) for f in files), files
     assert "bbox" in results and "AP" in results["bbox"]
@@ -53,6 +68,10 @@ def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     again = Pipeline(os.path.join(CONFIGS, "toy", "pipeline"), out, _pipeline_args(out), opts).run()
     assert {f: os.path.getmtime(f) for f in stamps} == stamps
     assert again["bbox"].keys() == results["bbox"].keys()
+    lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
+    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "evaluation", "results"]
+    assert all(": skipped, already done" in l for l in lines[:4]), lines
+    assert os.path.join(out, "eval") in lines[4]
 
 
 def test_tools_show_help():

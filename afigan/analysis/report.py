@@ -147,10 +147,23 @@ def format_table(results: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
-def _change(a, b, want: str) -> str:
+# A relative change of ΣVar, Σ‖W‖_F or edge gain at most this large is reported as no measurable
+# change (two runs of one config and seed already differ by float reordering and data order).
+MIN_RELATIVE_CHANGE = 0.01
+# A kernel HF share change must exceed this many standard deviations of the measure over white-noise
+# stages of the same shapes (filters.kernel_hf_noise).
+NOISE_SIGMAS = 3.0
+
+
+def _change(a, b, want: str, floor: Optional[float] = None) -> str:
+    """``a -> b (direction, verdict)``; within ``floor`` (default MIN_RELATIVE_CHANGE * |a|) of
+    each other the verdict is "no measurable change"."""
     if a is None or b is None:
         return "n/a"
-    went = "up" if b > a else "down" if b < a else "unchanged"
+    floor = MIN_RELATIVE_CHANGE * abs(a) if floor is None else floor
+    if abs(b - a) <= floor:
+        return f"{a:.4g} -> {b:.4g} (no measurable change: |Δ| = {abs(b - a):.2g} ≤ noise floor {floor:.2g})"
+    went = "up" if b > a else "down"
     return f"{a:.4g} -> {b:.4g} ({went}{', as intended' if went == want else ', NOT as intended'})"
 
 
@@ -189,7 +202,9 @@ def verdicts(results: Sequence[Dict], sharp_stages: Sequence[str] = ("res3",), s
         else:
             lines.append(f"  {stage} Σ‖W‖_F (smooth target): {_change(a['fro_sum'], b['fro_sum'], 'down')}")
         want = "up" if role == "sharp" else "down"
-        lines.append(f"  {stage} kernel HF share (claimed {want}): {_change(a.get('kernel_hf'), b.get('kernel_hf'), want)}")
+        noise = b.get("kernel_hf_noise")
+        floor = NOISE_SIGMAS * noise if noise is not None else None
+        lines.append(f"  {stage} kernel HF share (claimed {want}): {_change(a.get('kernel_hf'), b.get('kernel_hf'), want, floor)}")
         if a.get("edge_gain") is not None and b.get("edge_gain") is not None:
             lines.append(f"  {stage} feature edge gain (claimed {want}): {_change(a['edge_gain'], b['edge_gain'], want)}")
     return lines

@@ -19,6 +19,7 @@ from torch import nn
 from detectron2.engine import SimpleTrainer, TrainerBase, default_writers, hooks
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 
 from afigan.checkpoint import AFICheckpointer
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
@@ -27,7 +28,7 @@ from afigan.layers import FeaturePatchDiscriminator, discriminator_loss
 from afigan.modeling.meta_arch import build_guide_model
 
 from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
-from .hooks import FinalCheckpointer, checkpoint_keep
+from .hooks import FinalCheckpointer, TotalsPrinter, checkpoint_keep
 
 __all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
 
@@ -122,9 +123,15 @@ class AdversarialTrainer(TrainerBase):
             ret += [
                 FinalCheckpointer(self.checkpointer, period, max_iter=self.max_iter, max_to_keep=keep),
                 FinalCheckpointer(self.checkpointer_D, period, max_iter=self.max_iter, max_to_keep=keep),
-                hooks.PeriodicWriter(default_writers(cfg.OUTPUT_DIR, self.max_iter), period=20),
+                hooks.PeriodicWriter(self.build_writers(), period=20),
             ]
         return ret
+
+    def build_writers(self):
+        """Detectron2's default writers (metrics.json, TensorBoard) with :class:`TotalsPrinter`
+        on the console instead of ``CommonMetricPrinter``."""
+        files = [w for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter) if not isinstance(w, CommonMetricPrinter)]
+        return [TotalsPrinter(self.max_iter)] + files
 
     def resume_both(self, stage: str) -> bool:
         """Resume the network and D from their last checkpoints if they exist; returns whether

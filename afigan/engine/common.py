@@ -1,6 +1,8 @@
 """Pieces shared by the stage trainers: config setup, hooks, AMP policy, DDP wrapping."""
+import contextlib
 import logging
 import os
+import sys
 
 import torch
 
@@ -35,11 +37,62 @@ def setup_cfg(args, stage: str = ""):
         cfg.MODEL.AFI.STAGE = stage
     fallback_syncbn(cfg)
     cfg.freeze()
-    default_setup(cfg, args)
+    with _without_config_dumps():
+        default_setup(cfg, args)
     # default_setup configures Detectron2's and fvcore's loggers; afigan's own INFO lines (weights
     # loaded, legacy switches, stage progress) need theirs.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="afigan", abbrev_name="afigan")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="afigan", abbrev_name="afigan",
+                 color=sys.stdout.isatty())
+    if not sys.stdout.isatty():
+        _plain_console("detectron2", "fvcore")
+    changed = config_changes(cfg)
+    logger.info("Config: %d keys differ from the defaults (the full config is %s):\n%s", len(changed),
+                os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "\n".join(f"  {k}: {v!r}" for k, v in changed))
     return cfg
+
+
+_DUMPS = ("Running with full config", "Contents of args.config_file")
+
+
+def _drop_config_dumps(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_DUMPS)
+
+
+@contextlib.contextmanager
+def _without_config_dumps():
+    """default_setup logs the YAML file and the whole config (~450 coloured lines per stage);
+    it still writes OUTPUT_DIR/config.yaml, and setup_cfg logs only what differs from the defaults."""
+    d2 = logging.getLogger("detectron2")
+    d2.addFilter(_drop_config_dumps)
+    try:
+        yield
+    finally:
+        d2.removeFilter(_drop_config_dumps)
+
+
+def _plain_console(*names: str) -> None:
+    # Detectron2's setup_logger always colours its console lines; a log piped to a file should not
+    # carry escape codes.
+    plain = logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                handler.setFormatter(plain)
+
+
+def config_changes(cfg):
+    """``[(KEY, value)]`` of every key whose value differs from get_cfg() + add_afigan_config."""
+    default = add_afigan_config(get_cfg())
+
+    def walk(node, ref, prefix):
+        for key, value in node.items():
+            other = ref.get(key, None) if ref is not None else None
+            if hasattr(value, "items"):
+                yield from walk(value, other, f"{prefix}{key}.")
+            elif value != other:
+                yield f"{prefix}{key}", value
+
+    return list(walk(cfg, default, ""))
 
 
 def require_file(path: str, key: str) -> str:

@@ -1,7 +1,11 @@
-"""Training hooks afigan adds to Detectron2's."""
-from detectron2.engine import hooks
+"""Training hooks and event writers afigan adds to Detectron2's."""
+import datetime
+import logging
 
-__all__ = ["FinalCheckpointer", "checkpoint_keep"]
+from detectron2.engine import hooks
+from detectron2.utils.events import EventWriter, get_event_storage
+
+__all__ = ["FinalCheckpointer", "checkpoint_keep", "TotalsPrinter"]
 
 
 class FinalCheckpointer(hooks.PeriodicCheckpointer):
@@ -20,3 +24,32 @@ def checkpoint_keep(cfg):
     """``SOLVER.CHECKPOINT_KEEP`` as fvcore's ``max_to_keep`` (None = keep every periodic checkpoint)."""
     keep = cfg.SOLVER.CHECKPOINT_KEEP
     return keep if keep > 0 else None
+
+
+class TotalsPrinter(EventWriter):
+    """The console line of stages 1-2: iteration, ETA, every ``*_total_loss``, every ``lr_*`` and
+    the time per iteration. Detectron2's ``CommonMetricPrinter`` prints every key with "loss" in
+    it (22+ per-level terms here) and a "lr" key these stages do not have; the per-level terms
+    still go to metrics.json and TensorBoard."""
+
+    def __init__(self, max_iter: int, window_size: int = 20):
+        self.logger = logging.getLogger("afigan")
+        self._max_iter, self._window_size = max_iter, window_size
+
+    def write(self):
+        storage = get_event_storage()
+        iteration = storage.iter
+        if iteration == self._max_iter:  # written once more after training ends
+            return
+        histories = storage.histories()
+        parts = []
+        if "time" in histories and iteration < self._max_iter:
+            eta = histories["time"].global_avg() * (self._max_iter - iteration - 1)
+            parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
+        parts.append(f"iter: {iteration}")
+        parts += [f"{k}: {v.median(self._window_size):.4g}" for k, v in sorted(histories.items()) if k.endswith("total_loss")]
+        parts += [f"{k}: {v.latest():.5g}" for k, v in sorted(histories.items()) if k.startswith("lr_")]
+        for key in ("time", "data_time"):
+            if key in histories:
+                parts.append(f"{key}: {histories[key].global_avg():.4f}")
+        self.logger.info("  ".join(parts))

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from typing import Dict, List, Optional
 
 from detectron2.config import get_cfg
@@ -31,7 +32,29 @@ from .stages import STAGES, Output, Teacher, final_files
 
 __all__ = ["Pipeline", "stage_final_files"]
 
-logger = logging.getLogger("afigan.pipeline")
+
+def _status_logger() -> logging.Logger:
+    """One console line per stage. Its own logger name: every stage's setup resets the handlers
+    of the "afigan" and "detectron2" loggers."""
+    log = logging.getLogger("afigan_pipeline")
+    if not any(getattr(h, "_afigan_status", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[pipeline] %(message)s"))
+        handler._afigan_status = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
+def _resume_iteration(stage_dir: str, stage: str) -> int:
+    """The iteration an interrupted ``stage`` resumes at (from its ``last_checkpoint``), or -1."""
+    path = os.path.join(stage_dir, STAGES[stage].trainer.checkpoint_dirs[0], "last_checkpoint")
+    if not os.path.isfile(path):
+        return -1
+    name = open(path).read().strip()  # model_0000029.pth: the checkpoint after iteration 29
+    digits = name[len("model_"):-len(".pth")]
+    return int(digits) + 1 if digits.isdigit() else -1
 
 
 def stage_final_files(output_dir: str) -> Dict[str, List[str]]:
@@ -60,6 +83,7 @@ class Pipeline:
         self.args = args
         self.opts = list(opts or [])
         self.final = stage_final_files(output_dir)
+        self.status = _status_logger()
 
     def _opt(self, key: str) -> str:
         for k, v in zip(self.opts[::2], self.opts[1::2]):
@@ -132,19 +156,25 @@ class Pipeline:
         self._maybe("stage2")
         results = self._maybe("stage3")
         if not results:
+            eval_dir = os.path.join(self.output_dir, "eval")
+            self.status.info("evaluation: stage 3 was already trained; evaluating %s into %s", self.final["stage3"][0], eval_dir)
             results = self._run("stage3", ["MODEL.WEIGHTS", self.final["stage3"][0]], fn=_eval_stage, output_name="eval")
         path = os.path.join(self.output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
-        logger.info("Stage-3 evaluation results written to %s", path)
+        self.status.info("results: stage-3 COCO evaluation written to %s", path)
         return results
 
     def _maybe(self, stage: str) -> Dict:
+        stage_dir = os.path.join(self.output_dir, stage)
         if self._done(stage):
-            logger.info("Pipeline: %s is done (%s exists); skipping it.", stage, self.final[stage][0])
+            self.status.info("%s: skipped, already done (%s exists)", stage, self.final[stage][0])
             return {}
         overrides = self.overrides(stage)
-        logger.info("Pipeline: running %s (%s) with %s", stage, STAGES[stage].description, " ".join(overrides))
+        start = _resume_iteration(stage_dir, stage)
+        how = f"resuming at iteration {start}" if start > 0 else "running"
+        self.status.info("%s: %s: %s -> %s%s", stage, how, STAGES[stage].description, stage_dir,
+                         f" (with {' '.join(overrides)})" if overrides else "")
         return self._run(stage, overrides)
 
 
