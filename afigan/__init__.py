@@ -7,6 +7,8 @@ generator). When Detectron2 is importable, importing ``afigan`` also registers e
 """
 __version__ = "0.1.0"
 
+import warnings
+
 from . import layers  # noqa: F401  (pure PyTorch)
 
 try:
@@ -17,6 +19,12 @@ else:
     HAS_DETECTRON2 = True
 
 if HAS_DETECTRON2:
+    with warnings.catch_warnings():
+        # fvcore.nn and Detectron2's box regression script functions with torch.jit.script at import
+        # time, which recent torch deprecates with a FutureWarning on every run; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        import detectron2.modeling  # noqa: F401
+        import fvcore.nn  # noqa: F401
     from .config import add_afigan_config  # noqa: F401
     from . import registration as _registration  # noqa: F401  (fills Detectron2's registries)
 

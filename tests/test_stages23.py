@@ -162,3 +162,34 @@ def test_stage3_train_eval_only_evaluates_and_stages_1_2_refuse_it(tmp_path):
         with pytest.raises(ValueError, match=rf"--eval-only: {stage} trains {what}.*evaluate a detector with tools/run_net.py --eval-only"):
             stage_main(stage, stage_args(f"toy/pipeline/{stage}.yaml", eval_only=True))
 
+
+
+def test_inputs_are_checked_before_anything_is_built(tmp_path):
+    from afigan.engine.cli import train_stage
+
+    config = "stage3/AFI-GAN_maskrcnn_R_50_FPN_3x.yaml"  # COCO: no data set here
+    missing = str(tmp_path / "AFExtractor.pth")
+    args = stage_args(config, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "", "MODEL.AF_EXTRACTOR_WEIGHTS", missing)
+    with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*AFExtractor.pth' does not exist"):
+        train_stage("stage3", args)
+    torch.save({"model": {}}, missing)
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.TRAIN: data set 'coco_2017_train' reads '.*instances_train2017.json', "
+                                                r"which does not exist; lay the data out as datasets/README.md says"):
+        train_stage("stage3", args)
+    with pytest.raises(ValueError, match="MODEL.GUIDE_WEIGHTS is empty"):
+        train_stage("stage1", stage_args("toy/pipeline/stage1.yaml", "OUTPUT_DIR", str(tmp_path / "s1")))
+
+
+def test_checkpoints_keep_the_newest_no_periodic_copy_of_the_final_one_and_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 4,
+                                      "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.CHECKPOINT_KEEP", 2, "DATASETS.TEST", ()))
+        t.resume_or_load(resume=False)
+        t.train()
+    finally:
+        os.umask(old)
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth"))
+    assert files == ["model_0000001.pth", "model_0000002.pth", "model_final.pth"]  # iteration 3 is only the final one
+    assert open(tmp_path / "last_checkpoint").read() == "model_final.pth"
+    assert all(os.stat(tmp_path / f).st_mode & 0o777 == 0o644 for f in files + ["last_checkpoint"])

@@ -12,6 +12,7 @@ from afigan.checkpoint import AFICheckpointer
 from .common import setup_cfg
 from .lazy import lazy_main
 from .detector import DetectorTrainer
+from .inputs import check_inputs
 from .stages import STAGES
 
 __all__ = ["train_stage", "eval_only", "stage_main", "tool_parser", "launch_stage", "launch_lazy"]
@@ -23,6 +24,7 @@ def train_stage(stage: str, args):
     """Train one stage of :data:`afigan.engine.stages.STAGES` ("stage0" = the NN teacher,
     "stage1", "stage2", "stage3"); returns the final evaluation results (empty for stages 1-2)."""
     cfg = setup_cfg(args, stage=stage)
+    check_inputs(cfg, STAGES[stage].required)
     trainer = STAGES[stage].trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
@@ -35,6 +37,7 @@ def eval_only(args):
     cfg = setup_cfg(args, stage="eval")
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to evaluate, e.g. MODEL.WEIGHTS output/stage3/model_final.pth.")
+    check_inputs(cfg, ("MODEL.WEIGHTS",), train=False)
     model = DetectorTrainer.build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

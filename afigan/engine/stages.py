@@ -46,16 +46,18 @@ class Stage:
     description: str
     inputs: Dict[str, Source] = field(default_factory=dict)
     evaluates: bool = False
+    required: Tuple[str, ...] = ()  # weights keys the stage cannot start without
 
 
 STAGES: Dict[str, Stage] = {s.name: s for s in (
     Stage("stage0", DetectorTrainer, "the nearest-neighbour teacher detector", evaluates=True),
     Stage("stage1", Stage1Trainer, "the AF interpolator G and the feature patch discriminator D",
-          inputs={"MODEL.GUIDE_WEIGHTS": Teacher()}),
+          inputs={"MODEL.GUIDE_WEIGHTS": Teacher()}, required=("MODEL.GUIDE_WEIGHTS",)),
     Stage("stage2", Stage2Trainer, "the multi-scale AF extractor on half-size images",
           # MODEL.WEIGHTS: M starts from the teacher's weights, as in the reference.
           inputs={"MODEL.GUIDE_WEIGHTS": Teacher(), "MODEL.WEIGHTS": Teacher(yaml_first=True),
-                  "MODEL.AFI_GEN_WEIGHTS": Output("stage1", 0), "MODEL.AFI_DIS_WEIGHTS": Output("stage1", 1)}),
+                  "MODEL.AFI_GEN_WEIGHTS": Output("stage1", 0), "MODEL.AFI_DIS_WEIGHTS": Output("stage1", 1)},
+          required=("MODEL.GUIDE_WEIGHTS", "MODEL.AFI_GEN_WEIGHTS", "MODEL.AFI_DIS_WEIGHTS")),
     Stage("stage3", DetectorTrainer, "the target detector with the stage-2 interpolator",
           inputs={"MODEL.AF_EXTRACTOR_WEIGHTS": Output("stage2", 0)}, evaluates=True),
 )}
