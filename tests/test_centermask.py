@@ -171,7 +171,7 @@ def test_one_iteration_and_inference_on_toy_images(centermask, toy_root):
     cfg, model = centermask
     losses = train_step(model, mapped(cfg, toy_dicts(toy_root)[:2], is_train=True))
     assert set(losses) == CM_LOSSES
-    assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_mask"]) > 0
+    assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_mask"].detach()) > 0
     assert model.roi_heads.maskiou_head.maskiou.weight.grad.abs().sum() > 0
     assert model.roi_heads.mask_head.spatialAtt.conv.weight.grad.abs().sum() > 0
     model.eval()
@@ -250,7 +250,7 @@ def test_bad_input_does_not_crash(case, centermask):
     losses = train_step(model, batch)
     assert set(losses) == CM_LOSSES and all(torch.isfinite(v) for v in losses.values())
     if case == "no_annotations":
-        assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_maskiou"]) == 0.0
+        assert float(losses["loss_mask"].detach()) == 0.0 and float(losses["loss_maskiou"].detach()) == 0.0
     model.eval()
     with torch.no_grad():
         outputs = model([{k: v for k, v in x.items() if k != "instances"} for x in batch])
