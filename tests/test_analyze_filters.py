@@ -157,7 +157,7 @@ def test_verdicts_call_changes_within_the_noise_floor_no_measurable_change():
     from afigan.analysis.report import verdicts
 
     g = torch.Generator().manual_seed(0)
-    shapes = [(32, 16, 3, 3), (32, 32, 3, 3)]
+    shapes = ((32, 16, 3, 3), (32, 32, 3, 3))
     base = [torch.randn(*s, generator=g) for s in shapes]
     noise = kernel_hf_noise(shapes)
     assert 0 < noise < 0.01  # white-noise stages of this size scatter by well under 1 %

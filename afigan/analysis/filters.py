@@ -125,11 +125,12 @@ def stage_weight_stats(weights: Sequence[torch.Tensor], cut: float = DEFAULT_CUT
         "var_mean": float(sum(variances) / len(variances)) if variances else 0.0,
         "kernels": int(sum(w[..., 0, 0].numel() for w in ws if w.shape[-1] * w.shape[-2] > 1)),
         "kernel_hf": kernel_hf_share(ws, cut),
-        "kernel_hf_noise": kernel_hf_noise([tuple(w.shape) for w in ws], cut),
+        "kernel_hf_noise": kernel_hf_noise(tuple(tuple(w.shape) for w in ws), cut),
     }
 
 
-def kernel_hf_noise(shapes: Sequence[Tuple[int, ...]], cut: float = DEFAULT_CUT, draws: int = 16, seed: int = 0) -> Optional[float]:
+@lru_cache(maxsize=64)  # two checkpoints of one architecture share their stages' shapes
+def kernel_hf_noise(shapes: Tuple[Tuple[int, ...], ...], cut: float = DEFAULT_CUT, draws: int = 16, seed: int = 0) -> Optional[float]:
     """Standard deviation of :func:`kernel_hf_share` over ``draws`` white-noise stages of the given
     tensor shapes: how much the measure moves for a stage of this size by chance alone, the noise
     floor a change between two checkpoints must clear. ``None`` without k x k kernels."""

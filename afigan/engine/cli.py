@@ -24,7 +24,7 @@ def train_stage(stage: str, args):
     """Train one stage of :data:`afigan.engine.stages.STAGES` ("stage0" = the NN teacher,
     "stage1", "stage2", "stage3"); returns the final evaluation results (empty for stages 1-2)."""
     cfg = setup_cfg(args, stage=stage)
-    check_inputs(cfg, STAGES[stage].required)
+    check_inputs(cfg, STAGES[stage].required, test=STAGES[stage].evaluates)
     trainer = STAGES[stage].trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
@@ -37,7 +37,7 @@ def eval_only(args):
     cfg = setup_cfg(args, stage="eval")
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to evaluate, e.g. MODEL.WEIGHTS output/stage3/model_final.pth.")
-    check_inputs(cfg, ("MODEL.WEIGHTS",), train=False)
+    check_inputs(cfg, train=False)  # MODEL.WEIGHTS is set (above); check that it and every other file exist
     model = DetectorTrainer.build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

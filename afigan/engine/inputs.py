@@ -36,16 +36,16 @@ def _check_dataset_files(names, key: str) -> None:
             raise FileNotFoundError(f"{key}: the images of data set {name!r} should be in {image_root!r}, which does not exist.")
 
 
-def check_inputs(cfg, required=(), train: bool = True) -> None:
+def check_inputs(cfg, required=(), train: bool = True, test: bool = True) -> None:
     """Raise one sentence for the first missing input: a ``required`` weights key that is empty
     or names no file, any other weights key that names a missing file, an unregistered data set
-    or a missing annotation file / image folder of ``DATASETS.TRAIN`` (when ``train``) and
-    ``DATASETS.TEST``."""
+    or a missing annotation file / image folder of ``DATASETS.TRAIN`` (when ``train``) and of
+    ``DATASETS.TEST`` (when ``test``: stages that evaluate)."""
     for key in WEIGHT_KEYS:
         path = _value(cfg, key)
         if key in required or (path and "://" not in path):
             require_file(path, key)
     if train:
         _check_dataset_files(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
-    if cfg.DATASETS.TEST:
+    if test and cfg.DATASETS.TEST:
         _check_dataset_files(cfg.DATASETS.TEST, "DATASETS.TEST")
