@@ -33,10 +33,14 @@ setup(
         "timm",
         "numpy",
         "Pillow",
+        # Detectron2 lists both too; afigan uses them itself: the demo's drawings (Detectron2's
+        # Visualizer) and the metrics plot need matplotlib, the demo's progress bar tqdm.
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest"],
-        "plot": ["matplotlib"],
+        "plot": ["matplotlib"],  # kept for existing install commands; matplotlib is now required
     },
     classifiers=[
         "Programming Language :: Python :: 3",

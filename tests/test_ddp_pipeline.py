@@ -49,7 +49,8 @@ def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path, caplog):
 def _run_pipeline_twice(out, opts, caplog):
     results = Pipeline(os.path.join(CONFIGS, "toy", "pipeline"), out, _pipeline_args(out), opts).run()
     lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
-    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "results"]
+    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "results", "metrics"]
+    assert os.path.getsize(os.path.join(out, "metrics.png")) > 0  # afigan/analysis/metrics.py
     assert all(": running: " in l for l in lines[:4]), lines
     caplog.clear()
     for files in stage_final_files(out).values():
@@ -69,7 +70,8 @@ def _run_pipeline_twice(out, opts, caplog):
     assert {f: os.path.getmtime(f) for f in stamps} == stamps
     assert again["bbox"].keys() == results["bbox"].keys()
     lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
-    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "evaluation", "results"]
+    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "evaluation", "results",
+                                                "metrics"]
     assert all(": skipped, already done" in l for l in lines[:4]), lines
     assert os.path.join(out, "eval") in lines[4]
 

@@ -9,7 +9,7 @@ pytest.importorskip("detectron2")
 
 from d2_helpers import REPO, make_cfg  # noqa: E402
 
-WRITES = ("OUTPUT_DIR", "--output-dir", "-o", "--out")
+WRITES = ("OUTPUT_DIR", "--output-dir", "-o", "--out", "--output")
 
 
 def readme_commands():

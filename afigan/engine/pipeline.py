@@ -7,7 +7,8 @@ command line nor ``stage1.yaml`` gives ``MODEL.GUIDE_WEIGHTS``). Each stage writ
 :data:`afigan.engine.stages.STAGES`. Trailing ``KEY VALUE`` pairs of the command line apply to
 every stage and always win over the table and the YAML files. After stage 3 (or, when it was
 already done, by a separate evaluation in ``OUTPUT/eval``) the results go to
-``OUTPUT/results.json``.
+``OUTPUT/results.json`` and the training curves of every stage to ``OUTPUT/metrics.png``
+(:mod:`afigan.analysis.metrics`).
 
 A stage whose final checkpoint exists is skipped; an interrupted stage resumes from its last
 checkpoint, so re-running the same command after a kill continues where it stopped.
@@ -25,6 +26,7 @@ from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils import logger as d2_logger
 
+from afigan.analysis.metrics import plot_metrics
 from afigan.config import add_afigan_config
 
 from .cli import eval_only, train_stage
@@ -163,6 +165,10 @@ class Pipeline:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
         self.status.info("results: stage-3 COCO evaluation written to %s", path)
+        try:  # a plot is a convenience: without matplotlib (or metrics) the results above still stand
+            self.status.info("metrics: training curves plotted in %s", plot_metrics(self.output_dir))
+        except (ImportError, FileNotFoundError) as e:
+            self.status.info("metrics: no plot (%s: %s)", type(e).__name__, e)
         return results
 
     def _maybe(self, stage: str) -> Dict:
