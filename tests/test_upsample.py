@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from afigan.layers import AFInterpolator, build_upsampler, upsampler_kinds
+from afigan.layers import AFInterpolator, build_upsampler, is_guided, upsampler_kinds
 
 
 def test_kinds_and_what_they_build():
@@ -41,5 +41,15 @@ def test_afi_factory_passes_hyper_parameters():
 
 
 def test_unknown_kind_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"Unknown upsampler kind 'carafe'; expected one of \['afi', 'bilinear', 'nearest'"):
-        build_upsampler("carafe", 8)
+    expected = r"Unknown upsampler kind 'bicubic'; expected one of \['afi', 'bilinear', 'carafe', 'deconv', 'dysample', 'fade', "
+    with pytest.raises(ValueError, match=expected + r"'nearest', 'pixelshuffle'\]\.$"):
+        build_upsampler("bicubic", 8)
+
+
+@pytest.mark.parametrize("kind", ["nearest", "bilinear", "afi"])
+def test_guide_is_accepted_and_ignored(kind):
+    up = build_upsampler(kind, 8, growth=4)
+    x = torch.randn(1, 8, 5, 3)
+    assert not is_guided(kind) and not is_guided(up)
+    assert torch.equal(up(x, (9, 7), guide=torch.randn(1, 8, 9, 7)), up(x, (9, 7)))
+

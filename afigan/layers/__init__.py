@@ -1,10 +1,21 @@
 """Pure-PyTorch building blocks of afigan. Nothing here imports Detectron2."""
 from .af_interpolator import AFInterpolator, ResidualDenseBlock, ResidualInResidualDenseBlock
+from .carafe import CARAFE, carafe_reassemble
 from .discriminator import FeaturePatchDiscriminator
+from .dysample import DySample
+from .fade import FADE
+from .learned_baselines import DeconvUpsampler, PixelShuffleUpsampler
 from .losses import crop_to_common, discriminator_loss, frozen_parameters, generator_loss
 from .shape import check_feature_map, fit_to, resize_to
 from .state_dict import check_state_dict_fits
-from .upsample import InterpolateUpsampler, build_upsampler, register_upsampler, upsampler_kinds
+from .upsample import (
+    InterpolateUpsampler,
+    build_upsampler,
+    is_guided,
+    register_upsampler,
+    upsampler_kinds,
+    upsampler_kwargs,
+)
 from .fe_regularizers import FeatureEnhancementRegularizer, frobenius_term, stage_weights, variance_term
 
 __all__ = [k for k in dir() if not k.startswith("_")]

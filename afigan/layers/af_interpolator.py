@@ -80,10 +80,13 @@ class AFInterpolator(ClearStateDictErrors, nn.Module):
             "nearest", or "none".
         init_scale: multiplier of the Kaiming init (0.1 in the reference).
 
-    Call: ``forward(x, output_size=None)``; x is (N, channels, h, w); the result is
+    Call: ``forward(x, output_size=None, guide=None)`` (``guide`` is ignored: the common
+    upsampler signature, see :mod:`afigan.layers.upsample`); x is (N, channels, h, w); the result is
     (N, channels, 2h, 2w), or (N, channels, H, W) when ``output_size=(H, W)`` is given, obtained
     by cropping/padding the x2 map at its bottom/right (top-left alignment, as Detectron2 pads).
     """
+
+    guided = False
 
     def __init__(
         self,
@@ -111,7 +114,9 @@ class AFInterpolator(ClearStateDictErrors, nn.Module):
         self.Generators = nn.ModuleList([body])
         _scaled_kaiming_(self, init_scale)
 
-    def forward(self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None, guide: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         check_feature_map(x, self.channels, type(self).__name__)
         out = self.Generators[0](x)
         if self.skip != "none":
