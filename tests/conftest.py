@@ -46,3 +46,58 @@ def random_state_dict(listing: dict, seed: int = 0) -> dict:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tool(capsys):
+    """Run an entry point in this process as its ``__main__`` would: ``tool(main, *argv)`` with
+    ``main`` one of ``stage1``..``stage3`` (tools/stage{N}_train.py), ``run_net`` or ``pipeline``;
+    returns (exit status, stderr, stdout + stderr). Logging handlers the run adds (Detectron2's
+    setup_logger binds them to this test's captured streams) are removed afterwards."""
+    import logging
+
+    from detectron2.utils import logger as d2_logger
+
+    def clear():
+        for name in ("detectron2", "d2", "fvcore", "afigan"):
+            logging.getLogger(name).handlers.clear()
+        d2_logger.setup_logger.cache_clear()
+
+    def run(main, *argv):
+        from afigan.engine.cli import launch_stage
+
+        clear()  # handlers of earlier tests write to streams this test does not capture
+
+        argv = [str(a) for a in argv]
+        try:
+            if main == "pipeline":
+                import runpy
+
+                runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "pipeline.py"))["main"](argv)
+            else:
+                launch_stage({"run_net": "stage3"}.get(main, main), "", argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:  # a test's injected interruption: drop this run's output with it
+            capsys.readouterr()
+            raise
+        out, err = capsys.readouterr()
+        return code, err, out + err
+
+    yield run
+    clear()
+
+
+def one_sentence_error(err: str) -> str:
+    """The single ``Error: ...`` line an entry point prints for an input error (asserted to be
+    exactly one line, one sentence, on stderr, with no traceback anywhere)."""
+    lines = [l for l in err.splitlines() if l.startswith("Error: ")]
+    assert len(lines) == 1, err[-2000:]
+    sentence = lines[0][len("Error: "):]
+    assert sentence.endswith((".", "?")), sentence
+    # One sentence: no full stop followed by a capitalised word inside it (paths and numbers aside).
+    import re
+
+    assert not re.search(r"[.?!] [A-Z][a-z]", sentence), sentence
+    return sentence

@@ -7,11 +7,29 @@ continues where it stopped. Trailing KEY VALUE pairs apply to every stage. See a
     python tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline --make-toy-data
     python tools/pipeline.py --config-dir DIR --output-dir OUT [--num-gpus N] [KEY VALUE ...]
 """
+import argparse
+import os
+
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.data.datasets import toy_root
 from afigan.data.toy_shapes import make_toy_dataset
-from afigan.engine.cli import tool_parser
+from afigan.engine.cli import check_launch, run_tool, tool_parser
+from afigan.engine.common import load_cfg
 from afigan.engine.pipeline import Pipeline
+
+
+def run(args):
+    if args.make_toy_data:
+        make_toy_dataset(toy_root())
+    pipeline = Pipeline(args.config_dir, args.output_dir, args, args.opts)
+    # Every stage's YAML is read now, so a bad file, key or value (or --num-gpus) stops before stage 0 runs.
+    for path in pipeline.files.values():
+        if os.path.isfile(path):
+            check_launch(args, load_cfg(argparse.Namespace(config_file=path, opts=args.opts)))
+    results = pipeline.run()
+    for task, metrics in results.items():
+        print(f"stage-3 {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "-" not in k))
+    return results
 
 
 def main(argv=None):
@@ -20,11 +38,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="output/pipeline", help="root of the stages' outputs (default output/pipeline)")
     parser.add_argument("--make-toy-data", action="store_true", help="(re)generate the toy data set first")
     args = parser.parse_args(argv)
-    if args.make_toy_data:
-        make_toy_dataset(toy_root())
-    results = Pipeline(args.config_dir, args.output_dir, args, args.opts).run()
-    for task, metrics in results.items():
-        print(f"stage-3 {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "-" not in k))
+    return run_tool(run, args, args)
 
 
 if __name__ == "__main__":

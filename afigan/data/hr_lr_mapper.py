@@ -21,7 +21,7 @@ from detectron2.data import transforms as T
 
 from afigan.config import lr_key
 
-from .image_io import read_image_or_raise, require_image_file
+from .image_io import UnreadableImageError, read_image_or_raise, require_image_file
 
 __all__ = ["HRLRDatasetMapper", "FileCheckingDatasetMapper"]
 
@@ -32,7 +32,10 @@ class FileCheckingDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         require_image_file(dataset_dict["file_name"])
-        return super().__call__(dataset_dict)
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated", ...
+            raise UnreadableImageError(dataset_dict["file_name"], e) from None
 
 
 class HRLRDatasetMapper(DatasetMapper):

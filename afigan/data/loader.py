@@ -12,50 +12,120 @@ batch's mapping runs under RNGs seeded from (seed, iteration, rank). Workers tak
 round-robin and PyTorch's DataLoader returns them in order, so the stream is also independent
 of ``DATALOADER.NUM_WORKERS``.
 """
+import contextlib
+import difflib
 import itertools
+import json
 import logging
+import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from afigan.seeding import DATA, seed_all_rngs
 
+from .image_io import UnreadableImageError
+
 __all__ = ["ResumableBatches", "build_resumable_train_loader", "build_index_sampler", "check_dataset_names",
-           "load_train_dataset"]
+           "load_train_dataset", "dataset_errors", "SKIPPED_METRIC"]
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
 
 
 def check_dataset_names(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
-    """Raise KeyError naming the first unregistered data set, in one sentence."""
+    """Raise KeyError naming the first unregistered data set and the registered ones, in one sentence."""
     if not names:
         raise ValueError(f"{key} is empty; name at least one registered data set (e.g. afigan_toy_train).")
-    registered = set(DatasetCatalog.list())
+    registered = sorted(DatasetCatalog.list())
     for name in names:
         if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=5, cutoff=0.5)
+            listed = ", ".join(close or [n for n in registered if n.startswith("afigan_")] or registered[:5])
             raise KeyError(
-                f"{key}: data set {name!r} is not registered; register it first (see datasets/README.md) "
-                f"or use e.g. 'afigan_toy_train' or 'coco_2017_train'."
+                f"{key}: data set {name!r} is not registered; register it first (see datasets/README.md) or use one "
+                f"of the {len(registered)} registered ones ({'closest: ' if close else 'e.g. '}{listed})."
             )
+
+
+def _json_file(name: str) -> str:
+    return MetadataCatalog.get(name).get("json_file", "") if name in DatasetCatalog.list() else ""
+
+
+@contextlib.contextmanager
+def dataset_errors(names: Sequence[str], key: str):
+    """Turn the errors of loading the data sets ``names`` (Detectron2 / pycocotools: invalid
+    JSON, a category id outside the categories) into one sentence naming the data set and file."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        bad = next((n for n in names if _json_file(n) and not _valid_json(_json_file(n))), names[0])
+        raise ValueError(f"{key}: the annotation file {_json_file(bad) or bad!r} of data set {bad!r} is not valid JSON "
+                         f"({e.msg} at line {e.lineno}, column {e.colno}); regenerate or fix it.") from None
+    except KeyError as e:
+        msg = str(e.args[0]) if e.args else ""
+        if "category_id=" not in msg:
+            raise
+        cid = msg.split("category_id=", 1)[1].split()[0]
+        where = " or ".join(repr(_json_file(n) or n) for n in names)
+        raise ValueError(f"{key}: an annotation in {where} has category_id {cid}, which is not among the file's "
+                         f"'categories'; fix the annotation or add the category.") from None
+
+
+def _valid_json(path: str) -> bool:
+    try:
+        with open(path) as f:
+            json.load(f)
+        return True
+    except ValueError:
+        return False
+
+
+def _num_classes_key(cfg):
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if "RCNN" in arch:
+        return "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if arch == "RetinaNet":
+        return "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    return None, None  # other heads (FCOS, CenterMask, wrappers) keep their own keys
+
+
+def _check_images_and_classes(cfg, dicts: List[Dict]) -> None:
+    names = tuple(cfg.DATASETS.TRAIN)
+    missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        raise FileNotFoundError(
+            f"DATASETS.TRAIN {names}: {len(missing)} of the {len(dicts)} images listed in the annotations do not exist, "
+            f"e.g. {missing[0]!r}; check the data set's image root or remove them from the JSON.")
+    key, num = _num_classes_key(cfg)
+    classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
+    if key and classes is not None and num != len(classes):
+        raise ValueError(f"{key} is {num}, but DATASETS.TRAIN {names[0]!r} has {len(classes)} categories "
+                         f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}); set {key} {len(classes)}.")
 
 
 def load_train_dataset(cfg) -> List[Dict]:
     """The dataset dicts of ``DATASETS.TRAIN`` (empty-annotation filter as Detectron2's), or one
-    sentence naming what is wrong."""
+    sentence naming what is wrong: an unregistered name, an invalid annotation file, a category
+    id outside the categories, listed images that do not exist, a ``NUM_CLASSES`` that is not the
+    number of categories."""
     check_dataset_names(cfg.DATASETS.TRAIN)
     try:
-        return get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        with dataset_errors(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
+            dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     except AssertionError as e:
         raise ValueError(
             f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} gives no usable training image ({e}); "
             f"every image lacks a non-crowd box, or the data set is empty."
         ) from None
+    _check_images_and_classes(cfg, dicts)
+    return dicts
 
 
 def build_index_sampler(cfg, dataset: List[Dict], seed: int) -> Iterable[int]:
@@ -98,6 +168,7 @@ class ResumableBatches(IterableDataset):
         self.start_iter = start_iter
         self.rank = comm.get_rank()
         self._portrait = np.array([d.get("height", 1) > d.get("width", 0) for d in dataset])
+        self._warned = set()
 
     def _all_index_batches(self) -> Iterator[List[int]]:
         buckets = {False: [], True: []}
@@ -122,7 +193,28 @@ class ResumableBatches(IterableDataset):
             iteration = self.start_iter + i
             # Per-batch RNG state: the same batch gets the same augmentation draws on resume.
             seed_all_rngs(self.seed, iteration, self.rank, DATA)
-            yield [self.mapper(self.dataset[idx]) for idx in indices]
+            batch = _Batch()
+            for idx in indices:
+                batch.append(self._map(idx, batch))
+            yield batch
+
+    def _map(self, idx: int, batch: "_Batch"):
+        """The mapped image ``idx``; an image that cannot be decoded is skipped (one warning
+        line, counted in the batch) and the next image of the data set takes its place, so the
+        stream stays a function of the iteration (a resumed run skips the same images). A
+        missing file still stops (usually a wrong image root), and so does a data set where
+        no image can be read."""
+        for k in range(len(self.dataset)):
+            try:
+                return self.mapper(self.dataset[(idx + k) % len(self.dataset)])
+            except UnreadableImageError as e:
+                batch.skipped += 1
+                if e.file_name not in self._warned:
+                    self._warned.add(e.file_name)
+                    logger.warning("Skipped an unreadable training image (counted as %s in the metrics): %s",
+                                   SKIPPED_METRIC, e)
+        raise ValueError(f"DATASETS.TRAIN: none of the {len(self.dataset)} images can be read (e.g. "
+                         f"{self.dataset[idx]['file_name']!r}); check the image files.")
 
 
 def build_resumable_train_loader(cfg, mapper: Callable, start_iter: int = 0, dataset: Optional[List[Dict]] = None) -> DataLoader:
@@ -144,8 +236,43 @@ def build_resumable_train_loader(cfg, mapper: Callable, start_iter: int = 0, dat
         dataset, mapper, build_index_sampler(cfg, dataset, seed), total // world, seed=seed,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, start_iter=start_iter,
     )
-    return DataLoader(stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                      collate_fn=_identity, persistent_workers=False)
+    return _CountingLoader(stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                           collate_fn=_identity, persistent_workers=False)
+
+
+SKIPPED_METRIC = "data/skipped_images"
+
+
+class _Batch(list):
+    """A batch (list of mapped dicts) that also carries how many unreadable images it skipped."""
+
+    skipped = 0
+
+    def __reduce__(self):  # DataLoader workers pickle batches: keep the count
+        return _make_batch, (list(self), self.skipped)
+
+
+def _make_batch(items, skipped):
+    b = _Batch(items)
+    b.skipped = skipped
+    return b
+
+
+class _CountingLoader(DataLoader):
+    """The training DataLoader; puts the running count of skipped images into the trainer's
+    event storage (metrics.json, TensorBoard) as ``data/skipped_images`` once there is one."""
+
+    skipped = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if getattr(batch, "skipped", 0):
+                self.skipped += batch.skipped
+                try:
+                    get_event_storage().put_scalar(SKIPPED_METRIC, self.skipped, smoothing_hint=False)
+                except AssertionError:  # iterated outside a trainer (no event storage)
+                    pass
+            yield batch
 
 
 def _identity(batch):

@@ -21,14 +21,14 @@ from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
-from afigan.checkpoint import AFICheckpointer
+from afigan.checkpoint import AFICheckpointer, expect_partial_load
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, load_train_dataset
 from afigan.layers import FeaturePatchDiscriminator, discriminator_loss
 from afigan.modeling.meta_arch import build_guide_model
 
 from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
-from .hooks import FinalCheckpointer, TotalsPrinter, checkpoint_keep
+from .hooks import FinalCheckpointer, TotalsPrinter, checkpoint_keep, non_finite_loss_error
 
 __all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
 
@@ -89,7 +89,9 @@ class AdversarialTrainer(TrainerBase):
         self.cfg = cfg
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.levels = list(cfg.MODEL.AFI.LEVELS)
-        self.teacher = build_guide_model(cfg)
+        # The teacher takes only the backbone of its checkpoint (a whole detector, usually).
+        with expect_partial_load("the teacher", unused_ok=("",)):
+            self.teacher = build_guide_model(cfg)
         self.model = model.to(self.device)
         self.D = build_discriminator(cfg).to(self.device)
         # Every forward whose parameter gradients must be synchronised goes through a DDP wrapper
@@ -179,7 +181,10 @@ class AdversarialTrainer(TrainerBase):
         """Detectron2's ``SimpleTrainer.write_metrics`` (averaged over ranks; ``<name>_total_loss``
         and every term; FloatingPointError on a non-finite total). Called before the optimiser
         step, so a non-finite loss stops training before it reaches the weights."""
-        SimpleTrainer.write_metrics(losses, data_time, self.iter, prefix=f"{name}_")
+        try:
+            SimpleTrainer.write_metrics(losses, data_time, self.iter, prefix=f"{name}_")
+        except FloatingPointError:
+            raise non_finite_loss_error(losses, self.iter, (self.checkpointer, self.checkpointer_D), f"{name} ") from None
 
     def d_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
         """One discriminator update on real vs detached fake features; returns its losses."""

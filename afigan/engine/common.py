@@ -1,7 +1,9 @@
 """Pieces shared by the stage trainers: config setup, hooks, AMP policy, DDP wrapping."""
 import contextlib
+import difflib
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -14,22 +16,113 @@ from detectron2.utils.logger import setup_logger
 from afigan.config import add_afigan_config, fallback_syncbn
 from afigan.seeding import MODEL, seed_all_rngs
 
-__all__ = ["setup_cfg", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "backward_and_step",
+__all__ = ["setup_cfg", "load_cfg", "debug_enabled", "USER_ERRORS", "user_message", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "backward_and_step",
            "ddp"]
 
 logger = logging.getLogger(__name__)
 
 
-def setup_cfg(args, stage: str = ""):
-    """get_cfg() + add_afigan_config + ``--config-file`` + trailing overrides, SyncBN fallback,
-    then Detectron2's ``default_setup`` (logging, output dir, seeds, config dump)."""
+# The exception types that mean "the input is wrong" (files, keys, values, the disk): the entry
+# points print their message as one sentence instead of a traceback (afigan/engine/cli.py). Any
+# other type is treated as a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+
+
+def debug_enabled() -> bool:
+    """``--debug`` (which sets it) or ``AFIGAN_DEBUG=1``: show tracebacks of user errors too."""
+    return os.environ.get("AFIGAN_DEBUG", "") not in ("", "0")
+
+
+def user_message(e: BaseException) -> str:
+    """The message of a user error as one line (KeyError's str() adds quotes)."""
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, OSError) and e.errno is not None and e.strerror and e.filename is None:
+        msg = e.strerror  # OSError(errno, sentence): str() would prefix "[Errno N]"
+    return " ".join(msg.split())
+
+
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key(cfg, key: str, where: str) -> KeyError:
+    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see afigan/config.py and Detectron2's defaults for the valid keys."
+    return KeyError(f"{where}: unknown config key {key}; {hint}")
+
+
+def _merge(cfg, where: str, merge) -> None:
+    """Run ``merge`` (a merge_from_file / merge_from_list call) and turn yacs' and PyYAML's errors
+    into one sentence naming ``where`` (the file or "the command line"), the key and the value."""
+    import yaml
+
+    try:
+        merge()
+    except FileNotFoundError as e:  # a _BASE_ file
+        raise FileNotFoundError(f"{where}: its _BASE_ file {e.filename!r} does not exist; fix the _BASE_ path "
+                                f"(relative to the file that names it).") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"YAML syntax error in {at}: {problem}; fix the file (check indentation and colons).") from None
+    except KeyError as e:
+        m = re.search(r"Non-existent config key: (\S+)", user_message(e))
+        if not m:
+            raise
+        raise _unknown_key(cfg, m.group(1), where) from None
+    except AssertionError as e:  # merge_from_list checks keys and pairs with asserts
+        m = re.search(r"Non-existent key: (\S+)", str(e))
+        if m:
+            raise _unknown_key(cfg, m.group(1), where) from None
+        if "odd length" in str(e):
+            raise ValueError(f"{where}: the trailing overrides must be KEY VALUE pairs, got an odd number of words.") from None
+        raise
+    except ValueError as e:
+        m = re.search(r"Type mismatch \((.*) vs\. (.*)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", str(e), re.S)
+        if not m:
+            raise
+        want, got, default, value, key = m.groups()
+        name = lambda t: re.sub(r"<class '(\w+)'>", r"\1", t)  # noqa: E731
+        raise ValueError(f"{where}: {key} takes a value of type {name(want)} (it was {default}), not the {name(got)} "
+                         f"{value}; give a value of that type.") from None
+
+
+def load_cfg(args):
+    """get_cfg() + add_afigan_config + ``--config-file`` + trailing overrides, with one sentence
+    for a missing file, a YAML syntax error, an unknown key (and the closest valid one) or a value
+    of the wrong type. Not frozen, no setup: :func:`setup_cfg` does both."""
     cfg = get_cfg()
     add_afigan_config(cfg)
     if args.config_file:
         if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist.")
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+            raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist; give the path of a YAML config, e.g. configs/toy/pipeline/stage3.yaml.")
+        _merge(cfg, args.config_file, lambda: cfg.merge_from_file(args.config_file))
+    _merge(cfg, "the command line", lambda: cfg.merge_from_list(args.opts))
+    return cfg
+
+
+def _check_output_dir(path: str) -> None:
+    """One sentence when OUTPUT_DIR cannot be created or written (default_setup would raise
+    deep inside a path manager)."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    probe = probe or "."
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(probe) else "is not writable"
+        raise PermissionError(f"OUTPUT_DIR {path!r} cannot be written: {probe!r} {what}; choose another OUTPUT_DIR "
+                              f"or fix the permissions.")
+
+
+def setup_cfg(args, stage: str = ""):
+    """:func:`load_cfg`, SyncBN fallback, then Detectron2's ``default_setup`` (logging, output
+    dir, seeds, config dump)."""
+    cfg = load_cfg(args)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
         cfg.MODEL.DEVICE = "cpu"
@@ -37,6 +130,8 @@ def setup_cfg(args, stage: str = ""):
         cfg.MODEL.AFI.STAGE = stage
     fallback_syncbn(cfg)
     cfg.freeze()
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        _check_output_dir(cfg.OUTPUT_DIR)
     with _without_config_dumps():
         default_setup(cfg, args)
     # default_setup configures Detectron2's and fvcore's loggers; afigan's own INFO lines (weights
@@ -45,10 +140,44 @@ def setup_cfg(args, stage: str = ""):
                  color=sys.stdout.isatty())
     if not sys.stdout.isatty():
         _plain_console("detectron2", "fvcore")
+    quiet_user_error_tracebacks()
+    quiet_third_party()
     changed = config_changes(cfg)
     logger.info("Config: %d keys differ from the defaults (the full config is %s):\n%s", len(changed),
                 os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "\n".join(f"  {k}: {v!r}" for k, v in changed))
     return cfg
+
+
+def _drop_fx_tracing_note(record: logging.LogRecord) -> bool:
+    return "is_fx_tracing will return true" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    """Filter the third-party warnings of every training run that a user cannot act on (each
+    narrowly, by its message; tests/conftest.py filters the same ones in the test suite)."""
+    import warnings
+
+    # Detectron2's anchor_generator.py calls torch.meshgrid without indexing= (torch asks for it).
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+    # torch logs this note (once per process) when Detectron2's code asks torch.fx whether it is tracing.
+    fx = logging.getLogger("torch.fx._symbolic_trace")
+    if _drop_fx_tracing_note not in fx.filters:
+        fx.addFilter(_drop_fx_tracing_note)
+
+
+def _drop_user_error_tracebacks(record: logging.LogRecord) -> bool:
+    # Detectron2's training loop logs every exception with its traceback ("Exception during
+    # training:") before re-raising it; for a user error the entry point prints one sentence.
+    exc = record.exc_info[1] if record.exc_info else None
+    return debug_enabled() or not isinstance(exc, USER_ERRORS)
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Keep Detectron2's training loop from logging a traceback for a user error (see
+    :data:`USER_ERRORS`); ``AFIGAN_DEBUG=1`` keeps it."""
+    log = logging.getLogger("detectron2.engine.train_loop")
+    if _drop_user_error_tracebacks not in log.filters:
+        log.addFilter(_drop_user_error_tracebacks)
 
 
 _DUMPS = ("Running with full config", "Contents of args.config_file")
@@ -100,7 +229,8 @@ def require_file(path: str, key: str) -> str:
     if not path:
         raise ValueError(f"{key} is empty; set it to the path of the checkpoint this stage starts from.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: file {path!r} does not exist.")
+        raise FileNotFoundError(f"{key}: file {path!r} does not exist; give the path of an existing checkpoint "
+                                f"(.pth or .pkl) or fix the path.")
     return path
 
 

@@ -12,6 +12,7 @@ A Detectron2 ``DefaultTrainer`` with:
   (B5 there);
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
+import contextlib
 import logging
 import os
 import weakref
@@ -25,12 +26,12 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
-from afigan.checkpoint import AFICheckpointer, load_interpolator_weights
+from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpolator_weights
 from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
-from afigan.data.loader import build_resumable_train_loader, check_dataset_names, load_train_dataset
+from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
 
 from .common import AMPPolicy, SeedEachIteration, ddp, require_file
-from .hooks import FinalCheckpointer, checkpoint_keep
+from .hooks import FinalCheckpointer, checkpoint_keep, non_finite_loss_error
 
 __all__ = ["DetectorTrainer"]
 
@@ -60,12 +61,23 @@ class DetectorTrainer(DefaultTrainer):
         model = ddp(model)
         amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE)).enabled
         self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, None, optimizer)
+        self._trainer._write_metrics = self._checked_write_metrics(self._trainer._write_metrics)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def _checked_write_metrics(self, write):
+        """SimpleTrainer's metric writer, whose non-finite-loss error names the loss terms and the
+        last good checkpoint (:func:`afigan.engine.hooks.non_finite_loss_error`)."""
+        def checked(loss_dict, data_time, *args, **kwargs):
+            try:
+                write(loss_dict, data_time, *args, **kwargs)
+            except FloatingPointError:
+                raise non_finite_loss_error(loss_dict, self.iter, [self.checkpointer]) from None
+        return checked
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -81,7 +93,10 @@ class DetectorTrainer(DefaultTrainer):
             super().resume_or_load(resume=True)
         else:
             if cfg.WEIGHTS:
-                self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
+                # With MODEL.AF_EXTRACTOR_WEIGHTS the interpolator comes from that file next.
+                partial = ("the detector (MODEL.WEIGHTS)", ("backbone.srf_module",)) if cfg.AF_EXTRACTOR_WEIGHTS else None
+                with expect_partial_load(*partial) if partial else contextlib.nullcontext():
+                    self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
             if cfg.AF_EXTRACTOR_WEIGHTS:
                 load_interpolator_weights(self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS"))
             self.start_iter = 0
@@ -99,7 +114,8 @@ class DetectorTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         check_dataset_names([dataset_name], "DATASETS.TEST")
-        return build_detection_test_loader(cfg, dataset_name, mapper=FileCheckingDatasetMapper(cfg, False))
+        with dataset_errors([dataset_name], "DATASETS.TEST"):
+            return build_detection_test_loader(cfg, dataset_name, mapper=FileCheckingDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

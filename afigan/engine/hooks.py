@@ -5,7 +5,7 @@ import logging
 from detectron2.engine import hooks
 from detectron2.utils.events import EventWriter, get_event_storage
 
-__all__ = ["FinalCheckpointer", "checkpoint_keep", "TotalsPrinter"]
+__all__ = ["FinalCheckpointer", "checkpoint_keep", "TotalsPrinter", "non_finite_loss_error"]
 
 
 class FinalCheckpointer(hooks.PeriodicCheckpointer):
@@ -53,3 +53,23 @@ class TotalsPrinter(EventWriter):
             if key in histories:
                 parts.append(f"{key}: {histories[key].global_avg():.4f}")
         self.logger.info("  ".join(parts))
+
+
+def non_finite_loss_error(losses, iteration: int, checkpointers, prefix: str = "") -> FloatingPointError:
+    """The FloatingPointError for a non-finite loss at ``iteration``, in one sentence: which
+    loss terms are not finite and which checkpoint is the last good one (the check runs before the
+    optimiser step, so no saved file holds the bad values)."""
+    import math
+
+    bad = []
+    for name, value in losses.items():
+        v = float(value.detach().float().cpu()) if hasattr(value, "detach") else float(value)
+        if not math.isfinite(v):
+            bad.append(f"{prefix}{name} = {v}")
+    bad = bad or [f"{prefix}total_loss (on another rank)"]
+    kept = [c.get_checkpoint_file() for c in checkpointers if c.has_checkpoint()]
+    kept = " and ".join(repr(k) for k in kept) if kept else "none (no checkpoint was written yet)"
+    return FloatingPointError(
+        f"Loss became infinite or NaN at iteration={iteration}: {', '.join(bad)}; training stopped before the "
+        f"optimiser step, the last good checkpoint is {kept}: lower SOLVER.BASE_LR (or set SOLVER.CLIP_GRADIENTS.ENABLED "
+        f"True) and continue with --resume.")

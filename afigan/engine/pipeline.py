@@ -80,7 +80,8 @@ class Pipeline:
         self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in STAGES}
         for s in ("stage1", "stage2", "stage3"):
             if not os.path.isfile(self.files[s]):
-                raise FileNotFoundError(f"Config set {config_dir!r} lacks {s}.yaml.")
+                raise FileNotFoundError(f"Config set {config_dir!r} lacks {s}.yaml; give --config-dir a folder with "
+                                        f"stage1.yaml, stage2.yaml and stage3.yaml (e.g. configs/toy/pipeline).")
         self.output_dir = output_dir
         self.args = args
         self.opts = list(opts or [])

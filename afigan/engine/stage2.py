@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from detectron2.modeling import build_model
 
-from afigan.checkpoint import load_interpolator_weights, read_checkpoint
+from afigan.checkpoint import expect_partial_load, load_interpolator_weights, read_checkpoint
 from afigan.layers import generator_loss
 
 from .adversarial import AdversarialTrainer, select
@@ -60,7 +60,9 @@ class Stage2Trainer(AdversarialTrainer):
         cfg = self.cfg.MODEL
         if not (resume and self.resume_both("stage 2")):
             if cfg.WEIGHTS:
-                self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
+                # The teacher's detector has no interpolator: it comes from MODEL.AFI_GEN_WEIGHTS next.
+                with expect_partial_load("the AF extractor M (MODEL.WEIGHTS)", missing_ok=("backbone.srf_module",)):  # srf_module. or srf_modules.
+                    self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
             load_interpolator_weights(self.model, require_file(cfg.AFI_GEN_WEIGHTS, "MODEL.AFI_GEN_WEIGHTS"),
                                       what="MODEL.AFI_GEN_WEIGHTS")
             # Only D's tensors: stage 2 has its own optimiser and schedule (and the stage-1 file
