@@ -373,6 +373,10 @@ class AFICheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         model_sd = checkpoint["model"]
         own = self.model.state_dict()
+        # Resuming a stand-alone upsampler: a file of another kind stops here, before fvcore
+        # would report its keys and then fail on the optimizer's parameter groups.
+        if UPSAMPLER_TAG in self.checkpointables and isinstance(checkpoint.get(UPSAMPLER_TAG), Mapping):
+            self.checkpointables[UPSAMPLER_TAG].load_state_dict(checkpoint[UPSAMPLER_TAG])
         # A stand-alone upsampler (stage-1 G) given as model weights: put it where it belongs.
         tagged = isinstance(checkpoint.get(UPSAMPLER_TAG), Mapping)
         untagged_afi = bool(model_sd) and all(k.startswith("Generators.") for k in model_sd)

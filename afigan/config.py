@@ -82,7 +82,10 @@ def add_afigan_config(cfg: CN) -> CN:
 
     # ---- new keys: everything the reference hard-coded ----
     a = _node(m, "AFI")
-    _set_default(a, "INTERP", "afi")  # upsampler inside the neck: "afi" | "nearest" | "bilinear"
+    # upsampler inside the neck, any kind of afigan.layers.upsampler_kinds(): "afi" | "nearest" |
+    # "bilinear" | "dysample" | "carafe" | "fade" | "deconv" | "pixelshuffle"
+    _set_default(a, "INTERP", "afi")
+    _set_default(a, "SHARED", True)  # one upsampler srf_module for every top-down step (AFI-GAN); False: one per step (srf_modules.<level>)
     _set_default(a, "NUM_BLOCKS", 3)  # dense blocks in the interpolator's RRDB
     _set_default(a, "GROWTH", 32)  # dense-block growth rate
     _set_default(a, "RES_SCALE", 0.2)  # residual scale beta
@@ -93,6 +96,17 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(a, "SCALE_RATIO", 0.5)  # low-resolution image size / high-resolution size
     _set_default(a, "ADV_GRAD_TO_G", True)  # False reproduces B1 of docs/differences_from_reference.md (adversarial term detached)
     _set_default(a, "TARGET_DOWNSAMPLE", "nearest")  # stage-2 target: teacher HR features x0.5 ("nearest" | "avg")
+    ds = _node(a, "DYSAMPLE")  # options of INTERP "dysample" (DySample, ICCV 2023)
+    _set_default(ds, "STYLE", "lp")  # "lp" (linear then pixel shuffle) | "pl" (pixel shuffle first)
+    _set_default(ds, "GROUPS", 4)  # offset groups; channels must be divisible by it
+    _set_default(ds, "DYSCOPE", False)  # dynamic offset scope (DySample+)
+    ca = _node(a, "CARAFE")  # options of INTERP "carafe" (CARAFE, ICCV 2019)
+    _set_default(ca, "UP_KERNEL", 5)  # reassembly kernel k_up
+    _set_default(ca, "ENCODER_KERNEL", 3)  # content-encoder kernel k_enc
+    _set_default(ca, "COMPRESSED_CHANNELS", 64)  # channel compressor width
+    fa = _node(a, "FADE")  # options of INTERP "fade" (FADE, ECCV 2022; guided by the finer lateral)
+    _set_default(fa, "UP_KERNEL", 5)  # reassembly kernel k_up
+    _set_default(fa, "EMBEDDING", 64)  # kernel-generator embedding width
     d = _node(a, "DIS")
     _set_default(d, "NORM", "BN")  # discriminator norm: "BN" (reference) | "SyncBN" | ""
     _set_default(d, "SPECTRAL_NORM", False)  # spectral norm on D's convs (changes checkpoint keys)

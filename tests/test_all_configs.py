@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from afigan.layers import AFInterpolator  # noqa: E402
+from afigan.layers import AFInterpolator, build_upsampler  # noqa: E402
+from afigan.modeling.necks import upsampler_options  # noqa: E402
 from d2_helpers import CONFIGS, REPO, make_cfg  # noqa: E402
 
 YAMLS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
@@ -58,16 +59,19 @@ def test_config_loads_and_builds(config):
     else:
         assert type(model).__name__ == arch
     builder = cfg.MODEL.FE.BASE_BACKBONE if cfg.MODEL.BACKBONE.NAME == "build_fe_backbone" else cfg.MODEL.BACKBONE.NAME
-    up = getattr(model.backbone, "srf_module", None)
-    assert (up is not None) == ("_sr_backbone" in builder), builder
-    if up is not None:
+    ups = getattr(model.backbone, "srf_module", None) or getattr(model.backbone, "srf_modules", None)
+    assert (ups is not None) == ("_sr_backbone" in builder), builder
+    if ups is not None:
         a = cfg.MODEL.AFI
+        # One upsampler, or one per top-down step, of exactly the configured kind and options.
+        assert isinstance(ups, torch.nn.ModuleDict) == (not a.SHARED)
+        channels = cfg.MODEL.BIFPN.OUT_CHANNELS if "bifpn" in builder else cfg.MODEL.FPN.OUT_CHANNELS
+        node, kwargs = upsampler_options(cfg, a.INTERP)
+        one = sum(p.numel() for p in build_upsampler(a.INTERP, channels, **kwargs).parameters())
         if a.INTERP == "afi":
-            channels = cfg.MODEL.BIFPN.OUT_CHANNELS if "bifpn" in builder else cfg.MODEL.FPN.OUT_CHANNELS
-            expected = sum(p.numel() for p in AFInterpolator(channels, a.NUM_BLOCKS, a.GROWTH).parameters())
-        else:
-            expected = 0
-        assert sum(p.numel() for p in up.parameters()) == expected
+            assert one == sum(p.numel() for p in AFInterpolator(channels, a.NUM_BLOCKS, a.GROWTH).parameters())
+        steps = 1 if a.SHARED else len(ups)
+        assert sum(p.numel() for p in ups.parameters()) == one * steps
 
 
 def test_every_runnable_config_writes_to_its_own_folder_and_toy_configs_fix_the_seed():

@@ -15,39 +15,64 @@ their own checkpoints under ``OUTPUT_DIR/G_0`` and ``OUTPUT_DIR/D_0`` (model, op
 scheduler, iteration); ``resume_or_load(resume=True)`` restores both and continues.
 """
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
+from afigan.checkpoint import UPSAMPLER_TAG, UpsamplerTag
 from afigan.config import lr_key
-from afigan.layers import AFInterpolator, generator_loss
+from afigan.layers import generator_loss, upsampler_kinds
 from afigan.modeling.necks import upsampler_from_config
 
 from .adversarial import AdversarialTrainer, select
 from .common import backward_and_step, ddp
 
-__all__ = ["Stage1Trainer", "build_generator", "LevelwiseGenerator"]
+__all__ = ["Stage1Trainer", "build_generator", "LevelwiseGenerator", "guided_levels"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_generator(cfg) -> AFInterpolator:
-    """The AF interpolator G with ``MODEL.FPN.OUT_CHANNELS`` channels and the ``MODEL.AFI.*``
-    sizes of the neck's interpolator (never frozen here: stage 1 trains it)."""
-    return upsampler_from_config(cfg, cfg.MODEL.FPN.OUT_CHANNELS, kind="afi", freeze=False)
+def build_generator(cfg) -> nn.Module:
+    """G: the upsampler ``MODEL.AFI.INTERP`` of the neck (any learned kind, with its options) with
+    ``MODEL.FPN.OUT_CHANNELS`` channels, never frozen here (stage 1 trains it). With
+    ``MODEL.AFI.SHARED False`` one per level of ``MODEL.AFI.LEVELS`` (an ``nn.ModuleDict``)."""
+    a = cfg.MODEL.AFI
+    channels = cfg.MODEL.FPN.OUT_CHANNELS
+    g = upsampler_from_config(cfg, channels, freeze=False)
+    if not any(True for _ in g.parameters()):
+        raise ValueError(f"MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so stage 1 has nothing to train; set it to a "
+                         f"learned kind ({', '.join(k for k in upsampler_kinds() if k not in ('nearest', 'bilinear'))}).")
+    if a.SHARED:
+        return g
+    return nn.ModuleDict({level: upsampler_from_config(cfg, channels, freeze=False) for level in a.LEVELS})
+
+
+def guided_levels(levels) -> Dict[str, str]:
+    """``{level: finer level}`` for the levels that have a finer one (``p3 -> p2``, ...); a
+    guided upsampler is trained only on these (``p2`` has no finer level)."""
+    names = set(levels) | {f"p{int(l[1:]) - 1}" for l in levels}
+    return {l: f"p{int(l[1:]) - 1}" for l in levels if f"p{int(l[1:]) - 1}" in names and int(l[1:]) > 2}
 
 
 class LevelwiseGenerator(nn.Module):
-    """Runs one G on every level in a single forward, so DDP sees one call per step.
-    {"p2": (N, C, h, w), ...} -> {"p2": (N, C, 2h, 2w), ...}."""
+    """Runs G on every level in a single forward, so DDP sees one call per step.
+    {"p2": (N, C, h, w), ...} -> {"p2": (N, C, 2h, 2w), ...}. ``generator`` is one shared
+    upsampler or an ``nn.ModuleDict`` with one per level. A guided upsampler (FADE) gets, for
+    level l, the low-resolution pyramid's finer level l-1 (``guides``), which has the target's
+    size (never the target itself); levels without a guide are left out of the result."""
 
     def __init__(self, generator: nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: self.generator(v) for k, v in features.items()}
+    def _for(self, level: str) -> nn.Module:
+        return self.generator[level] if isinstance(self.generator, nn.ModuleDict) else self.generator
+
+    def forward(self, features: Dict[str, torch.Tensor], guides: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        if guides is None:
+            return {k: self._for(k)(v) for k, v in features.items()}
+        return {k: self._for(k)(v, output_size=guides[k].shape[-2:], guide=guides[k]) for k, v in features.items() if k in guides}
 
 
 class Stage1Trainer(AdversarialTrainer):
@@ -57,9 +82,25 @@ class Stage1Trainer(AdversarialTrainer):
     checkpoint_dirs = ("G_0", "D_0")
 
     def __init__(self, cfg):
-        super().__init__(cfg, build_generator(cfg))
+        generator = build_generator(cfg)
+        super().__init__(cfg, generator)
         self.lr_key = lr_key("image", cfg.MODEL.AFI.SCALE_RATIO)
         self.G_ddp = ddp(LevelwiseGenerator(self.model))
+        # Every G checkpoint says which upsampler it holds (only AFI's key names would tell).
+        self.checkpointer.add_checkpointable(UPSAMPLER_TAG, UpsamplerTag(cfg.MODEL.AFI.INTERP, cfg.MODEL.AFI.SHARED))
+        self.guides = None
+        one = next(iter(generator.values())) if isinstance(generator, nn.ModuleDict) else generator
+        if getattr(one, "guided", False):
+            self.guides = guided_levels(self.levels)
+            if not self.guides:
+                raise ValueError(f"MODEL.AFI.INTERP {cfg.MODEL.AFI.INTERP!r} is guided by the next finer level, and none of "
+                                 f"MODEL.AFI.LEVELS {list(self.levels)} has one; add levels above p2.")
+            left_out = [l for l in self.levels if l not in self.guides]
+            if left_out:
+                logger.info("Stage 1: %r is guided by the next finer level; %s has none and is left out of the losses.",
+                            cfg.MODEL.AFI.INTERP, ", ".join(left_out))
+            self.levels = [l for l in self.levels if l in self.guides]
+            getattr(self.D_loss, "module", self.D_loss).levels = self.levels  # DDP-wrapped or not
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume G and D from ``OUTPUT_DIR/{G_0,D_0}/last_checkpoint`` when ``resume`` and one
@@ -76,7 +117,10 @@ class Stage1Trainer(AdversarialTrainer):
     def teacher_features(self, data):
         """(real, low): the teacher's pyramids of ``image`` and of its low-resolution twin."""
         real = select(self.teacher(data, "image"), self.levels, "teacher")
-        low = select(self.teacher(data, self.lr_key), self.levels, "teacher")
+        low_all = self.teacher(data, self.lr_key)
+        low = select(low_all, self.levels, "teacher")
+        if self.guides is not None:  # guided G: the finer low-resolution levels ride along
+            self.low_guides = {l: low_all[f] for l, f in self.guides.items()}
         return real, low
 
     def g_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
@@ -94,6 +138,7 @@ class Stage1Trainer(AdversarialTrainer):
         data, data_time = self.next_batch()
         real, low = self.teacher_features(data)
         with self.amp.autocast():
-            fake = self.G_ddp(low)  # ONE G pass: its detached output feeds the D step
+            # ONE G pass: its detached output feeds the D step.
+            fake = self.G_ddp(low) if self.guides is None else self.G_ddp(low, self.low_guides)
         self.d_step(real, fake, data_time)
         self.g_step(real, fake, data_time)

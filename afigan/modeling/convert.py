@@ -47,7 +47,7 @@ def use_af_interpolator(model: nn.Module, weights: Optional[str] = None, kind: s
             # AFIFPN only adds srf_module and reroutes the upsampling; swapping the class keeps
             # every submodule, parameter and buffer of the stock FPN as it is.
             module.__class__ = AFIFPN
-            module.srf_module = up
+            module.install_upsamplers(up)
             converted.append(name)
     if not converted:
         raise ValueError("use_af_interpolator: the model contains no stock detectron2 FPN to convert.")

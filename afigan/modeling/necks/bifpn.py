@@ -10,7 +10,8 @@ Two modes (``MODEL.BIFPN.MODE``):
   1.. fuse their own inputs in the bottom-up pass. Same parameter names, so the same modules.
 
 Each layer calls ``self.srf_module`` four times (top-down p7->p6->p5->p4->p3): one upsampler
-instance shared by all layers (28 calls per forward in faithful mode). Outputs p3..p7,
+instance shared by all layers (28 calls per forward in faithful mode); with ``MODEL.AFI.SHARED
+False`` one instance per top-down level (``srf_modules.p3..p6``), shared by the layers. Outputs p3..p7,
 ``out_channels`` each, strides 8..128; ``size_divisibility`` is 128. Odd sizes work: upsampling
 targets the lateral's size and pooled maps are cropped/edge-padded to the map they join.
 """
@@ -22,10 +23,8 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling.backbone import Backbone
 
-from afigan.layers import build_upsampler
-
 from .bifpn_layers import BiFPNInput, SeparableConv2d, fuse, static_same_max_pool
-from .common import upsampler_from_config
+from .common import Upsamplers, attach_upsamplers, neck_upsampler_from_config, upsample_step
 
 __all__ = ["AFIBiFPN", "BIFPN_MODES"]
 
@@ -34,6 +33,7 @@ FAITHFUL_NUM_LAYERS = 7  # hard-coded in the reference; FPN_REPEAT is ignored th
 _IN_STRIDES = (8, 16, 32)
 _UP_LEVELS = (6, 5, 4, 3)  # top-down order: conv{l}_up, p{l}_w1
 _DOWN_LEVELS = (4, 5, 6, 7)  # bottom-up order: conv{l}_down, p{l}_w2
+BIFPN_STEP_LEVELS = [f"p{lvl}" for lvl in _UP_LEVELS]  # levels a top-down step produces (per-level upsampler keys)
 
 
 class AFIBiFPN(Backbone):
@@ -46,7 +46,8 @@ class AFIBiFPN(Backbone):
         norm: norm of the separable convs and the p6 block ("" = none; "BN", "SyncBN", "GN").
         mode: "faithful" or "corrected" (module docstring).
         num_layers: BiFPN layers; must be 7 (or None) in faithful mode.
-        upsampler: module called ``up(x, output_size=(H, W))``; default a fresh AF interpolator.
+        upsampler: module called ``up(x, output_size=(H, W))``, or ``{level: module}`` for the
+            top-down levels p3..p6 (one per step, shared by the layers); default a fresh AF interpolator.
 
     Input (N, 3, H, W); output ``{p3..p7: (N, C, ~H/2^l, ~W/2^l)}`` (exactly H/2^l for H a
     multiple of 128).
@@ -54,7 +55,7 @@ class AFIBiFPN(Backbone):
 
     @configurable
     def __init__(self, bottom_up: Backbone, in_features: Sequence[str], out_channels: int, norm: str = "BN",
-                 mode: str = "faithful", num_layers: Optional[int] = None, upsampler: Optional[nn.Module] = None):
+                 mode: str = "faithful", num_layers: Optional[int] = None, upsampler: Optional[Upsamplers] = None):
         super().__init__()
         if mode not in BIFPN_MODES:
             raise ValueError(f"MODEL.BIFPN.MODE must be one of {BIFPN_MODES}, got {mode!r}.")
@@ -85,7 +86,7 @@ class AFIBiFPN(Backbone):
             for lvl in _DOWN_LEVELS:
                 self.register_parameter(f"BiFPNLayer_{k}_p{lvl}_w2", nn.Parameter(torch.ones(3 if lvl < 7 else 2)))
         self.before_bifpn = BiFPNInput([shapes[f].channels for f in in_features], out_channels, norm)
-        self.srf_module = upsampler if upsampler is not None else build_upsampler("afi", out_channels)
+        attach_upsamplers(self, upsampler, BIFPN_STEP_LEVELS, out_channels)
         for k in range(num_layers):
             for lvl in _UP_LEVELS:
                 self.add_module(f"BiFPNLayer_{k}_conv{lvl}_up", SeparableConv2d(out_channels, out_channels, norm))
@@ -108,7 +109,7 @@ class AFIBiFPN(Backbone):
             mode=mode,
             # Faithful mode ignores FPN_REPEAT, as the reference does (its Swin config says 7).
             num_layers=FAITHFUL_NUM_LAYERS if mode == "faithful" else b.FPN_REPEAT,
-            upsampler=upsampler_from_config(cfg, b.OUT_CHANNELS),
+            upsampler=neck_upsampler_from_config(cfg, b.OUT_CHANNELS, BIFPN_STEP_LEVELS),
         )
 
     @property
@@ -127,11 +128,10 @@ class AFIBiFPN(Backbone):
         """Layer ``k``: inputs ``a`` = [a3..a7], bottom-up skips ``s`` = [s4..s7] -> [u3, o4, o5, o6, o7]."""
         a3, a4, a5, a6, a7 = a
         s4, s5, s6, s7 = s
-        up = self.srf_module
-        u6 = self._node(k, "conv6_up", "p6_w1", [a6, up(a7, output_size=a6.shape[-2:])])
-        u5 = self._node(k, "conv5_up", "p5_w1", [a5, up(u6, output_size=a5.shape[-2:])])
-        u4 = self._node(k, "conv4_up", "p4_w1", [a4, up(u5, output_size=a4.shape[-2:])])
-        u3 = self._node(k, "conv3_up", "p3_w1", [a3, up(u4, output_size=a3.shape[-2:])])
+        u6 = self._node(k, "conv6_up", "p6_w1", [a6, upsample_step(self, a7, "p6", a6)])
+        u5 = self._node(k, "conv5_up", "p5_w1", [a5, upsample_step(self, u6, "p5", a5)])
+        u4 = self._node(k, "conv4_up", "p4_w1", [a4, upsample_step(self, u5, "p4", a4)])
+        u3 = self._node(k, "conv3_up", "p3_w1", [a3, upsample_step(self, u4, "p3", a3)])
         o4 = self._node(k, "conv4_down", "p4_w2", [s4, u4, static_same_max_pool(u3, u4.shape[-2:])])
         o5 = self._node(k, "conv5_down", "p5_w2", [s5, u5, static_same_max_pool(o4, u5.shape[-2:])])
         o6 = self._node(k, "conv6_down", "p6_w2", [s6, u6, static_same_max_pool(o5, u6.shape[-2:])])

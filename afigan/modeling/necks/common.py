@@ -1,29 +1,90 @@
-"""The neck's one shared upsampler (``srf_module``) built from config, and freezing it."""
-from typing import Optional
+"""The neck's upsamplers built from config, and the one way a neck calls them.
 
+A neck holds either ONE shared upsampler ``srf_module`` (``MODEL.AFI.SHARED True``, AFI-GAN's
+layout: the reference checkpoints' keys) or one per top-down step, ``srf_modules[<level>]``
+keyed by the level the step produces (``SHARED False``, mmdetection's layout for learned
+upsamplers). Guided kinds (FADE) also receive the finer level's lateral.
+"""
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+
+import torch
 from torch import nn
 
 from afigan.config import afi_freeze
 from afigan.layers import build_upsampler
 
-__all__ = ["upsampler_from_config", "freeze_"]
+__all__ = ["upsampler_from_config", "neck_upsampler_from_config", "attach_upsamplers", "upsample_step",
+           "upsampler_options", "freeze_"]
+
+Upsamplers = Union[nn.Module, Mapping[str, nn.Module]]
+
+# Per kind: (config node of its options, its keyword arguments from MODEL.AFI).
+_OPTIONS: Dict[str, Callable] = {
+    "afi": lambda a: ("MODEL.AFI.{NUM_BLOCKS,GROWTH,RES_SCALE,SKIP}",
+                      dict(num_blocks=a.NUM_BLOCKS, growth=a.GROWTH, res_scale=a.RES_SCALE, skip=a.SKIP)),
+    "dysample": lambda a: ("MODEL.AFI.DYSAMPLE", dict(style=a.DYSAMPLE.STYLE, groups=a.DYSAMPLE.GROUPS,
+                                                      dyscope=a.DYSAMPLE.DYSCOPE)),
+    "carafe": lambda a: ("MODEL.AFI.CARAFE", dict(up_kernel=a.CARAFE.UP_KERNEL, encoder_kernel=a.CARAFE.ENCODER_KERNEL,
+                                                  compressed_channels=a.CARAFE.COMPRESSED_CHANNELS)),
+    "fade": lambda a: ("MODEL.AFI.FADE", dict(up_kernel=a.FADE.UP_KERNEL, embedding=a.FADE.EMBEDDING)),
+}
+
+
+def upsampler_options(cfg, kind: str):
+    """``(config node name, keyword arguments)`` of ``kind``'s options in ``MODEL.AFI``; kinds
+    without options give ``("MODEL.AFI.INTERP", {})``."""
+    if kind in _OPTIONS:
+        return _OPTIONS[kind](cfg.MODEL.AFI)
+    return "MODEL.AFI.INTERP", {}
 
 
 def upsampler_from_config(cfg, channels: int, kind: Optional[str] = None, freeze: Optional[bool] = None) -> nn.Module:
     """The one place where ``MODEL.AFI`` becomes an upsampler: kind ``MODEL.AFI.INTERP`` (or
-    ``kind``) with the interpolator sizes ``NUM_BLOCKS``, ``GROWTH``, ``RES_SCALE``, ``SKIP``;
-    frozen when ``MODEL.AFI_FREEZE`` (or ``freeze``). Used by every neck and by stage 1's G."""
-    a = cfg.MODEL.AFI
-    kind = a.INTERP if kind is None else kind
-    kwargs = {}
-    if kind == "afi":
-        kwargs = dict(num_blocks=a.NUM_BLOCKS, growth=a.GROWTH, res_scale=a.RES_SCALE, skip=a.SKIP)
+    ``kind``) with its options (``upsampler_options``); frozen when ``MODEL.AFI_FREEZE`` (or
+    ``freeze``). Used by every neck and by stage 1's G."""
+    kind = cfg.MODEL.AFI.INTERP if kind is None else kind
+    node, kwargs = upsampler_options(cfg, kind)
     try:
         up = build_upsampler(kind, channels, **kwargs)
     except ValueError as e:
-        raise ValueError(f"MODEL.AFI.INTERP: {e}") from None
+        key = "MODEL.AFI.INTERP" if node == "MODEL.AFI.INTERP" else f"MODEL.AFI.INTERP {kind!r} with {node}"
+        raise ValueError(f"{key}: {e}") from None
     freeze = afi_freeze(cfg) if freeze is None else freeze
     return freeze_(up) if freeze else up
+
+
+def neck_upsampler_from_config(cfg, channels: int, step_levels: Sequence[str]) -> Upsamplers:
+    """The neck's ``upsampler`` argument: one module when ``MODEL.AFI.SHARED``, else a dict
+    ``{level: module}`` with one fresh upsampler per top-down step (``step_levels``)."""
+    if cfg.MODEL.AFI.SHARED:
+        return upsampler_from_config(cfg, channels)
+    return {level: upsampler_from_config(cfg, channels) for level in step_levels}
+
+
+def attach_upsamplers(neck: nn.Module, upsampler: Optional[Upsamplers], step_levels: Sequence[str], channels: int) -> None:
+    """Register ``upsampler`` on ``neck``: a module becomes ``srf_module``; a mapping
+    ``{level: module}`` (one per entry of ``step_levels``) becomes ``srf_modules``. ``None``
+    means a fresh shared AF interpolator."""
+    if upsampler is None:
+        upsampler = build_upsampler("afi", channels)
+    if isinstance(upsampler, nn.Module) and not isinstance(upsampler, nn.ModuleDict):
+        neck.srf_module, neck.srf_modules = upsampler, None
+        return
+    if set(upsampler) != set(step_levels):
+        raise ValueError(f"Per-level upsamplers must be keyed by the neck's top-down levels {list(step_levels)}, "
+                         f"got {sorted(upsampler)}.")
+    neck.srf_module = None
+    neck.srf_modules = nn.ModuleDict({level: upsampler[level] for level in step_levels})
+
+
+def upsample_step(neck: nn.Module, x: torch.Tensor, level: str, lateral: torch.Tensor) -> torch.Tensor:
+    """x2-upsample ``x`` to ``lateral``'s size for the top-down step producing ``level``; guided
+    upsamplers also get ``lateral`` as their guide. Other modules are called ``up(x, output_size)``,
+    so user-supplied upsamplers with the two-argument call keep working."""
+    up = neck.srf_module if neck.srf_modules is None else neck.srf_modules[level]
+    if getattr(up, "guided", False):
+        return up(x, output_size=lateral.shape[-2:], guide=lateral)
+    return up(x, output_size=lateral.shape[-2:])
 
 
 def freeze_(module: nn.Module) -> nn.Module:

@@ -2,10 +2,12 @@
 
 Detectron2's FPN with one change: the top-down ``F.interpolate(..., scale_factor=2)`` becomes
 ``self.srf_module(prev, output_size=lateral.shape[-2:])``, one shared upsampler instance called
-once per top-down step (3 times for p5 -> p2). Module names, output names, channels, strides
+once per top-down step (3 times for p5 -> p2), or with ``MODEL.AFI.SHARED False`` one instance
+per step, ``srf_modules[<level>]`` (guided kinds also get the lateral). Module names, output names, channels, strides
 and ``size_divisibility`` are the stock ones, so Detectron2-zoo FPN weights load, and with
 ``MODEL.AFI.INTERP nearest`` the outputs equal the stock FPN's exactly.
 """
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -15,11 +17,9 @@ from detectron2.config import configurable
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from afigan.layers import build_upsampler
+from .common import Upsamplers, attach_upsamplers, neck_upsampler_from_config, upsample_step
 
-from .common import upsampler_from_config
-
-__all__ = ["AFIFPN", "fpn_kwargs_from_config"]
+__all__ = ["AFIFPN", "fpn_kwargs_from_config", "top_down_levels"]
 
 
 def fpn_kwargs_from_config(cfg, bottom_up: Backbone, top_block: Optional[nn.Module] = None) -> Dict:
@@ -38,25 +38,36 @@ def fpn_kwargs_from_config(cfg, bottom_up: Backbone, top_block: Optional[nn.Modu
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool() if top_block is None else top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        upsampler=upsampler_from_config(cfg, out_channels),
+        upsampler=neck_upsampler_from_config(cfg, out_channels, top_down_levels(bottom_up, cfg.MODEL.FPN.IN_FEATURES)),
     )
+
+
+def top_down_levels(bottom_up: Backbone, in_features: List[str]) -> List[str]:
+    """Output names of the levels a top-down step produces (all but the coarsest), finest first."""
+    return [f"p{int(math.log2(bottom_up.output_shape()[f].stride))}" for f in in_features][:-1]
 
 
 class AFIFPN(FPN):
     """Detectron2 FPN whose top-down x2 upsampling is ``self.srf_module``.
 
     Args: those of :class:`detectron2.modeling.FPN`, plus ``upsampler``: an ``nn.Module``
-    called as ``up(x, output_size)`` (see :func:`afigan.layers.build_upsampler`); default a
-    fresh AF interpolator. Input: the bottom-up network's input (N, 3, H, W); output: dict
+    called as ``up(x, output_size)`` (see :func:`afigan.layers.build_upsampler`), or a mapping
+    ``{level: module}`` with one per top-down level (``p2``..``p4`` for res2..res5); default a
+    fresh shared AF interpolator. Input: the bottom-up network's input (N, 3, H, W); output: dict
     ``p2..p6`` of (N, out_channels, H / stride, W / stride).
     """
 
     @configurable
     def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum",
-                 upsampler: Optional[nn.Module] = None, square_pad=0):
+                 upsampler: Optional[Upsamplers] = None, square_pad=0):
         super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
                          fuse_type=fuse_type, square_pad=square_pad)
-        self.srf_module = upsampler if upsampler is not None else build_upsampler("afi", out_channels)
+        self.install_upsamplers(upsampler)
+
+    def install_upsamplers(self, upsampler: Optional[Upsamplers]) -> None:
+        """Set the neck's upsampler(s): one shared module, or ``{level: module}`` per top-down step."""
+        self.step_levels = top_down_levels(self.bottom_up, self.in_features)
+        attach_upsamplers(self, upsampler, self.step_levels, next(iter(self.output_shape().values())).channels)
 
     @classmethod
     def from_config(cls, cfg, bottom_up, top_block=None):
@@ -70,7 +81,7 @@ class AFIFPN(FPN):
             if idx == 0:
                 continue
             lateral = lateral_conv(bottom_up_features[self.in_features[-idx - 1]])
-            prev = lateral + self.srf_module(prev, output_size=lateral.shape[-2:])
+            prev = lateral + upsample_step(self, prev, self.step_levels[-idx], lateral)
             if self._fuse_type == "avg":
                 prev = prev / 2
             merged.insert(0, prev)
