@@ -41,6 +41,8 @@ setup(
     extras_require={
         "test": ["pytest"],
         "plot": ["matplotlib"],  # kept for existing install commands; matplotlib is now required
+        # tools/export_model.py --format onnx: onnxruntime runs the exported file for the check, the tests read it with onnx.
+        "onnx": ["onnx", "onnxruntime"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
