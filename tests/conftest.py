@@ -59,7 +59,8 @@ def tool(capsys):
     from detectron2.utils import logger as d2_logger
 
     def clear():
-        for name in ("detectron2", "d2", "fvcore", "afigan"):
+        # "afigan_pipeline": the pipeline's status lines (afigan/engine/pipeline.py), handler made once.
+        for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
             logging.getLogger(name).handlers.clear()
         d2_logger.setup_logger.cache_clear()
 

@@ -149,7 +149,7 @@ def chain(tmp_path_factory):
 def _trainer(stage, out, chain):
     from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
 
-    opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1]
+    opts = ["SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1]
     torch.manual_seed(0)
     if stage == "stage3":
         return DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(out), *opts, "DATASETS.TEST", ()))
@@ -162,7 +162,7 @@ def _trainer(stage, out, chain):
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 def test_stage_killed_at_a_random_iteration_and_resumed_equals_an_uninterrupted_run(tmp_path, chain, stage):
-    kill = RNG.randrange(0, 3)  # after iteration 0, 1 or 2 of 0..3
+    kill = RNG.randrange(0, 2)  # after iteration 0 or 1 of 0..2
     why = f"{stage} killed after iteration {kill} (AFIGAN_FAULT_SEED={SEED})"
     full = _trainer(stage, tmp_path / "full", chain)
     full.resume_or_load(resume=True)
@@ -188,7 +188,7 @@ def test_stage_killed_at_a_random_iteration_and_resumed_equals_an_uninterrupted_
 
 def _pipeline_opts(out):
     return ["--config-dir", os.path.join(CONFIGS, "toy", "pipeline"), "--output-dir", out, *TINY_OPTS,
-            "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1]
+            "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1]
 
 
 def _status(everything):
@@ -217,8 +217,9 @@ def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_
         tool("pipeline", *_pipeline_opts(out))
     monkeypatch.setattr(Pipeline, "_maybe", original_maybe)
 
-    # (c) killed inside stage 2 or 3 at a random iteration.
-    stage, kill = RNG.choice(["stage2", "stage3"]), RNG.randrange(0, 2)
+    # (c) killed inside stage 2 or 3 (chosen at random) after its first iteration; the per-stage test
+    # above varies the iteration (two iterations per stage keep this four-stage test short).
+    stage, kill = RNG.choice(["stage2", "stage3"]), 0
     why = f"pipeline killed in {stage} after iteration {kill} (AFIGAN_FAULT_SEED={SEED})"
     original_after_step = TrainerBase.after_step
 
@@ -235,11 +236,11 @@ def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_
     code, err, everything = tool("pipeline", *_pipeline_opts(out))
     assert code == 0, everything[-3000:]
     lines = _status(everything)
-    assert [l.split(":")[0] for l in lines[:4]] == ["stage0", "stage1", "stage2", "stage3"], lines
-    assert all(": skipped, already done" in l for l in lines[:2]), lines
+    assert [l.split(":")[0] for l in lines[:4]] == ["stage0", "stage1", "stage2", "stage3"], (why, lines)
+    assert all(": skipped, already done" in l for l in lines[:2]), (why, lines)
     assert f"{stage}: resuming at iteration {kill + 1}: " in "\n".join(lines), (why, lines)
     if stage == "stage3":
-        assert ": skipped, already done" in lines[2], lines
+        assert ": skipped, already done" in lines[2], (why, lines)
     for folder in ("stage2/AFExtractor", "stage2/Disc", "stage3"):
         a = _loads(tmp_path / "full" / folder / "model_final.pth")["model"]
         b = _loads(out / folder / "model_final.pth")["model"]

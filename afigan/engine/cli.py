@@ -155,13 +155,29 @@ def run_tool(main, args, *main_args):
     except USER_ERRORS as e:
         if debug_enabled():
             raise
-        _fail(user_message(e))
+        _fail(_with_origin(user_message(e), e))
     except Exception as e:  # noqa: BLE001 - only to recognise a spawned rank's user error
         failed = _rank_error(e)
         if failed is None or failed[1] not in _USER_ERROR_NAMES or debug_enabled():
             raise
         rank, _, message = failed
         _fail(f"rank {rank} of {args.num_gpus * args.num_machines}: {' '.join(message.split())}")
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _with_origin(message: str, e: BaseException) -> str:
+    """afigan's own messages name the key and what to do; one raised inside a library (torch,
+    Detectron2, fvcore) may not, so it also says where it came from and how to see the traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    origin = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else _PACKAGE
+    if origin.startswith(_PACKAGE + os.sep):
+        return message
+    where = os.sep.join(origin.split(os.sep)[-3:])
+    return f"{message.rstrip('.')} (raised in {where}; --debug shows the traceback)."
 
 
 def _fail(sentence: str):

@@ -132,6 +132,7 @@ def setup_cfg(args, stage: str = ""):
     cfg.freeze()
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         _check_output_dir(cfg.OUTPUT_DIR)
+    quiet_third_party()
     with _without_config_dumps():
         default_setup(cfg, args)
     # default_setup configures Detectron2's and fvcore's loggers; afigan's own INFO lines (weights
@@ -141,7 +142,6 @@ def setup_cfg(args, stage: str = ""):
     if not sys.stdout.isatty():
         _plain_console("detectron2", "fvcore")
     quiet_user_error_tracebacks()
-    quiet_third_party()
     changed = config_changes(cfg)
     logger.info("Config: %d keys differ from the defaults (the full config is %s):\n%s", len(changed),
                 os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "\n".join(f"  {k}: {v!r}" for k, v in changed))
@@ -163,6 +163,15 @@ def quiet_third_party() -> None:
     fx = logging.getLogger("torch.fx._symbolic_trace")
     if _drop_fx_tracing_note not in fx.filters:
         fx.addFilter(_drop_fx_tracing_note)
+    # Detectron2's default_setup collects the environment, importing torch.utils.cpp_extension, which
+    # logs that a CPU-only machine has no CUDA runtime.
+    ext = logging.getLogger("torch.utils.cpp_extension")
+    if _drop_no_cuda_note not in ext.filters:
+        ext.addFilter(_drop_no_cuda_note)
+
+
+def _drop_no_cuda_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
 
 def _drop_user_error_tracebacks(record: logging.LogRecord) -> bool:
