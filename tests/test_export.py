@@ -28,6 +28,8 @@ MASK_RCNN = os.path.join(CONFIGS, "toy", "fpn_toy.yaml")  # Mask R-CNN R-18, 32-
 FCOS = (os.path.join(DETECTORS, "fcos_R_50_FPN_toy_afi.yaml"), "MODEL.FCOS.INFERENCE_TH_TEST", "0.0")
 RETINANET = (os.path.join(DETECTORS, "retinanet_R_50_FPN_toy_afi.yaml"), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
 PAFPN = (os.path.join(DETECTORS, "mask_rcnn_R_50_PAFPN_toy_afi.yaml"),)
+# One upsampler per top-down step (srf_modules), of a guided kind (FADE gets the finer lateral).
+PAFPN_PER_LEVEL = (PAFPN[0], "MODEL.AFI.SHARED", "False", "MODEL.AFI.INTERP", "fade")
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -77,20 +79,22 @@ def test_mask_rcnn_exports_with_every_upsampler_kind(kind, fmt, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", _formats())
-@pytest.mark.parametrize("model", [FCOS, RETINANET, PAFPN], ids=["fcos", "retinanet", "mask_rcnn_pafpn"])
+@pytest.mark.parametrize("model", [FCOS, RETINANET, PAFPN, PAFPN_PER_LEVEL],
+                         ids=["fcos", "retinanet", "mask_rcnn_pafpn", "mask_rcnn_pafpn_per_level_fade"])
 def test_fcos_retinanet_and_pafpn_export_through_the_tool(model, fmt, tmp_path, capsys):
     import json
 
     result = runpy.run_path(TOOL)["main"](["--config-file", model[0], "--output", str(tmp_path), "--format", fmt,
                                            *SMALL, *model[1:]])
-    _check(result, masks=model is PAFPN)
+    masks = model[0] == PAFPN[0]
+    _check(result, masks=masks)
     out = capsys.readouterr().out
     assert "traced on a random 64x85 image (seed 0" in out  # the default sample, named
     assert f"{fmt}: {result.detections} detections; largest difference to PyTorch: pred_boxes " in out
     assert "within tolerance 0.0001" in out
     info = json.load(open(tmp_path / "export.json"))
     assert info["format"] == fmt and info["outputs"] == result.outputs and info["ok"] is True
-    assert result.outputs == ["pred_boxes", "pred_classes", *(["pred_masks"] if model is PAFPN else []), "scores", "image_size"]
+    assert result.outputs == ["pred_boxes", "pred_classes", *(["pred_masks"] if masks else []), "scores", "image_size"]
     if fmt == "onnx":
         onnx = pytest.importorskip("onnx")
         graph = onnx.load(result.path)
