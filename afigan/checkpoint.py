@@ -13,6 +13,7 @@
 """
 import contextlib
 import errno
+import glob
 import logging
 import os
 import pickle
@@ -60,6 +61,10 @@ def atomic_open(path: str, mode: str = "wb"):
     untouched."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    # A process killed (SIGKILL) while writing ``path`` left its temporary file behind: drop it now.
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape("." + os.path.basename(path)) + ".*.tmp")):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, mode) as f:

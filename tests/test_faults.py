@@ -90,10 +90,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_co
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
     assert _loads(out / "model_0000000.pth")["iteration"] == 0
     assert not (out / "model_0000001.pth").exists()  # the half-written file never got its name
+    assert len(glob.glob(str(out / ".model_0000001.pth.*.tmp"))) == 1  # it is still there, under a temporary name
     code, err, everything = tool("stage3", "--resume", *_stage3_argv(out))
     assert code == 0, everything[-3000:]
     assert "Starting training from iteration 1" in everything
     assert _loads(out / "model_final.pth")["iteration"] == 2
+    assert not glob.glob(str(out / ".*.tmp"))  # the next write of that checkpoint removed it
 
 
 # --- (b) no space left on the device ------------------------------------------------------
