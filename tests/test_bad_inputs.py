@@ -334,3 +334,20 @@ def test_unreadable_training_image_is_skipped_with_one_warning_and_counted(tool,
     counts = [m["data/skipped_images"] for m in metrics if "data/skipped_images" in m]
     assert counts and counts[-1] >= 1
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+def test_unreadable_image_in_evaluation_stops_even_from_a_loader_worker(tool, tmp_path):
+    from afigan.engine import DetectorTrainer
+    from stage_helpers import stage_cfg
+
+    def edit(js, images):
+        (images / js["images"][0]["file_name"]).write_bytes(b"not a png")
+
+    name = _coco_set(tmp_path, edit=edit)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": DetectorTrainer.build_model(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "m"))).state_dict()}, weights)
+    # Evaluation stops: AP over a silently smaller set would not be the data set's AP.
+    s = _stop(tool, "run_net", "--eval-only", *_stage3(tmp_path, "MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{name}',)",
+                                                       "DATALOADER.NUM_WORKERS", 1))
+    assert s.startswith(f"Cannot read image '{tmp_path / 'images' / '000001.png'}' (UnidentifiedImageError: ")
+    assert s.endswith("replace or remove it from the data set.")

@@ -10,7 +10,11 @@ class UnreadableImageError(OSError):
     """An image file that exists but cannot be decoded (training skips it, see
     :class:`afigan.data.loader.ResumableBatches`; evaluation stops)."""
 
-    def __init__(self, file_name: str, error: BaseException):
+    def __init__(self, file_name: str, error: BaseException = None):
+        if error is None:  # rebuilt from its message (PyTorch's DataLoader re-raises a worker's error that way)
+            super().__init__(file_name)
+            self.file_name = ""
+            return
         super().__init__(f"Cannot read image {file_name!r} ({type(error).__name__}: {' '.join(str(error).split())}); "
                          f"replace or remove it from the data set.")
         self.file_name = file_name

@@ -174,7 +174,7 @@ def _with_origin(message: str, e: BaseException) -> str:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     origin = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else _PACKAGE
-    if origin.startswith(_PACKAGE + os.sep):
+    if origin.startswith(_PACKAGE + os.sep) or "Original Traceback" in str(e):  # (a DataLoader worker's error: its own place is lost)
         return message
     where = os.sep.join(origin.split(os.sep)[-3:])
     return f"{message.rstrip('.')} (raised in {where}; --debug shows the traceback)."

@@ -38,6 +38,10 @@ def user_message(e: BaseException) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
     if isinstance(e, OSError) and e.errno is not None and e.strerror and e.filename is None:
         msg = e.strerror  # OSError(errno, sentence): str() would prefix "[Errno N]"
+    if "Original Traceback (most recent call last):" in msg:
+        # Re-raised from a DataLoader worker with the worker's traceback in the message: keep its last line.
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
     return " ".join(msg.split())
 
 
