@@ -261,10 +261,3 @@ def test_depth_34_is_refused():
     cfg.MODEL.RESNETS.DEPTH = 34
     with pytest.raises(ValueError, match="DEPTH 34"):
         build_resnest_backbone(cfg, ShapeSpec(channels=3))
-
-
-def test_deformable_is_refused():
-    cfg = small_cfg()
-    cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, True, True, True]
-    with pytest.raises(NotImplementedError, match="DEFORM_ON_PER_STAGE"):
-        build_resnest_backbone(cfg, ShapeSpec(channels=3))

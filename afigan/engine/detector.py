@@ -9,7 +9,9 @@ A Detectron2 ``DefaultTrainer`` with:
   ``OUTPUT_DIR`` everything comes from it, and without one the non-resume path runs
   (docs/differences_from_reference.md, B8);
 * a working ``test`` with Detectron2's ``COCOEvaluator`` at ``TEST.EVAL_PERIOD`` and at the end
-  (B5 there);
+  (B5 there), as :class:`afigan.engine.evaluation.AFICOCOEvaluator`: masks ranked by their mask
+  scores with ``MODEL.MASKIOU_ON`` (CenterMask), COCO-server zips on annotation-free sets
+  (test-dev);
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
 import contextlib
@@ -22,7 +24,7 @@ import torch
 
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -31,6 +33,7 @@ from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
 
 from .common import AMPPolicy, SeedEachIteration, ddp, require_file
+from .evaluation import AFICOCOEvaluator
 from .hooks import FinalCheckpointer, checkpoint_keep, non_finite_loss_error
 
 __all__ = ["DetectorTrainer"]
@@ -120,7 +123,11 @@ class DetectorTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        # MaskIoU-rescored masks (CenterMask) are ranked by their mask scores in segm AP; a test-dev
+        # submission is named after the run's folder (the server's [alg] field).
+        return AFICOCOEvaluator(dataset_name, output_dir=output_folder,
+                                use_mask_scores=cfg.MODEL.MASK_ON and cfg.MODEL.MASKIOU_ON,
+                                submission_alg=os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)))
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

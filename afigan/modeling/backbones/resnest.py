@@ -3,8 +3,10 @@
 A port of the detectron2-ResNeSt project used by the reference: deep stem, split-attention
 bottlenecks, AVD and the average-pool ("ResNet-D") shortcut. Module names equal the reference's,
 so its checkpoints (e.g. the released cascade ResNeSt-101 models) load with no missing and no
-unexpected keys. Dropped from the reference: DropBlock/RFConv branches (dead code), the broken
-R18/R34 path (ValueError) and the deformable variants (NotImplementedError).
+unexpected keys. Dropped from the reference: DropBlock/RFConv branches (dead code) and the broken
+R18/R34 path (ValueError). The deformable blocks (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``,
+``DEFORM_MODULATED``, ``DEFORM_NUM_GROUPS``) run on torchvision's deformable conv
+(:mod:`afigan.modeling.backbones.resnest_dcn`), so on CPU too.
 
 Builders in Detectron2's backbone registry: ``build_resnest_backbone`` and, with the AF
 interpolator necks, ``build_resnest_fpn_sr_backbone`` / ``build_resnest_pafpn_sr_backbone``.
@@ -19,9 +21,12 @@ from torch.nn import functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone, ResNet
 
+from .resnest_dcn import DeformConv, DeformSplitAttn, offset_channels, split_offset_mask
+
 __all__ = [
     "ResNeStStem",
     "ResNeStBottleneckBlock",
+    "ResNeStDeformBottleneckBlock",
     "build_resnest_backbone",
     "RESNEST_BLOCKS_PER_STAGE",
 ]
@@ -121,6 +126,18 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = Conv2d(in_channels, group_width, 1, stride=stride_1x1, bias=False,
                             norm=get_norm(norm, group_width))
+        self.conv2 = self._make_conv2(group_width, stride=stride_3x3, dilation=dilation, num_groups=num_groups,
+                                      norm=norm, radix=radix)
+        self.conv3 = Conv2d(group_width, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
+
+        # The split-attention conv keeps PyTorch's default init, as in the reference.
+        for layer in [self.conv1, self.conv3, self.shortcut] + ([self.conv2] if radix == 1 else []):
+            if layer is not None:
+                weight_init.c2_msra_fill(layer)
+
+    def _make_conv2(self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str,
+                    radix: int) -> nn.Module:
+        """The 3x3 conv: timm's split attention for radix > 1, else a grouped conv with norm."""
         if radix > 1:
             # timm is imported only when a split-attention block is built: importing afigan stays cheap.
             from timm.layers import SplitAttn
@@ -131,22 +148,18 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             # fc1 width make_divisible(in * radix * rd_ratio, min 32, rd_divisor): with divisor 1 and this ratio
             # it is exactly the reference's max(in * radix // 4, 32) (timm's default rounds to multiples of 8).
             attn_width = max(group_width * radix // 4, 32)
-            self.conv2 = SplitAttn(group_width, group_width, 3, stride=stride_3x3, padding=dilation, dilation=dilation,
-                                   groups=num_groups, bias=False, radix=radix, norm_layer=norm_layer,
-                                   rd_ratio=attn_width / (group_width * radix), rd_divisor=1)
-        else:
-            self.conv2 = Conv2d(group_width, group_width, 3, stride=stride_3x3, padding=dilation, bias=False,
-                                groups=num_groups, dilation=dilation, norm=get_norm(norm, group_width))
-        self.conv3 = Conv2d(group_width, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
+            return SplitAttn(group_width, group_width, 3, stride=stride, padding=dilation, dilation=dilation,
+                             groups=num_groups, bias=False, radix=radix, norm_layer=norm_layer,
+                             rd_ratio=attn_width / (group_width * radix), rd_divisor=1)
+        return Conv2d(group_width, group_width, 3, stride=stride, padding=dilation, bias=False, groups=num_groups,
+                      dilation=dilation, norm=get_norm(norm, group_width))
 
-        # The split-attention conv keeps PyTorch's default init, as in the reference.
-        for layer in [self.conv1, self.conv3, self.shortcut] + ([self.conv2] if radix == 1 else []):
-            if layer is not None:
-                weight_init.c2_msra_fill(layer)
+    def _conv2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu_(self.conv1(x))
-        out = self.conv2(out)
+        out = self._conv2(out)
         if self.radix == 1:  # SplitAttn already ends with its attention-weighted (non-negative) sum
             out = F.relu_(out)
         if self.avd:
@@ -159,6 +172,48 @@ class ResNeStBottleneckBlock(CNNBlockBase):
         return F.relu_(out + shortcut)
 
 
+class ResNeStDeformBottleneckBlock(ResNeStBottleneckBlock):
+    """:class:`ResNeStBottleneckBlock` whose 3x3 conv is deformable (the reference's ``DeformBottleneckBlock``).
+
+    ``conv2_offset``: a zero-initialised 3x3 conv (bias, ``deform_num_groups`` groups, conv2's
+    stride and dilation) on conv1's output predicting the offsets, and with ``deform_modulated``
+    the masks too (:func:`~afigan.modeling.backbones.resnest_dcn.split_offset_mask`: mask =
+    sigmoid, so 0.5 at initialisation, as in the reference). ``conv2``: for radix 1 a deformable
+    grouped conv with norm (``conv2.weight``, ``conv2.norm.*``), for radix > 1 a split attention
+    with a deformable branch conv (``conv2.conv.weight``, ``conv2.bn0``, ...), named as the
+    reference's. The offset conv reads the block's group width; the reference reads
+    ``bottleneck_channels``, the same number unless ``BOTTLENECK_WIDTH`` != 64, where its blocks
+    do not build. Other arguments and shapes: as the parent.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, deform_modulated: bool = False,
+                 deform_num_groups: int = 1, **kwargs):
+        # Read by _make_conv2 while the parent builds the block (plain attributes may be set
+        # before nn.Module.__init__; modules and parameters may not).
+        self._deform = (bool(deform_modulated), int(deform_num_groups))
+        super().__init__(in_channels, out_channels, **kwargs)
+
+    def _make_conv2(self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str,
+                    radix: int) -> nn.Module:
+        modulated, groups = self._deform
+        if groups < 1 or group_width % groups:
+            raise ValueError(f"MODEL.RESNETS.DEFORM_NUM_GROUPS {groups} must be >= 1 and divide the block's "
+                             f"group width {group_width}; use a divisor of it (1 always works).")
+        self.conv2_offset = Conv2d(group_width, offset_channels(modulated, groups), 3, stride=stride,
+                                   padding=dilation, dilation=dilation, groups=groups)
+        nn.init.zeros_(self.conv2_offset.weight)
+        nn.init.zeros_(self.conv2_offset.bias)
+        if radix > 1:
+            return DeformSplitAttn(group_width, stride=stride, dilation=dilation, groups=num_groups, radix=radix,
+                                   norm=norm)
+        return DeformConv(group_width, group_width, 3, stride=stride, padding=dilation, dilation=dilation,
+                          groups=num_groups, norm=get_norm(norm, group_width))
+
+    def _conv2(self, x: torch.Tensor) -> torch.Tensor:
+        offset, mask = split_offset_mask(self.conv2_offset(x), self._deform[0])
+        return self.conv2(x, offset, mask)
+
+
 def check_resnest_config(r) -> None:
     """Raise a one-sentence error for ``MODEL.RESNETS`` settings ResNeSt cannot build."""
     depth = r.DEPTH
@@ -169,10 +224,11 @@ def check_resnest_config(r) -> None:
         )
     if depth not in RESNEST_BLOCKS_PER_STAGE:
         raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(RESNEST_BLOCKS_PER_STAGE)} for ResNeSt, got {depth}.")
-    if any(r.DEFORM_ON_PER_STAGE):
-        raise NotImplementedError(
-            "MODEL.RESNETS.DEFORM_ON_PER_STAGE: deformable ResNeSt blocks are not implemented; set it to all False."
-        )
+    if len(r.DEFORM_ON_PER_STAGE) != 4:
+        raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs one flag per stage res2..res5 (4), got "
+                         f"{list(r.DEFORM_ON_PER_STAGE)}.")
+    if r.DEFORM_NUM_GROUPS < 1:
+        raise ValueError(f"MODEL.RESNETS.DEFORM_NUM_GROUPS must be >= 1, got {r.DEFORM_NUM_GROUPS}.")
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}.")
     if r.RADIX < 1:
@@ -199,14 +255,16 @@ def make_resnest_stages(cfg, stem_out_channels: int) -> List[List[CNNBlockBase]]
         n = RESNEST_BLOCKS_PER_STAGE[depth][idx]
         dilation = r.RES5_DILATION if stage_idx == 5 else 1
         first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
+        deform = {"deform_modulated": r.DEFORM_MODULATED, "deform_num_groups": r.DEFORM_NUM_GROUPS} \
+            if r.DEFORM_ON_PER_STAGE[idx] else {}
         stages.append(ResNet.make_stage(
-            ResNeStBottleneckBlock, n,
+            ResNeStDeformBottleneckBlock if deform else ResNeStBottleneckBlock, n,
             in_channels=in_channels, out_channels=out_channels,
             stride_per_block=[first_stride] + [1] * (n - 1),
             bottleneck_channels=bottleneck_channels, num_groups=r.NUM_GROUPS, norm=norm,
             stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation,
             avd=r.AVD or radix > 1, avg_down=r.AVG_DOWN or radix > 1,
-            radix=radix, bottleneck_width=r.BOTTLENECK_WIDTH,
+            radix=radix, bottleneck_width=r.BOTTLENECK_WIDTH, **deform,
         ))
         in_channels = out_channels
         out_channels *= 2
@@ -219,6 +277,8 @@ def build_resnest_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """ResNeSt from ``MODEL.RESNETS`` (+ RADIX, BOTTLENECK_WIDTH, DEEP_STEM, AVD, AVG_DOWN) as a
     Detectron2 :class:`ResNet`: outputs ``MODEL.RESNETS.OUT_FEATURES`` (res2..res5: strides 4..32,
     channels RES2_OUT_CHANNELS * 1, 2, 4, 8). RADIX > 1 forces the deep stem, AVD and avg-down.
+    The stages flagged in DEFORM_ON_PER_STAGE are built of :class:`ResNeStDeformBottleneckBlock`
+    (DEFORM_MODULATED, DEFORM_NUM_GROUPS).
     ``MODEL.BACKBONE.FREEZE_AT`` freezes the stem (>= 1) and res2.. (>= 2, ...) and turns their
     norms into FrozenBN."""
     r = cfg.MODEL.RESNETS
