@@ -79,6 +79,12 @@ def add_afigan_config(cfg: CN) -> CN:
     # Read by Detectron2 (and afigan's loader) for SAMPLER_TRAIN RandomSubsetTrainingSampler, but
     # missing from Detectron2's defaults: the share of the training set kept.
     _set_default(cfg.DATALOADER, "RANDOM_SUBSET_RATIO", 1.0)
+    # One repeat factor per DATASETS.TRAIN entry (e.g. labeled, pseudo-labeled): an image of a
+    # source with factor f is drawn f times per pass on average (afigan/data/loader.py); () = all 1.
+    _set_default(cfg.DATALOADER, "SOURCE_REPEAT_FACTORS", [])
+    st = _node(cfg, "SELF_TRAINING")  # the pipeline's stage3_pseudo.yaml (afigan/engine/pipeline.py)
+    _set_default(st, "IMAGES", [])  # unlabeled images the stage-3 model pseudo-labels: files, folders, globs or data sets
+    _set_default(st, "SCORE_THRESHOLD", 0.5)  # detections kept as pseudo-labels: score >= this
 
     # ---- new keys: everything the reference hard-coded ----
     a = _node(m, "AFI")

@@ -9,6 +9,7 @@ flips the LR twin again with probability 1/2, which reproduces the reference's i
 """
 import copy
 import logging
+import warnings
 from typing import Dict
 
 import numpy as np
@@ -33,7 +34,13 @@ class FileCheckingDatasetMapper(DatasetMapper):
     def __call__(self, dataset_dict):
         require_image_file(dataset_dict["file_name"])
         try:
-            return super().__call__(dataset_dict)
+            if self.instance_mask_format != "bitmask":
+                return super().__call__(dataset_dict)
+            with warnings.catch_warnings():
+                # Bitmasks (RLE pseudo-labels): Detectron2's annotations_to_instances makes tensors of the
+                # read-only arrays its PIL resize returns, on which PyTorch warns; nothing writes to them.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+                return super().__call__(dataset_dict)
         except (OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError, "image file is truncated", ...
             raise UnreadableImageError(dataset_dict["file_name"], e) from None
 

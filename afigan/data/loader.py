@@ -5,7 +5,9 @@ and its augmentations draw from the global NumPy RNG, so a resumed run sees diff
 an uninterrupted one. Here batch ``i`` of rank ``r`` is always the same images with the same
 augmentation draws: this rank's index stream comes from Detectron2's own sampler of
 ``DATALOADER.SAMPLER_TRAIN`` (``TrainingSampler``, ``RepeatFactorTrainingSampler`` with
-``REPEAT_THRESHOLD`` / ``REPEAT_SQRT``, ``RandomSubsetTrainingSampler``), seeded with ``SEED``;
+``REPEAT_THRESHOLD`` / ``REPEAT_SQRT``, ``RandomSubsetTrainingSampler``), seeded with ``SEED``,
+with the per-source repeat factors ``DATALOADER.SOURCE_REPEAT_FACTORS`` (one per ``DATASETS.TRAIN``
+entry, e.g. labeled + pseudo-labeled images) folded into a ``RepeatFactorTrainingSampler``;
 index batches are formed from it (aspect-ratio grouping decided from the annotated image
 sizes, before any image is read), skipping to ``start_iter`` costs no image loading, and every
 batch's mapping runs under RNGs seeded from (seed, iteration, rank). Workers take batches
@@ -21,26 +23,35 @@ import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from afigan.seeding import DATA, seed_all_rngs
 
+from .datasets import register_pseudo_names
 from .image_io import UnreadableImageError
 
 __all__ = ["ResumableBatches", "build_resumable_train_loader", "build_index_sampler", "check_dataset_names",
+           "source_repeat_factors", "SOURCE_KEY",
            "load_train_dataset", "dataset_errors", "SKIPPED_METRIC"]
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+# The key of a training dataset dict naming its source: its index in DATASETS.TRAIN (set only
+# when DATALOADER.SOURCE_REPEAT_FACTORS is given).
+SOURCE_KEY = "train_source"
 
 
 def check_dataset_names(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
-    """Raise KeyError naming the first unregistered data set and the registered ones, in one sentence."""
+    """Raise KeyError naming the first unregistered data set and the registered ones, in one sentence.
+    Names ``pseudo:<file.json>`` (pseudo-label files) are registered here first."""
+    register_pseudo_names(names, key)
     if not names:
         raise ValueError(f"{key} is empty; name at least one registered data set (e.g. afigan_toy_train).")
     registered = sorted(DatasetCatalog.list())
@@ -116,23 +127,83 @@ def load_train_dataset(cfg) -> List[Dict]:
     id outside the categories, listed images that do not exist, a ``NUM_CLASSES`` that is not the
     number of categories."""
     check_dataset_names(cfg.DATASETS.TRAIN)
+    names = list(cfg.DATASETS.TRAIN)
+    factors = source_repeat_factors(cfg)
     try:
         with dataset_errors(cfg.DATASETS.TRAIN, "DATASETS.TRAIN"):
-            dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            if factors is None:
+                dicts = get_detection_dataset_dicts(names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            else:
+                # One source at a time, to know each image's source (Detectron2 concatenates the
+                # sources before filtering, so the result is the same list).
+                dicts = []
+                for i, name in enumerate(names):
+                    part = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                                                       check_consistency=False)
+                    dicts += [dict(d, **{SOURCE_KEY: i}) for d in part]
+                if len(names) > 1:
+                    check_metadata_consistency("thing_classes", names)
     except AssertionError as e:
         raise ValueError(
             f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} gives no usable training image ({e}); "
             f"every image lacks a non-crowd box, or the data set is empty."
         ) from None
     _check_images_and_classes(cfg, dicts)
+    _check_masks(cfg, dicts)
     return dicts
+
+
+def _check_masks(cfg, dicts: List[Dict]) -> None:
+    """A mask model needs a mask on every training instance, and RLE masks (pseudo-labels, COCO
+    crowd-free RLE files) need ``INPUT.MASK_FORMAT bitmask``: Detectron2's mapper would stop in
+    the middle of training otherwise."""
+    if not cfg.MODEL.MASK_ON:
+        return
+    anns = [(d, a) for d in dicts for a in d.get("annotations", ())]
+    bare = next((d for d, a in anns if "segmentation" not in a), None)
+    if bare is not None:
+        raise ValueError(f"MODEL.MASK_ON is set, but {bare['file_name']!r} of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has "
+                         f"instances without a mask (a box-only pseudo-label file?); train boxes only (MODEL.MASK_ON False) "
+                         f"or pseudo-label with a mask model.")
+    if cfg.INPUT.MASK_FORMAT == "polygon" and any(isinstance(a["segmentation"], dict) for _, a in anns):
+        raise ValueError(f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has RLE masks (e.g. pseudo-labels), which "
+                         f"INPUT.MASK_FORMAT polygon cannot read; set INPUT.MASK_FORMAT bitmask.")
+
+
+def source_repeat_factors(cfg) -> Optional[List[float]]:
+    """``DATALOADER.SOURCE_REPEAT_FACTORS`` checked against ``DATASETS.TRAIN`` (one positive factor
+    per entry), or None when it is empty (every source as Detectron2 samples it)."""
+    factors = [float(f) for f in cfg.DATALOADER.get("SOURCE_REPEAT_FACTORS", ())]
+    if not factors:
+        return None
+    names = tuple(cfg.DATASETS.TRAIN)
+    if len(factors) != len(names) or min(factors) <= 0:
+        raise ValueError(f"DATALOADER.SOURCE_REPEAT_FACTORS {tuple(factors)} needs one positive factor per DATASETS.TRAIN "
+                         f"entry {names}; give {len(names)} numbers > 0, or () for none.")
+    if cfg.DATALOADER.SAMPLER_TRAIN == "RandomSubsetTrainingSampler":
+        raise ValueError("DATALOADER.SOURCE_REPEAT_FACTORS works with SAMPLER_TRAIN TrainingSampler or "
+                         "RepeatFactorTrainingSampler, not RandomSubsetTrainingSampler; drop one of the two.")
+    return factors
 
 
 def build_index_sampler(cfg, dataset: List[Dict], seed: int) -> Iterable[int]:
     """Detectron2's sampler named by ``DATALOADER.SAMPLER_TRAIN``, seeded with ``seed`` (this
-    rank's infinite index stream)."""
+    rank's infinite index stream). With ``DATALOADER.SOURCE_REPEAT_FACTORS`` every image's repeat
+    factor is its source's factor (times its category-frequency factor under
+    ``RepeatFactorTrainingSampler``): an image of a source with factor f is drawn f times per pass
+    over the data on average (the fraction by stochastic rounding, as Detectron2's sampler does)."""
     name = cfg.DATALOADER.SAMPLER_TRAIN
     d = cfg.DATALOADER
+    per_source = source_repeat_factors(cfg)
+    if per_source is not None:
+        if any(SOURCE_KEY not in x for x in dataset):
+            raise ValueError("DATALOADER.SOURCE_REPEAT_FACTORS: the dataset dicts carry no source; load them with "
+                             "afigan.data.loader.load_train_dataset.")
+        factors = torch.tensor([per_source[x[SOURCE_KEY]] for x in dataset], dtype=torch.float32)
+        if name == "RepeatFactorTrainingSampler":
+            factors = factors * RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT)
+        return RepeatFactorTrainingSampler(factors, seed=seed)
     if name == "TrainingSampler":
         return TrainingSampler(len(dataset), seed=seed)
     if name == "RepeatFactorTrainingSampler":

@@ -1,4 +1,4 @@
-"""Command line of the toy data set: ``python -m afigan.data.toy OUT_DIR [--train N --val N --seed S]``.
+"""Command line of the toy data set: ``python -m afigan.data.toy OUT_DIR [--train N --val N --unlabeled N --seed S]``.
 
 The generator itself is ``afigan.data.toy_shapes``; this module only runs it, and is never
 imported by the package (so ``python -m`` does not find it already loaded).

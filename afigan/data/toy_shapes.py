@@ -4,9 +4,12 @@ Coloured squares, discs and triangles on a noisy gradient background, with polyg
 COCO's small / medium / large scales. Deterministic from a seed, written in a few seconds, and
 used by the quick start, the tests and the benchmarks (no download needed).
 
-    python -m afigan.data.toy OUT_DIR [--train 48 --val 16 --seed 0]   (see afigan/data/toy.py)
+    python -m afigan.data.toy OUT_DIR [--train 48 --val 16 --unlabeled 32 --seed 0]   (see afigan/data/toy.py)
 
-writes ``OUT_DIR/{train,val}/*.png`` and ``OUT_DIR/annotations/instances_{train,val}.json``.
+writes ``OUT_DIR/{train,val}/*.png`` and ``OUT_DIR/annotations/instances_{train,val}.json``, and
+an ``unlabeled`` split for self-training in COCO's ``unlabeled2017`` layout: ``OUT_DIR/unlabeled/*.png``
+(the same kind of images, their shapes not annotated) listed in
+``OUT_DIR/annotations/image_info_unlabeled.json`` (images and categories, no annotations).
 This module needs only numpy and Pillow; the Detectron2 registration lives in
 ``afigan.data.datasets``.
 """
@@ -21,7 +24,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TOY_CATEGORIES", "make_toy_dataset", "toy_dataset_ready", "ensure_toy_dataset", "toy_paths"]
+__all__ = ["TOY_CATEGORIES", "make_toy_dataset", "toy_dataset_ready", "ensure_toy_dataset", "toy_paths",
+           "ensure_toy_unlabeled", "toy_unlabeled_paths", "UNLABELED_FIRST_ID"]
 
 TOY_CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
@@ -31,11 +35,21 @@ TOY_CATEGORIES = [
 # Object side lengths in pixels for the three COCO size classes (area < 32^2, < 96^2, larger).
 _SCALES = {"small": (10, 26), "medium": (36, 80), "large": (100, 150)}
 _FORMAT_VERSION = 1
+# Image ids of the unlabeled split start here, so they never collide with the labeled splits'
+# (1, 2, ...) when pseudo-labeled images and labeled ones are trained on together.
+UNLABELED_FIRST_ID = 500_001
+NUM_UNLABELED = 32
 
 
 def toy_paths(root: str, split: str) -> Tuple[str, str]:
     """(json_file, image_root) of a split ("train" or "val") under ``root``."""
     return os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split)
+
+
+def toy_unlabeled_paths(root: str) -> Tuple[str, str]:
+    """(image_info json, image folder) of the unlabeled split under ``root``, as COCO lays out
+    ``annotations/image_info_unlabeled2017.json`` and ``unlabeled2017/``."""
+    return os.path.join(root, "annotations", "image_info_unlabeled.json"), os.path.join(root, "unlabeled")
 
 
 def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> List[Tuple[float, float]]:
@@ -64,10 +78,11 @@ def _background(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, first_ann_id: int) -> Dict:
+def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, first_ann_id: int,
+                first_image_id: int = 1) -> Dict:
     images, annotations = [], []
     ann_id = first_ann_id
-    for image_id in range(1, num_images + 1):
+    for image_id in range(first_image_id, first_image_id + num_images):
         # Sizes vary and include odd numbers, so padding and odd pyramids are exercised.
         h, w = int(rng.randint(160, 225)), int(rng.randint(192, 289))
         canvas = Image.fromarray(_background(rng, h, w))
@@ -116,7 +131,48 @@ def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, fir
     }
 
 
-def make_toy_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, seed: int = 0) -> str:
+def _unlabeled_info(root: str, num_images: int, seed: int) -> Dict:
+    """Draw the unlabeled split's images into ``root/unlabeled`` and return its image-info dict.
+    Its own RNG stream (seeded by (seed, 2)), so the labeled splits are the same with or without it."""
+    coco = _make_split(np.random.RandomState([seed, 2]), num_images, toy_unlabeled_paths(root)[1], 1,
+                       first_image_id=UNLABELED_FIRST_ID)
+    del coco["annotations"]  # COCO's image_info files have none
+    coco["info"] = dict(coco["info"], description="afigan synthetic toy shapes, unlabeled split", seed=seed)
+    return coco
+
+
+def _write_unlabeled(root: str, num_images: int, seed: int) -> None:
+    os.makedirs(toy_unlabeled_paths(root)[1])
+    with open(toy_unlabeled_paths(root)[0], "w") as f:
+        json.dump(_unlabeled_info(root, num_images, seed), f)
+
+
+def ensure_toy_unlabeled(root: str, num_images: int = NUM_UNLABELED, seed: int = 0) -> str:
+    """Add the unlabeled split to the toy set at ``root`` (made first when missing) unless it is
+    there; a set written before the split existed gains it without its labeled splits being
+    rewritten (other processes may be reading them). Returns ``root``."""
+    ensure_toy_dataset(root)
+    info, image_dir = toy_unlabeled_paths(root)
+    if os.path.isfile(info):
+        return root
+    tmp = tempfile.mkdtemp(prefix=".toy-unlabeled-", dir=root)
+    try:
+        os.makedirs(os.path.join(tmp, "annotations"))
+        _write_unlabeled(tmp, num_images, seed)
+        try:
+            os.replace(os.path.join(tmp, "unlabeled"), image_dir)
+        except OSError:
+            if not os.path.isdir(image_dir):  # else another process moved its identical copy into place
+                raise
+        # The info file last: its existence marks the split complete.
+        os.replace(toy_unlabeled_paths(tmp)[0], info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def make_toy_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, seed: int = 0,
+                     num_unlabeled: int = NUM_UNLABELED) -> str:
     """Write the toy set to ``out_dir`` (replacing it) and return ``out_dir``.
 
     The set is built in a temporary sibling directory and renamed into place, so concurrent
@@ -134,6 +190,7 @@ def make_toy_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, seed:
             coco = _make_split(rng, n, os.path.join(tmp, split), first_id)
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
+        _write_unlabeled(tmp, num_unlabeled, seed)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -163,10 +220,13 @@ def main(argv=None) -> None:
     parser.add_argument("out_dir", help="directory to write (replaced if it exists)")
     parser.add_argument("--train", type=int, default=48, help="number of training images")
     parser.add_argument("--val", type=int, default=16, help="number of validation images")
+    parser.add_argument("--unlabeled", type=int, default=NUM_UNLABELED, help="number of unlabeled images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = make_toy_dataset(args.out_dir, args.train, args.val, args.seed)
+    out = make_toy_dataset(args.out_dir, args.train, args.val, args.seed, args.unlabeled)
     for split in ("train", "val"):
         with open(toy_paths(out, split)[0]) as f:
             coco = json.load(f)
         print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances -> {toy_paths(out, split)[0]}")
+    with open(toy_unlabeled_paths(out)[0]) as f:
+        print(f"unlabeled: {len(json.load(f)['images'])} images, no annotations -> {toy_unlabeled_paths(out)[0]}")

@@ -11,7 +11,10 @@ A Detectron2 ``DefaultTrainer`` with:
 * a working ``test`` with Detectron2's ``COCOEvaluator`` at ``TEST.EVAL_PERIOD`` and at the end
   (B5 there), as :class:`afigan.engine.evaluation.AFICOCOEvaluator`: masks ranked by their mask
   scores with ``MODEL.MASKIOU_ON`` (CenterMask), COCO-server zips on annotation-free sets
-  (test-dev);
+  (test-dev); with ``TEST.AUG.ENABLED`` also a test-time-augmented evaluation at the end of
+  training and in ``--eval-only`` (results under ``<task>_TTA``, files in ``inference_TTA/``), as
+  Detectron2's ``tools/train_net.py`` does, for R-CNN detectors and FCOS / CenterMask
+  (:func:`afigan.modeling.test_time_augmentation.build_tta_model`);
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
 import contextlib
@@ -25,12 +28,12 @@ import torch
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import verify_results
-from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpolator_weights
 from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
+from afigan.modeling.test_time_augmentation import build_tta_model
 
 from .common import AMPPolicy, SeedEachIteration, ddp, require_file
 from .evaluation import AFICOCOEvaluator
@@ -88,6 +91,17 @@ class DetectorTrainer(DefaultTrainer):
         ret = [FinalCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter,
                                  max_to_keep=checkpoint_keep(self.cfg))
                if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
+        if self.cfg.TEST.AUG.ENABLED:
+            build_tta_model(self.cfg, self.model)  # a detector kind without TTA stops now, not after training
+
+            def tta_and_save_results():
+                res = self.test_with_TTA(self.cfg, self.model)
+                self._last_eval_results = OrderedDict(getattr(self, "_last_eval_results", None) or {}, **res)
+                return res
+
+            # Right after the plain evaluation, before the writers, as tools/train_net.py's hook (at the end only).
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
+            ret.insert(at, hooks.EvalHook(0, tta_and_save_results))
         return [SeedEachIteration(self.cfg.SEED)] + ret
 
     def resume_or_load(self, resume: bool = True):
@@ -131,8 +145,12 @@ class DetectorTrainer(DefaultTrainer):
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
-        """Evaluate with Detectron2's test-time augmentation (``TEST.AUG.*``)."""
-        model = GeneralizedRCNNWithTTA(cfg, model)
+        """Evaluate with test-time augmentation (``TEST.AUG.*``): Detectron2's ``GeneralizedRCNNWithTTA``
+        for R-CNN detectors, :class:`afigan.modeling.test_time_augmentation.OneStageWithTTA` for
+        FCOS and CenterMask."""
+        logger.info("Running inference with test-time augmentation (TEST.AUG: min sizes %s, max size %d, flip %s) ...",
+                    tuple(cfg.TEST.AUG.MIN_SIZES), cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP)
+        model = build_tta_model(cfg, model)
         evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
                       for name in cfg.DATASETS.TEST]
         res = cls.test(cfg, model, evaluators)

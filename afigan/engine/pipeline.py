@@ -10,6 +10,15 @@ already done, by a separate evaluation in ``OUTPUT/eval``) the results go to
 ``OUTPUT/results.json`` and the training curves of every stage to ``OUTPUT/metrics.png``
 (:mod:`afigan.analysis.metrics`).
 
+**Self-training** (the ◊ rows of the README's results table): a config set that also holds
+``stage3_pseudo.yaml`` adds two steps after stage 3. The stage-3 model pseudo-labels the images
+of that file's ``SELF_TRAINING.IMAGES`` (folders, files, globs or registered data sets such as
+``afigan_toy_unlabeled``) at ``SELF_TRAINING.SCORE_THRESHOLD`` into
+``OUTPUT/pseudo_labels/pseudo_labels.json`` (:mod:`afigan.analysis.pseudo_label`); then a second
+stage-3 training (``OUTPUT/stage3_pseudo``, the same inputs as stage 3) runs on the file's
+``DATASETS.TRAIN`` plus that pseudo-label file, appended as the last source (so
+``DATALOADER.SOURCE_REPEAT_FACTORS`` gives it the last factor). Its model is the one evaluated.
+
 A stage whose final checkpoint exists is skipped; an interrupted stage resumes from its last
 checkpoint, so re-running the same command after a kill continues where it stopped.
 """
@@ -27,7 +36,10 @@ from detectron2.utils import comm
 from detectron2.utils import logger as d2_logger
 
 from afigan.analysis.metrics import plot_metrics
+from afigan.analysis.pseudo_label import head_threshold, pseudo_label_images, resolve_images
+from afigan.analysis.predict import setup_predict_cfg
 from afigan.config import add_afigan_config
+from afigan.data.datasets import PSEUDO_PREFIX
 
 from .cli import eval_only, train_stage
 from .stages import STAGES, Output, Teacher, final_files
@@ -64,9 +76,16 @@ def stage_final_files(output_dir: str) -> Dict[str, List[str]]:
     return {name: final_files(name, os.path.join(output_dir, name)) for name in STAGES}
 
 
-def _yaml_value(config_file: str, key: str):
+# Pipeline steps trained by a stage of STAGES under another name (their own YAML and folder).
+SELF_TRAINING = "stage3_pseudo"
+TRAINED_AS = {SELF_TRAINING: "stage3"}
+PSEUDO_LABELS = os.path.join("pseudo_labels", "pseudo_labels.json")
+
+
+def _yaml_value(config_file: str, key: str, opts: Optional[List[str]] = None):
     cfg = add_afigan_config(get_cfg())
     cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
     node = cfg
     for part in key.split("."):
         node = node[part]
@@ -77,7 +96,7 @@ class Pipeline:
     """Runs the stages of a config set in order; see the module docstring."""
 
     def __init__(self, config_dir: str, output_dir: str, args: argparse.Namespace, opts: Optional[List[str]] = None):
-        self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in STAGES}
+        self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in list(STAGES) + [SELF_TRAINING]}
         for s in ("stage1", "stage2", "stage3"):
             if not os.path.isfile(self.files[s]):
                 raise FileNotFoundError(f"Config set {config_dir!r} lacks {s}.yaml; give --config-dir a folder with "
@@ -86,6 +105,9 @@ class Pipeline:
         self.args = args
         self.opts = list(opts or [])
         self.final = stage_final_files(output_dir)
+        self.self_training = os.path.isfile(self.files[SELF_TRAINING])
+        self.final[SELF_TRAINING] = final_files(TRAINED_AS[SELF_TRAINING], os.path.join(output_dir, SELF_TRAINING))
+        self.pseudo_labels = os.path.join(output_dir, PSEUDO_LABELS)
         self.status = _status_logger()
 
     def _opt(self, key: str) -> str:
@@ -103,7 +125,11 @@ class Pipeline:
         """``KEY VALUE`` pairs that wire ``stage`` to earlier results, per the stage table. Keys
         the command line names are left out: its value (applied to every stage) wins."""
         out = []
-        for key, source in STAGES[stage].inputs.items():
+        if stage == SELF_TRAINING:
+            # The labeled sources (the command line's or the YAML's) and, last, the pseudo-labels.
+            train = tuple(_yaml_value(self.files[stage], "DATASETS.TRAIN", self.opts)) + (PSEUDO_PREFIX + self.pseudo_labels,)
+            out += ["DATASETS.TRAIN", train]
+        for key, source in STAGES[TRAINED_AS.get(stage, stage)].inputs.items():
             if self._opt(key):
                 continue
             if isinstance(source, Output):
@@ -124,9 +150,10 @@ class Pipeline:
         args.resume = True  # continue an interrupted stage; a fresh stage has nothing to resume
         args.eval_only = False
         result = {}
+        kind = TRAINED_AS.get(stage, stage)
 
         def main(a):
-            result.update((fn or train_stage)(stage, a) or {})
+            result.update((fn or train_stage)(kind, a) or {})
 
         # Each stage's default_setup adds console/file handlers for its own OUTPUT_DIR; drop the
         # previous stage's so messages are not printed once per finished stage.
@@ -141,7 +168,7 @@ class Pipeline:
         # Spawned workers cannot hand back a dict: the main rank writes it to a file.
         if os.path.exists(results_file):
             os.remove(results_file)
-        launch(_Worker(fn or train_stage, stage, results_file), self.args.num_gpus, num_machines=self.args.num_machines,
+        launch(_Worker(fn or train_stage, kind, results_file), self.args.num_gpus, num_machines=self.args.num_machines,
                machine_rank=self.args.machine_rank, dist_url=self.args.dist_url, args=(args,))
         if os.path.exists(results_file):
             with open(results_file) as f:
@@ -158,19 +185,48 @@ class Pipeline:
         self._maybe("stage1")
         self._maybe("stage2")
         results = self._maybe("stage3")
+        last = "stage3"
+        if self.self_training:
+            self.pseudo_label()
+            results = self._maybe(SELF_TRAINING)
+            last = SELF_TRAINING
         if not results:
             eval_dir = os.path.join(self.output_dir, "eval")
-            self.status.info("evaluation: stage 3 was already trained; evaluating %s into %s", self.final["stage3"][0], eval_dir)
-            results = self._run("stage3", ["MODEL.WEIGHTS", self.final["stage3"][0]], fn=_eval_stage, output_name="eval")
+            self.status.info("evaluation: %s was already trained; evaluating %s into %s", last, self.final[last][0], eval_dir)
+            results = self._run(last, ["MODEL.WEIGHTS", self.final[last][0]], fn=_eval_stage, output_name="eval")
         path = os.path.join(self.output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
-        self.status.info("results: stage-3 COCO evaluation written to %s", path)
+        self.status.info("results: %s COCO evaluation written to %s", last, path)
         try:  # a plot is a convenience: without matplotlib (or metrics) the results above still stand
             self.status.info("metrics: training curves plotted in %s", plot_metrics(self.output_dir))
         except (ImportError, FileNotFoundError) as e:
             self.status.info("metrics: no plot (%s: %s)", type(e).__name__, e)
         return results
+
+    def pseudo_label(self) -> str:
+        """Self-training's first step: the stage-3 model's detections on ``SELF_TRAINING.IMAGES``
+        of stage3_pseudo.yaml, written to ``OUTPUT/pseudo_labels/pseudo_labels.json`` (skipped
+        when the file exists). Runs in this process, on ``MODEL.DEVICE``."""
+        if os.path.isfile(self.pseudo_labels):
+            self.status.info("pseudo-labels: skipped, already done (%s exists)", self.pseudo_labels)
+            return self.pseudo_labels
+        images = list(_yaml_value(self.files[SELF_TRAINING], "SELF_TRAINING.IMAGES", self.opts))
+        threshold = float(_yaml_value(self.files[SELF_TRAINING], "SELF_TRAINING.SCORE_THRESHOLD", self.opts))
+        if not images:
+            raise ValueError(f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES is empty; name the unlabeled images to "
+                             f"pseudo-label (folders, files, globs or a data set such as afigan_toy_unlabeled).")
+        paths, ids, unmatched = resolve_images(images)
+        if unmatched:
+            raise ValueError(f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES entry {unmatched[0]!r} is no image file, "
+                             f"folder, glob or registered data set; fix or remove it.")
+        weights = self.final["stage3"][0]
+        self.status.info("pseudo-labels: running: the stage-3 model %s on %d image(s), score >= %g -> %s", weights,
+                         len(paths), threshold, self.pseudo_labels)
+        cfg = setup_predict_cfg(self.files["stage3"], self.opts + ["MODEL.WEIGHTS", weights], head_threshold(threshold))
+        done = pseudo_label_images(cfg, paths, self.pseudo_labels, threshold, ids=ids, log=self.status.info)
+        self.status.info("pseudo-labels: %d on %d image(s)", done["annotations"], done["images"])
+        return self.pseudo_labels
 
     def _maybe(self, stage: str) -> Dict:
         stage_dir = os.path.join(self.output_dir, stage)
@@ -178,10 +234,12 @@ class Pipeline:
             self.status.info("%s: skipped, already done (%s exists)", stage, self.final[stage][0])
             return {}
         overrides = self.overrides(stage)
-        start = _resume_iteration(stage_dir, stage)
+        start = _resume_iteration(stage_dir, TRAINED_AS.get(stage, stage))
         how = f"resuming at iteration {start}" if start > 0 else "running"
-        self.status.info("%s: %s: %s -> %s%s", stage, how, STAGES[stage].description, stage_dir,
-                         f" (with {' '.join(overrides)})" if overrides else "")
+        description = ("the target detector again, on labeled + pseudo-labeled images (self-training)"
+                       if stage == SELF_TRAINING else STAGES[stage].description)
+        self.status.info("%s: %s: %s -> %s%s", stage, how, description, stage_dir,
+                         f" (with {' '.join(map(str, overrides))})" if overrides else "")
         return self._run(stage, overrides)
 
 
