@@ -73,10 +73,33 @@ def toy_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("toy") / "afigan_toy")
 
 
+# The results table's marked rows: self-training (◊) and multi-scale testing (†) variants of a row's
+# config, and the Swin-L teacher of the ◊† row; each must build on the config it varies.
+VARIANTS = {
+    "cascade_rcnn_Swin_T_BiFPN_1x_afi_self_training.yaml": "cascade_rcnn_Swin_T_BiFPN_1x_afi.yaml",
+    "cascade_rcnn_Swin_T_BiFPN_1x_nn_self_training.yaml": "cascade_rcnn_Swin_T_BiFPN_1x_nn.yaml",
+    "cascade_mask_rcnn_S_101_PAFPN_1x_afi_tta.yaml": "cascade_mask_rcnn_S_101_PAFPN_1x_afi.yaml",
+    "cascade_rcnn_Swin_L_BiFPN_1x_afi.yaml": "cascade_rcnn_Swin_T_BiFPN_1x_afi.yaml",
+    "cascade_rcnn_Swin_L_BiFPN_1x_afi_self_training_tta.yaml": "cascade_rcnn_Swin_L_BiFPN_1x_afi.yaml",
+}
+TOY_VARIANTS = {
+    "cascade_rcnn_Swin_T_BiFPN_toy_afi_self_training.yaml": "cascade_rcnn_Swin_T_BiFPN_toy_afi.yaml",
+    "cascade_mask_rcnn_S_101_PAFPN_toy_afi_tta.yaml": "cascade_mask_rcnn_S_101_PAFPN_toy_afi.yaml",
+    "centermask_R_50_BiFPN_toy_afi_tta.yaml": "centermask_R_50_BiFPN_toy_afi.yaml",
+}
+
+
+def _base_of(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return next(line.split(":", 1)[1].strip().strip('"') for line in f if line.startswith("_BASE_"))
+
+
 def test_every_row_has_nn_afi_and_toy_configs_and_nothing_else():
     expected = {os.path.basename(full(s, i)) for s in ROWS for i in ("afi", "nn")} | {"Base-FCOS.yaml", "Base-CenterMask.yaml"}
-    assert set(os.listdir(DETECTORS)) == expected
-    assert set(os.listdir(TOY)) == {os.path.basename(toy(s, i)) for s in ROWS for i in ("afi", "nn")}
+    assert set(os.listdir(DETECTORS)) == expected | set(VARIANTS)
+    assert set(os.listdir(TOY)) == {os.path.basename(toy(s, i)) for s in ROWS for i in ("afi", "nn")} | set(TOY_VARIANTS)
+    for folder, variants in ((DETECTORS, VARIANTS), (TOY, TOY_VARIANTS)):
+        assert {v: _base_of(folder, v) for v in variants} == variants
 
 
 def test_configs_use_relative_paths_only():

@@ -191,7 +191,7 @@ def test_a_checkpoint_of_one_kind_into_another_names_both_and_the_key(teacher, t
 
 
 @pytest.mark.parametrize("opts, match", [
-    (("MODEL.AFI.INTERP", "nearest"), r"MODEL.AFI.INTERP 'nearest' has no parameters, so stage 1 has nothing to train; set it to a learned kind \(afi, "),
+    (("MODEL.AFI.INTERP", "nearest"), r"MODEL.AFI.INTERP 'nearest' has no parameters, so stage 1 has nothing to train or show; set it to a learned kind \(afi, "),
     (("MODEL.AFI.INTERP", "sapa"), r"MODEL.AFI.INTERP: Unknown upsampler kind 'sapa'; expected one of \['afi', "),
     (("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.GROUPS", 3), r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*groups"),
     (("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.STYLE", "xy"), r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*style"),

@@ -34,7 +34,7 @@ from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpo
 from afigan.data.image_io import read_image_or_raise
 from afigan.layers import crop_to_common, is_guided
 from afigan.modeling.meta_arch import build_guide_model
-from afigan.modeling.necks import upsampler_from_config
+from afigan.modeling.necks import standalone_upsampler_from_config
 
 from .gradcam import GradCAM, grad_cam, quiet_inference
 from .report import load_config
@@ -218,20 +218,15 @@ def load_interpolator(cfg, weights: str) -> nn.Module:
     with one per level of ``MODEL.AFI.LEVELS``), holding the upsampler tensors of ``weights`` (a
     stage-1 ``G_0`` file, a stage-2 ``AFExtractor`` checkpoint or a detector; ``""``: random
     init), loaded by :func:`afigan.checkpoint.load_interpolator_weights`."""
-    a = cfg.MODEL.AFI
-    channels = cfg.MODEL.FPN.OUT_CHANNELS
-    g = upsampler_from_config(cfg, channels, freeze=True)
-    if not any(True for _ in g.parameters()):
-        raise ValueError(f"--interpolation: MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so there is no trained "
-                         f"interpolator to show; use the config the stage-1/2 checkpoint was trained with.")
+    g = standalone_upsampler_from_config(cfg, freeze=True, what="--interpolation")
     holder = nn.Module()  # load_interpolator_weights finds upsamplers by their neck attribute names
-    if a.get("SHARED", True):
-        holder.srf_module = g
+    if isinstance(g, nn.ModuleDict):
+        holder.srf_modules = g
     else:
-        holder.srf_modules = nn.ModuleDict({l: upsampler_from_config(cfg, channels, freeze=True) for l in a.LEVELS})
+        holder.srf_module = g
     if weights:
         load_interpolator_weights(holder, weights, "--interpolation WEIGHTS")
-    return (holder.srf_module if a.get("SHARED", True) else holder.srf_modules).eval().to(torch.device(cfg.MODEL.DEVICE))
+    return g.eval().to(torch.device(cfg.MODEL.DEVICE))
 
 
 def _learned_x2(g: nn.Module, level: str, x: torch.Tensor, half: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:

@@ -13,7 +13,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 
 from afigan.config import add_afigan_config
 
-__all__ = ["NECKS", "neck_cfg", "benchmark", "format_table"]
+__all__ = ["NECKS", "neck_cfg", "benchmark", "format_table", "ConstantFeatures", "median_seconds"]
 
 # Backbone builder and the RPN / ROI feature names each neck needs in a Mask R-CNN.
 NECKS = {
@@ -47,7 +47,7 @@ def neck_cfg(neck: str, kind: str, device: str):
     return cfg
 
 
-class _Const(nn.Module):
+class ConstantFeatures(nn.Module):
     """Stands in for the bottom-up network: returns precomputed features (neck-only timing)."""
 
     def __init__(self, features):
@@ -58,7 +58,7 @@ class _Const(nn.Module):
         return self.features
 
 
-def _median_seconds(fn, repeats: int, device: str) -> float:
+def median_seconds(fn, repeats: int, device: str) -> float:
     times = []
     for i in range(repeats + 1):
         if device.startswith("cuda"):
@@ -88,10 +88,10 @@ def benchmark(necks: List[str], kinds: List[str], size=(800, 1216), device: str 
             feats = bottom_up(images)
             neck_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("bottom_up."))
             srf_params = sum(p.numel() for p in backbone.srf_module.parameters()) if hasattr(backbone, "srf_module") else 0
-            backbone.bottom_up = _Const(feats)
+            backbone.bottom_up = ConstantFeatures(feats)
             try:
                 neck_flops = FlopCountAnalysis(backbone, images).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-                neck_s = _median_seconds(lambda: backbone(images), repeats, device)
+                neck_s = median_seconds(lambda: backbone(images), repeats, device)
             finally:
                 backbone.bottom_up = bottom_up
             row = dict(neck=neck, kind=kind, neck_params=neck_params, interpolator_params=srf_params,
@@ -100,7 +100,7 @@ def benchmark(necks: List[str], kinds: List[str], size=(800, 1216), device: str 
                 inputs = [{"image": image, "height": h, "width": w}]
                 flops = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
                 row.update(model_params=sum(p.numel() for p in model.parameters()), model_gflops=flops / 1e9,
-                           model_ms=_median_seconds(lambda: model(inputs), repeats, device) * 1e3)
+                           model_ms=median_seconds(lambda: model(inputs), repeats, device) * 1e3)
             rows.append(row)
             del model
     return rows

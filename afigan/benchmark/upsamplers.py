@@ -1,8 +1,6 @@
 """Cost of every upsampler kind at 256 channels: parameters, GFLOPs (fvcore) and median latency of
 one x2 call onto a P2-sized map, of a whole FPN neck with it, and the memory a training step of
 that call keeps for backward. Used by tools/benchmark_upsamplers.py."""
-import statistics
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -13,7 +11,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 
 from afigan.modeling.necks import upsampler_from_config
 
-from .necks import neck_cfg
+from .necks import ConstantFeatures, median_seconds, neck_cfg
 
 __all__ = ["VARIANTS", "benchmark", "format_table", "plot"]
 
@@ -45,31 +43,6 @@ class _Call(nn.Module):
         if getattr(self.up, "guided", False):
             return self.up(x, output_size=self.size, guide=guide)
         return self.up(x, output_size=self.size)
-
-
-class _Const(nn.Module):
-    """Stands in for the bottom-up network: returns precomputed features (neck-only timing)."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
-
-    def forward(self, x):
-        return self.features
-
-
-def _median_ms(fn, repeats: int, device: str) -> float:
-    times = []
-    for i in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i:  # the first call warms up caches and kernels
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _flops(module: nn.Module, inputs) -> float:
@@ -122,7 +95,7 @@ def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200
         params = sum(p.numel() for p in up.parameters())
         with torch.no_grad():
             row = dict(label=label, kind=kind, shared=cfg.MODEL.AFI.SHARED, params=params,
-                       call_gflops=_flops(call, (x, guide)) / 1e9, call_ms=_median_ms(lambda: call(x, guide), repeats, device))
+                       call_gflops=_flops(call, (x, guide)) / 1e9, call_ms=median_seconds(lambda: call(x, guide), repeats, device) * 1e3)
         call.train()
         xg = x.clone().requires_grad_(True)
         row["train_saved_mb"] = _saved_for_backward_mb(lambda: call(xg, guide)) if params else 0.0
@@ -133,12 +106,12 @@ def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200
             with torch.no_grad():
                 images = model.preprocess_image([{"image": image}]).tensor
                 bottom_up = backbone.bottom_up
-                backbone.bottom_up = _Const(bottom_up(images))
+                backbone.bottom_up = ConstantFeatures(bottom_up(images))
                 try:
                     ups = backbone.srf_module if backbone.srf_modules is None else backbone.srf_modules
                     row.update(neck_upsampler_params=sum(p.numel() for p in ups.parameters()),
                                neck_gflops=_flops(backbone, images) / 1e9,
-                               neck_ms=_median_ms(lambda: backbone(images), repeats, device))
+                               neck_ms=median_seconds(lambda: backbone(images), repeats, device) * 1e3)
                 finally:
                     backbone.bottom_up = bottom_up
             del model

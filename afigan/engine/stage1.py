@@ -22,8 +22,8 @@ from torch import nn
 
 from afigan.checkpoint import UPSAMPLER_TAG, UpsamplerTag
 from afigan.config import lr_key
-from afigan.layers import generator_loss, upsampler_kinds
-from afigan.modeling.necks import upsampler_from_config
+from afigan.layers import generator_loss
+from afigan.modeling.necks import standalone_upsampler_from_config
 
 from .adversarial import AdversarialTrainer, select
 from .common import backward_and_step, ddp
@@ -34,18 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 def build_generator(cfg) -> nn.Module:
-    """G: the upsampler ``MODEL.AFI.INTERP`` of the neck (any learned kind, with its options) with
-    ``MODEL.FPN.OUT_CHANNELS`` channels, never frozen here (stage 1 trains it). With
-    ``MODEL.AFI.SHARED False`` one per level of ``MODEL.AFI.LEVELS`` (an ``nn.ModuleDict``)."""
-    a = cfg.MODEL.AFI
-    channels = cfg.MODEL.FPN.OUT_CHANNELS
-    g = upsampler_from_config(cfg, channels, freeze=False)
-    if not any(True for _ in g.parameters()):
-        raise ValueError(f"MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so stage 1 has nothing to train; set it to a "
-                         f"learned kind ({', '.join(k for k in upsampler_kinds() if k not in ('nearest', 'bilinear'))}).")
-    if a.SHARED:
-        return g
-    return nn.ModuleDict({level: upsampler_from_config(cfg, channels, freeze=False) for level in a.LEVELS})
+    """G: the upsampler ``MODEL.AFI.INTERP`` of the neck (any learned kind, with its options), one
+    shared or one per level (``MODEL.AFI.SHARED``), never frozen here: stage 1 trains it."""
+    return standalone_upsampler_from_config(cfg, freeze=False, what="stage 1")
 
 
 def guided_levels(levels) -> Dict[str, str]:

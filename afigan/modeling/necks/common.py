@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from afigan.config import afi_freeze
-from afigan.layers import build_upsampler
+from afigan.layers import build_upsampler, upsampler_kinds
 
-__all__ = ["upsampler_from_config", "neck_upsampler_from_config", "attach_upsamplers", "upsample_step",
+__all__ = ["upsampler_from_config", "neck_upsampler_from_config", "standalone_upsampler_from_config", "attach_upsamplers", "upsample_step",
            "upsampler_options", "freeze_"]
 
 Upsamplers = Union[nn.Module, Mapping[str, nn.Module]]
@@ -59,6 +59,22 @@ def neck_upsampler_from_config(cfg, channels: int, step_levels: Sequence[str]) -
     if cfg.MODEL.AFI.SHARED:
         return upsampler_from_config(cfg, channels)
     return {level: upsampler_from_config(cfg, channels) for level in step_levels}
+
+
+def standalone_upsampler_from_config(cfg, freeze: bool = False, what: str = "stage 1") -> nn.Module:
+    """Stage 1's G outside a neck: the upsampler ``MODEL.AFI.INTERP`` with ``MODEL.FPN.OUT_CHANNELS``
+    channels and its options, or with ``MODEL.AFI.SHARED False`` an ``nn.ModuleDict`` with one per
+    level of ``MODEL.AFI.LEVELS``. A parameter-free kind raises one sentence naming ``what``."""
+    a = cfg.MODEL.AFI
+    channels = cfg.MODEL.FPN.OUT_CHANNELS
+    g = upsampler_from_config(cfg, channels, freeze=freeze)
+    if not any(True for _ in g.parameters()):
+        learned = ", ".join(k for k in upsampler_kinds() if sum(p.numel() for p in build_upsampler(k, 16).parameters()))
+        raise ValueError(f"MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so {what} has nothing to train or show; "
+                         f"set it to a learned kind ({learned}).")
+    if a.SHARED:
+        return g
+    return nn.ModuleDict({level: upsampler_from_config(cfg, channels, freeze=freeze) for level in a.LEVELS})
 
 
 def attach_upsamplers(neck: nn.Module, upsampler: Optional[Upsamplers], step_levels: Sequence[str], channels: int) -> None:
