@@ -63,8 +63,16 @@ def _check(result, masks=False):
     assert os.path.isfile(result.path) and os.path.isfile(os.path.join(os.path.dirname(result.path), "export.json"))
 
 
-@pytest.mark.parametrize("fmt", _formats())
-@pytest.mark.parametrize("kind", upsampler_kinds())
+def _kind_formats():
+    """Every kind in the strictest available format (ONNX when onnxruntime is there), and AFI and
+    the guided FADE in TorchScript too; every kind's module alone is traced to TorchScript in
+    tests/test_learned_upsamplers.py, so the whole-model TorchScript run of each adds little."""
+    if not _has("onnxruntime"):
+        return [(k, "torchscript") for k in upsampler_kinds()]
+    return [(k, "onnx") for k in upsampler_kinds()] + [(k, "torchscript") for k in ("afi", "fade")]
+
+
+@pytest.mark.parametrize("kind, fmt", _kind_formats())
 def test_mask_rcnn_exports_with_every_upsampler_kind(kind, fmt, tmp_path):
     """Every kind of the upsampler registry (read when the tests are collected) either exports
     and matches, or is listed in NOT_EXPORTABLE and stops with its one sentence."""
