@@ -44,6 +44,7 @@ from afigan.config import add_afigan_config, fallback_syncbn
 from afigan.data.image_io import read_image_or_raise
 
 __all__ = ["IMAGE_EXTENSIONS", "SCORE_THRESHOLD_KEYS", "setup_predict_cfg", "expand_inputs", "Predictor",
+           "readable_predictions",
            "DatasetIndex", "predict_images", "split_overrides", "demo_parser", "demo_main"]
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,24 @@ def class_metadata(cfg, index: DatasetIndex):
     return meta
 
 
+def readable_predictions(predictor: "Predictor", paths: Sequence[str], threshold: float, unreadable: List[str], log,
+                         desc: str):
+    """``(position, path, rgb, instances)`` for every readable image of ``paths`` (a tqdm bar over
+    them), its CPU instances scoring at least ``threshold``; an unreadable file is logged in one
+    line, appended to ``unreadable`` and left out."""
+    for position, path in enumerate(tqdm.tqdm(paths, desc=desc, unit="image")):
+        try:
+            rgb = read_image_or_raise(path, "RGB")
+        except OSError as e:
+            log(f"skipped: {e}")
+            unreadable.append(path)
+            continue
+        instances = predictor(rgb, path)["instances"].to("cpu")
+        # The heads threshold their own scores, but a final score can still fall below: FCOS
+        # thresholds the class probability and reports sqrt(class x centerness).
+        yield position, path, rgb, instances[instances.scores >= threshold]
+
+
 def predict_images(cfg, paths: Sequence[str], output_dir: str, log=None) -> Dict:
     """Predict every file of ``paths`` (see the module docstring for what is written to
     ``output_dir``). An unreadable file gets one line (``log``, default: stderr above the
@@ -192,17 +211,7 @@ def predict_images(cfg, paths: Sequence[str], output_dir: str, log=None) -> Dict
     to_dataset_id = {v: k for k, v in getattr(meta, "thing_dataset_id_to_contiguous_id", {}).items()}
     threshold = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     records, images, unreadable, stems = [], [], [], {}
-    for position, path in enumerate(tqdm.tqdm(paths, desc="demo", unit="image")):
-        try:
-            rgb = read_image_or_raise(path, "RGB")
-        except OSError as e:
-            log(f"skipped: {e}")
-            unreadable.append(path)
-            continue
-        instances = predictor(rgb, path)["instances"].to("cpu")
-        # The heads threshold their own scores, but a final score can still fall below: FCOS
-        # thresholds the class probability and reports sqrt(class x centerness).
-        instances = instances[instances.scores >= threshold]
+    for position, path, rgb, instances in readable_predictions(predictor, paths, threshold, unreadable, log, "demo"):
         image_id = index.image_id(path)
         image_id = position if image_id is None else image_id
         for r in instances_to_coco_json(instances, image_id):

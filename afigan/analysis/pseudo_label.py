@@ -36,9 +36,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
 from afigan.data.datasets import PSEUDO_INFO_KEY, PSEUDO_PREFIX
-from afigan.data.image_io import read_image_or_raise
 
-from .predict import DatasetIndex, Predictor, class_metadata, expand_inputs, setup_predict_cfg, split_overrides
+from .predict import (DatasetIndex, Predictor, class_metadata, expand_inputs, readable_predictions, setup_predict_cfg,
+                      split_overrides)
 
 __all__ = ["head_threshold", "resolve_images", "find_image_info", "assign_image_ids", "training_categories", "pseudo_label_images", "pseudo_label_parser",
            "pseudo_label_main"]
@@ -144,17 +144,7 @@ def pseudo_label_images(cfg, paths: Sequence[str], output: str, score_threshold:
     to_dataset_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}
     categories = training_categories(cfg, meta)
     images, annotations, unreadable = [], [], []
-    for path in tqdm.tqdm(paths, desc="pseudo-labels", unit="image"):
-        try:
-            rgb = read_image_or_raise(path, "RGB")
-        except OSError as e:
-            log(f"skipped: {e}")
-            unreadable.append(path)
-            continue
-        instances = predictor(rgb, path)["instances"].to("cpu")
-        # The heads threshold their own scores, but FCOS thresholds the class probability and
-        # reports sqrt(class x centerness), which can fall below (as in afigan/analysis/predict.py).
-        instances = instances[instances.scores >= score_threshold]
+    for _, path, rgb, instances in readable_predictions(predictor, paths, score_threshold, unreadable, log, "pseudo-labels"):
         image_id = ids[path]
         images.append({"id": image_id, "file_name": os.path.relpath(path, root), "height": int(rgb.shape[0]),
                        "width": int(rgb.shape[1])})
