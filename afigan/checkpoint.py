@@ -236,10 +236,12 @@ def fit_interpolator_state(state: Mapping[str, torch.Tensor], shared: bool, modu
         src = dict(state)
         if not module_shared:
             src = {k: v for k, v in src.items() if k.split(".")[0] in module.keys()}
-    if own and not set(own) & set(src):
-        kind = guess_upsampler_kind(k.split(".", 1)[1] if not module_shared else k for k in src) if src else None
+    if not set(own) & set(src):
+        # Compare one upsampler's own key names: per-level keys carry a "<level>." prefix.
+        one = module if module_shared else next(iter(module.values()))
+        kind = guess_upsampler_kind(k if module_shared else k.split(".", 1)[1] for k in src) if src else None
         held = f"a {kind!r} upsampler" if kind else "an upsampler of another kind"
-        raise ValueError(f"{what}: {path!r} holds {held}, which does not fit the model's {type(next(iter(module.children()), module)).__name__ if not module_shared else type(module).__name__}; "
+        raise ValueError(f"{what}: {path!r} holds {held}, which does not fit the model's {type(one).__name__}; "
                          f"set MODEL.AFI.INTERP to the kind it was trained with (one of {upsampler_kinds()}).")
     for key, value in own.items():
         if key not in src:

@@ -27,7 +27,8 @@ def _trainer(tmp_path, teacher, *opts):
 
 def _features(trainer):
     data, _ = trainer.next_batch()
-    real, low = trainer.teacher_features(data)
+    real, low, guides = trainer.teacher_features(data)
+    assert guides is None  # the AF interpolator is not guided
     return real, low
 
 

@@ -32,19 +32,26 @@ def toy_root() -> str:
 
 
 def register_toy_dataset(root: str = None, prefix: str = "afigan_toy") -> None:
-    """Register ``{prefix}_train`` and ``{prefix}_val`` (COCO instances with polygon masks).
+    """Register ``{prefix}_train`` and ``{prefix}_val`` (COCO instances with polygon masks) and
+    ``{prefix}_unlabeled`` (images only, for pseudo-labelling).
 
     ``root`` defaults to :func:`toy_root` evaluated when the data is first loaded, so setting
     ``AFIGAN_DATASETS`` after import still takes effect. Registering a name twice is a no-op.
     """
-    for split in ("train", "val"):
+    # Per split: (make the files if missing, their (json_file, image_root)); the unlabeled split's
+    # JSON is an image-info file (images, categories, no annotations), as COCO's unlabeled2017.
+    splits = {
+        "train": (ensure_toy_dataset, lambda r: toy_paths(r, "train")),
+        "val": (ensure_toy_dataset, lambda r: toy_paths(r, "val")),
+        "unlabeled": (ensure_toy_unlabeled, toy_unlabeled_paths),
+    }
+    for split, (ensure, paths) in splits.items():
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             continue
 
-        def load(split=split, name=name):
-            r = ensure_toy_dataset(root or toy_root())
-            json_file, image_root = toy_paths(r, split)
+        def load(ensure=ensure, paths=paths, name=name):
+            json_file, image_root = paths(ensure(root or toy_root()))
             meta = MetadataCatalog.get(name)
             # Paths are fixed at first load (the evaluator reads json_file).
             if not hasattr(meta, "json_file"):
@@ -54,21 +61,7 @@ def register_toy_dataset(root: str = None, prefix: str = "afigan_toy") -> None:
         DatasetCatalog.register(name, load)
         meta = {"thing_classes": [c["name"] for c in TOY_CATEGORIES], "evaluator_type": "coco"}
         if root is not None:
-            meta.update(zip(("json_file", "image_root"), toy_paths(root, split)))
-        MetadataCatalog.get(name).set(**meta)
-    name = f"{prefix}_unlabeled"
-    if name not in DatasetCatalog.list():
-        def load_unlabeled(name=name):
-            info, image_root = toy_unlabeled_paths(ensure_toy_unlabeled(root or toy_root()))
-            meta = MetadataCatalog.get(name)
-            if not hasattr(meta, "json_file"):
-                meta.set(json_file=info, image_root=image_root)
-            return load_coco_json(info, image_root, name)
-
-        DatasetCatalog.register(name, load_unlabeled)
-        meta = {"thing_classes": [c["name"] for c in TOY_CATEGORIES], "evaluator_type": "coco"}
-        if root is not None:
-            meta.update(zip(("json_file", "image_root"), toy_unlabeled_paths(root)))
+            meta.update(zip(("json_file", "image_root"), paths(root)))
         MetadataCatalog.get(name).set(**meta)
 
 

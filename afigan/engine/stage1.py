@@ -42,8 +42,8 @@ def build_generator(cfg) -> nn.Module:
 def guided_levels(levels) -> Dict[str, str]:
     """``{level: finer level}`` for the levels that have a finer one (``p3 -> p2``, ...); a
     guided upsampler is trained only on these (``p2`` has no finer level)."""
-    names = set(levels) | {f"p{int(l[1:]) - 1}" for l in levels}
-    return {l: f"p{int(l[1:]) - 1}" for l in levels if f"p{int(l[1:]) - 1}" in names and int(l[1:]) > 2}
+    # The teacher's pyramid has every level from p2 up, so each level above p2 has its finer one.
+    return {l: f"p{int(l[1:]) - 1}" for l in levels if int(l[1:]) > 2}
 
 
 class LevelwiseGenerator(nn.Module):
@@ -106,13 +106,12 @@ class Stage1Trainer(AdversarialTrainer):
         super().train()
 
     def teacher_features(self, data):
-        """(real, low): the teacher's pyramids of ``image`` and of its low-resolution twin."""
+        """(real, low, guides): the teacher's pyramids of ``image`` and of its low-resolution twin,
+        and for a guided G each level's finer low-resolution level (else None)."""
         real = select(self.teacher(data, "image"), self.levels, "teacher")
         low_all = self.teacher(data, self.lr_key)
-        low = select(low_all, self.levels, "teacher")
-        if self.guides is not None:  # guided G: the finer low-resolution levels ride along
-            self.low_guides = {l: low_all[f] for l, f in self.guides.items()}
-        return real, low
+        guides = None if self.guides is None else {l: low_all[f] for l, f in self.guides.items()}
+        return real, select(low_all, self.levels, "teacher"), guides
 
     def g_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
         """One generator update (D frozen, so D's parameters and gradients stay untouched)."""
@@ -127,9 +126,8 @@ class Stage1Trainer(AdversarialTrainer):
 
     def run_step(self):
         data, data_time = self.next_batch()
-        real, low = self.teacher_features(data)
+        real, low, guides = self.teacher_features(data)
         with self.amp.autocast():
-            # ONE G pass: its detached output feeds the D step.
-            fake = self.G_ddp(low) if self.guides is None else self.G_ddp(low, self.low_guides)
+            fake = self.G_ddp(low, guides)  # ONE G pass: its detached output feeds the D step
         self.d_step(real, fake, data_time)
         self.g_step(real, fake, data_time)
