@@ -1,0 +1,171 @@
+"""The study of tools/study.py (afigan/benchmark/study.py): its fidelity measures against values
+computed by hand, its statistics over seeds, its schedule compression, and the whole command on a
+2-iteration budget (all outputs written, every run recorded, a second call skipping them all)."""
+import json
+import math
+import os
+import runpy
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+pytest.importorskip("matplotlib")
+
+from afigan.benchmark.study import (_budget, fixed_x2, interpolation_fidelity, mean_std, paired,  # noqa: E402
+                                    summarize)
+from conftest import one_sentence_error  # noqa: E402
+from d2_helpers import CONFIGS, REPO  # noqa: E402
+
+TOOL = os.path.join(REPO, "tools", "study.py")
+
+# A tiny pyramid: p2's half-resolution map is 2x2, its target 4x4; p3's target is 2x3, one
+# column narrower than x2 of its 1x2 half-resolution map (an odd pyramid), so it is compared on
+# the common 2x3 window.
+LOW = {"p2": torch.tensor([[0.0, 4.0], [8.0, 12.0]])[None, None], "p3": torch.tensor([[1.0, 3.0]])[None, None]}
+REAL = {"p2": torch.arange(16.0).view(1, 1, 4, 4), "p3": torch.tensor([[1.0, 1.0, 3.0], [1.0, 2.0, 3.0]])[None, None]}
+
+
+def test_nearest_and_bilinear_errors_equal_hand_computed_values():
+    scores = interpolation_fidelity([(REAL, LOW)], {"nearest": fixed_x2("nearest", ["p2", "p3"]),
+                                                    "bilinear": fixed_x2("bilinear", ["p2", "p3"])}, ["p2", "p3"])
+    # p2 nearest: [[0,0,4,4],[0,0,4,4],[8,8,12,12],[8,8,12,12]] - arange(16): |d| sums to 36, d^2 to 120;
+    # sum of target^2 = 0^2 + ... + 15^2 = 1240; target range 15.
+    nn = scores["nearest"]["p2"]
+    assert nn["values"] == 16
+    assert nn["l1"] == pytest.approx(36 / 16)
+    assert nn["rel_l2"] == pytest.approx(math.sqrt(120 / 1240))
+    assert nn["psnr"] == pytest.approx(10 * math.log10(15 ** 2 / (120 / 16)))
+    # p2 bilinear (half-pixel centres, edges clamped): rows [0,1,3,4], [2,3,5,6], [6,7,9,10], [8,9,11,12];
+    # d = [[0,0,1,1], [-2,-2,-1,-1], [-2,-2,-1,-1], [-4,-4,-4,-4]]: |d| sums to 30, d^2 to 86.
+    bl = scores["bilinear"]["p2"]
+    assert bl["l1"] == pytest.approx(30 / 16)
+    assert bl["rel_l2"] == pytest.approx(math.sqrt(86 / 1240))
+    assert bl["psnr"] == pytest.approx(10 * math.log10(15 ** 2 / (86 / 16)))
+    # p3 nearest: [[1,1,3,3],[1,1,3,3]] cut to 2x3 -> one error of 1 in 6 values; range 2; sum target^2 = 25.
+    p3 = scores["nearest"]["p3"]
+    assert p3["values"] == 6
+    assert p3["l1"] == pytest.approx(1 / 6)
+    assert p3["rel_l2"] == pytest.approx(math.sqrt(1 / 25))
+    assert p3["psnr"] == pytest.approx(10 * math.log10(2 ** 2 / (1 / 6)))
+
+
+def test_errors_are_pooled_over_images_and_the_range_spans_all_of_them():
+    # A second image whose p2 target is the first's + 100: its nearest errors are the first's + 100 - 0.
+    low2 = {"p2": LOW["p2"] + 100.0}
+    real2 = {"p2": REAL["p2"] + 100.0}
+    both = interpolation_fidelity([(REAL, LOW), (real2, low2)], {"nearest": fixed_x2("nearest", ["p2"])}, ["p2"])["nearest"]["p2"]
+    assert both["values"] == 32
+    assert both["l1"] == pytest.approx(36 / 16)  # the same errors twice
+    assert both["psnr"] == pytest.approx(10 * math.log10(115 ** 2 / (120 / 16)))  # range 0..115
+    assert both["rel_l2"] == pytest.approx(math.sqrt(240 / (1240 + float(((torch.arange(16.0) + 100) ** 2).sum()))))
+
+
+def test_a_perfect_interpolator_scores_zero_error_and_infinite_psnr():
+    perfect = lambda low: {l: REAL[l].clone() for l in ("p2", "p3")}  # noqa: E731 - it returns the target
+    scores = interpolation_fidelity([(REAL, LOW)], {"perfect": perfect, "nearest": fixed_x2("nearest", ["p2", "p3"])},
+                                    ["p2", "p3"])
+    for level in ("p2", "p3"):
+        assert scores["perfect"][level]["l1"] == 0.0
+        assert scores["perfect"][level]["rel_l2"] == 0.0
+        assert scores["perfect"][level]["psnr"] == math.inf
+        assert scores["nearest"][level]["l1"] > 0  # the same pass scores a real interpolator normally
+
+
+def test_a_level_an_interpolator_does_not_predict_is_left_out():
+    only_p3 = lambda low: {"p3": torch.nn.functional.interpolate(low["p3"], scale_factor=2.0)}  # noqa: E731
+    scores = interpolation_fidelity([(REAL, LOW)], {"guided-like": only_p3}, ["p2", "p3"])
+    assert set(scores["guided-like"]) == {"p3"}
+
+
+def test_mean_and_sample_std_over_seeds():
+    ms = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert ms["mean"] == pytest.approx(2.5) and ms["n"] == 4
+    assert ms["std"] == pytest.approx(math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3))  # n - 1 in the denominator
+    assert mean_std([7.0]) == {"mean": 7.0, "std": None, "n": 1}
+    assert mean_std([])["mean"] is None
+
+
+def test_paired_differences_use_only_common_seeds():
+    p = paired({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 6.0, 2: 4.0, 3: 9.0})
+    assert p["diffs"] == {0: 2.0, 1: -1.0, 2: 0.0}
+    assert p["wins"] == 1 and p["n"] == 3
+    assert p["mean"] == pytest.approx(1 / 3)
+    assert p["std"] == pytest.approx(math.sqrt(((5 / 3) ** 2 + (4 / 3) ** 2 + (1 / 3) ** 2) / 2))
+
+
+def test_summary_counts_a_model_without_detections_as_ap_zero():
+    detection = {"nearest": {0: {"bbox": {"AP": 10.0, "APs": 2.0}, "segm": {"AP": 8.0, "APs": 1.0}},
+                             1: {"bbox": {"AP": 12.0, "APs": 4.0}, "segm": {"AP": 9.0, "APs": 3.0}}},
+                 "afi": {0: {"bbox": {"AP": "nan", "APs": "nan"}, "segm": {"AP": 11.0, "APs": 5.0}},
+                         1: {"bbox": {"AP": 13.0, "APs": 6.0}, "segm": {"AP": 10.0, "APs": 2.0}}}}
+    s = summarize(detection)
+    assert s["afi"]["bbox"]["per_seed"] == {0: 0.0, 1: 13.0}
+    assert s["afi"]["bbox"]["APs"]["n"] == 1  # a NaN APs (no small object, or no detection) is left out
+    assert s["afi"]["bbox"]["vs_nearest"]["diffs"] == {0: -10.0, 1: 1.0}
+    assert s["afi"]["segm"]["vs_nearest"]["wins"] == 2
+    assert s["nearest"]["segm"]["AP"]["mean"] == pytest.approx(8.5)
+
+
+def test_budget_compresses_the_yaml_schedule():
+    stage3 = os.path.join(CONFIGS, "toy", "pipeline", "stage3.yaml")  # 300 iterations, step 240, warm-up 50
+    assert _budget(stage3, 240, []) == ["SOLVER.MAX_ITER", "240", "SOLVER.STEPS", "(192,)", "SOLVER.WARMUP_ITERS", "40"]
+    assert _budget(stage3, 2, [])[:4] == ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()"]  # no step at the last iteration
+    assert _budget(stage3, 0, []) == []
+
+
+def _study(*argv):
+    return runpy.run_path(TOOL)["main"]([str(a) for a in argv])
+
+
+# The smallest study: two iterations per stage, 64-px images, one seed, a fixed and a learned arm.
+TINY = ["--quick", "--max-iter", 2, 2, 2, 2, "--kinds", "nearest", "afi", "--seeds", 0, "--ablations",
+        "--fidelity-images", 2, "--dataset-test", "afigan_toy_val",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 96, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
+        "TEST.DETECTIONS_PER_IMAGE", 10]
+
+
+def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "study"
+    paths = _study("--output-dir", out, *TINY)
+    assert set(paths) == {"json", "md", "fidelity_png", "detection_png"}
+    for p in paths.values():
+        assert os.path.getsize(p) > 0
+    study = json.load(open(paths["json"]))
+    runs = {r["name"]: r for r in study["runs"]}
+    assert set(runs) == {"teacher", "afi/stage1", "afi/stage2", "nearest/stage3_seed0", "afi/stage3_seed0"}
+    assert all(r["status"] == "ran" and r["seed"] == 0 and os.path.isfile(r["config_yaml"]) for r in runs.values())
+    # Stage 3 of the progressive arm starts from the chain's stage 2; the baseline only swaps the upsampler.
+    afi3 = runs["afi/stage3_seed0"]["opts"]
+    assert afi3[afi3.index("MODEL.AF_EXTRACTOR_WEIGHTS") + 1] == str(out / "afi" / "stage2" / "AFExtractor" / "model_final.pth")
+    near3 = runs["nearest/stage3_seed0"]["opts"]
+    assert "MODEL.AF_EXTRACTOR_WEIGHTS" not in near3 and near3[near3.index("MODEL.AFI.INTERP") + 1] == "nearest"
+    fid = study["fidelity"]["scores"]
+    assert set(fid) == {"nearest", "bilinear", "afi G (stage 1)", "afi (stage 2)"}
+    assert set(fid["nearest"]) == {"p2", "p3", "p4", "p5", "p6"}
+    assert fid["bilinear"]["p2"]["l1"] != fid["nearest"]["p2"]["l1"]
+    assert set(study["summary"]) == {"nearest", "afi"} and study["summary"]["afi"]["bbox"]["AP"]["n"] == 1
+    md = open(paths["md"]).read()
+    assert "## Interpolation fidelity" in md and "## Detection" in md and "| afi/stage3_seed0 | ran |" in md
+
+    capsys.readouterr()
+    _study("--output-dir", out, *TINY)  # again: nothing is trained
+    again = {r["name"]: r for r in json.load(open(paths["json"]))["runs"]}
+    assert all(r["status"] == "skipped, already done" for r in again.values())
+    assert again["teacher"]["wall_s"] == runs["teacher"]["wall_s"]  # the time it took when it ran
+    assert "running" not in capsys.readouterr().out
+
+    # Other settings on the same folder would mix two studies: one sentence, nothing run.
+    changed = list(TINY)
+    changed[changed.index("--max-iter") + 1] = 3
+    with pytest.raises(SystemExit) as e:
+        _study("--output-dir", out, *changed)
+    assert e.value.code == 1
+    assert "holds a finished run made with other settings" in one_sentence_error(capsys.readouterr().err)
+
+
+def test_a_missing_config_set_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _study("--output-dir", tmp_path, "--quick", "--kinds", "dysample", "--config-dir", tmp_path / "nowhere")
+    assert e.value.code == 1
+    assert "needs the config set" in one_sentence_error(capsys.readouterr().err)
