@@ -76,6 +76,9 @@ def add_afigan_config(cfg: CN) -> CN:
 
     _set_default(cfg.SOLVER, "OPTIMIZER", "SGD")  # kept for config compatibility; SGD is used
     _set_default(cfg.SOLVER, "CHECKPOINT_KEEP", 3)  # periodic checkpoints kept (the newest); <= 0 keeps all
+    # SOLVER.AMP.ENABLED's autocast dtype: "float16" (with gradient scaling) or "bfloat16" on CUDA;
+    # on a CPU AMP always runs in bfloat16 (afigan/engine/common.py, AMPPolicy).
+    _set_default(cfg.SOLVER.AMP, "PRECISION", "float16")
     # Read by Detectron2 (and afigan's loader) for SAMPLER_TRAIN RandomSubsetTrainingSampler, but
     # missing from Detectron2's defaults: the share of the training set kept.
     _set_default(cfg.DATALOADER, "RANDOM_SUBSET_RATIO", 1.0)
@@ -102,6 +105,9 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(a, "SCALE_RATIO", 0.5)  # low-resolution image size / high-resolution size
     _set_default(a, "ADV_GRAD_TO_G", True)  # False reproduces B1 of docs/differences_from_reference.md (adversarial term detached)
     _set_default(a, "TARGET_DOWNSAMPLE", "nearest")  # stage-2 target: teacher HR features x0.5 ("nearest" | "avg")
+    _set_default(a, "CHANNELS_LAST", False)  # G, D, the teacher and the trained network in channels_last memory format
+    _set_default(a, "COMPILE", False)  # torch.compile G and D (stages 1-2) and the neck's upsampler (stages 2-3)
+    _set_default(a, "COMPILE_BACKEND", "inductor")  # torch.compile backend of MODEL.AFI.COMPILE
     ds = _node(a, "DYSAMPLE")  # options of INTERP "dysample" (DySample, ICCV 2023)
     _set_default(ds, "STYLE", "lp")  # "lp" (linear then pixel shuffle) | "pl" (pixel shuffle first)
     _set_default(ds, "GROUPS", 4)  # offset groups; channels must be divisible by it
@@ -118,6 +124,9 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(d, "SPECTRAL_NORM", False)  # spectral norm on D's convs (changes checkpoint keys)
     _set_default(d, "BASE_WIDTH", 0)  # D's blocks have min(2^n, 4) * BASE_WIDTH channels; 0 = FPN width (reference)
     _set_default(d, "BASE_LR", -1.0)  # D learning rate; <= 0 means SOLVER.BASE_LR (reference)
+    # > 0: D judges one random PATCH_SIZE x PATCH_SIZE window per level (the same for real and fake)
+    # instead of the whole map; 0 = the whole map (reference). The content loss keeps the whole map.
+    _set_default(d, "PATCH_SIZE", 0)
     lg = _node(a, "LEGACY")
     _set_default(lg, "INDEPENDENT_FLIP", False)  # B2: flip HR and LR images independently
     _set_default(lg, "FROZEN_DIS_LR", False)  # O3: stage-2 D scheduler never stepped

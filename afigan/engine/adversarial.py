@@ -29,6 +29,7 @@ from afigan.modeling.meta_arch import build_guide_model
 
 from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
 from .hooks import FinalCheckpointer, TotalsPrinter, checkpoint_keep, non_finite_loss_error
+from .speed import compile_modules, to_memory_format, upsampler_modules
 
 __all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
 
@@ -55,13 +56,14 @@ def discriminator_cfg(cfg):
 class DiscriminatorLoss(nn.Module):
     """The discriminator loss of all levels in one forward (one DDP call per step)."""
 
-    def __init__(self, discriminator: nn.Module, levels):
+    def __init__(self, discriminator: nn.Module, levels, patch_size: int = 0):
         super().__init__()
         self.discriminator = discriminator
         self.levels = list(levels)
+        self.patch_size = patch_size  # MODEL.AFI.DIS.PATCH_SIZE
 
     def forward(self, real: Dict[str, torch.Tensor], fake: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return discriminator_loss(self.discriminator, real, fake, self.levels)
+        return discriminator_loss(self.discriminator, real, fake, self.levels, patch_size=self.patch_size)
 
 
 def select(features: Dict[str, torch.Tensor], levels, what: str) -> Dict[str, torch.Tensor]:
@@ -94,9 +96,11 @@ class AdversarialTrainer(TrainerBase):
             self.teacher = build_guide_model(cfg)
         self.model = model.to(self.device)
         self.D = build_discriminator(cfg).to(self.device)
+        to_memory_format(cfg, self.teacher, self.model, self.D)
+        compile_modules(cfg, upsampler_modules(self.model) + [self.D], f"{self.model_name}'s upsampler and D")
         # Every forward whose parameter gradients must be synchronised goes through a DDP wrapper
         # (docs/differences_from_reference.md, B3).
-        self.D_loss = ddp(DiscriminatorLoss(self.D, self.levels))
+        self.D_loss = ddp(DiscriminatorLoss(self.D, self.levels, cfg.MODEL.AFI.DIS.PATCH_SIZE))
         self.optimizer = build_optimizer(cfg, self.model)
         self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
@@ -185,6 +189,12 @@ class AdversarialTrainer(TrainerBase):
             SimpleTrainer.write_metrics(losses, data_time, self.iter, prefix=f"{name}_")
         except FloatingPointError:
             raise non_finite_loss_error(losses, self.iter, (self.checkpointer, self.checkpointer_D), f"{name} ") from None
+
+    def teacher_pyramid(self, data, image_key: str) -> Dict[str, torch.Tensor]:
+        """The frozen teacher's pyramid of ``data[i][image_key]`` (under no_grad, and under autocast
+        with AMP: the feature losses are computed in float32 all the same)."""
+        with self.amp.autocast():
+            return self.teacher(data, image_key)
 
     def d_step(self, real, fake, data_time: float = 0.0) -> Dict[str, torch.Tensor]:
         """One discriminator update on real vs detached fake features; returns its losses."""

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from afigan.config import add_afigan_config, fallback_syncbn
 from afigan.seeding import MODEL, seed_all_rngs
 
-__all__ = ["setup_cfg", "load_cfg", "debug_enabled", "USER_ERRORS", "user_message", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "backward_and_step",
+__all__ = ["setup_cfg", "load_cfg", "debug_enabled", "USER_ERRORS", "user_message", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "cpu_supports_bfloat16", "float32_losses", "backward_and_step",
            "ddp"]
 
 logger = logging.getLogger(__name__)
@@ -275,17 +275,38 @@ class SeedEachIteration(hooks.HookBase):
         seed_all_rngs(self._seed, self.trainer.iter, comm.get_rank(), MODEL)
 
 
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 convolution kernels (oneDNN: AVX-512 BF16 or AMX); without
+    them bfloat16 autocast runs, but slower than float32."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class AMPPolicy:
-    """Whether and how to run mixed precision: on CUDA when ``SOLVER.AMP.ENABLED`` (float16 with
-    gradient scaling, or ``SOLVER.AMP.PRECISION bfloat16``); float32 otherwise, with a warning when
-    AMP was asked for on a CPU."""
+    """Whether and how to run mixed precision (``SOLVER.AMP.ENABLED``): on CUDA in
+    ``SOLVER.AMP.PRECISION`` (float16 with gradient scaling, or bfloat16); on a CPU in bfloat16
+    where the CPU has bfloat16 kernels, float32 with a warning otherwise. Only the networks'
+    forward passes run under autocast; every loss is computed in float32."""
 
     def __init__(self, cfg, device: torch.device):
-        self.enabled = bool(cfg.SOLVER.AMP.ENABLED) and device.type == "cuda"
-        if cfg.SOLVER.AMP.ENABLED and not self.enabled:
-            logger.warning("SOLVER.AMP.ENABLED is ignored on %s; training in float32.", device)
+        precision = cfg.SOLVER.AMP.get("PRECISION", "float16")
+        if precision not in ("float16", "bfloat16"):
+            raise ValueError(f"SOLVER.AMP.PRECISION must be 'float16' or 'bfloat16', got {precision!r}.")
+        wanted = bool(cfg.SOLVER.AMP.ENABLED)
         self.device_type = device.type
-        self.dtype = torch.bfloat16 if cfg.SOLVER.AMP.get("PRECISION", "float16") == "bfloat16" else torch.float16
+        if device.type == "cuda":
+            self.enabled = wanted
+            self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+        else:
+            self.enabled = wanted and device.type == "cpu" and cpu_supports_bfloat16()
+            self.dtype = torch.bfloat16  # float16 autocast on a CPU has no fast kernels
+            if wanted and not self.enabled:
+                logger.warning("SOLVER.AMP.ENABLED is ignored on %s: it has no bfloat16 convolution kernels; training in float32.",
+                               device)
+            elif wanted and precision == "float16":
+                logger.info("SOLVER.AMP on a CPU runs in bfloat16 (SOLVER.AMP.PRECISION float16 applies to CUDA).")
 
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.enabled)
@@ -293,6 +314,11 @@ class AMPPolicy:
     def grad_scaler(self):
         """A new ``GradScaler`` for float16 on CUDA, else None (no scaling needed)."""
         return torch.amp.GradScaler("cuda") if self.enabled and self.dtype == torch.float16 else None
+
+
+def float32_losses(losses):
+    """``{name: loss}`` with every loss in float32 (a loss computed under autocast may be bfloat16)."""
+    return {k: v.float() for k, v in losses.items()}
 
 
 def backward_and_step(loss: torch.Tensor, optimizer, scaler=None) -> None:

@@ -20,13 +20,14 @@ A Detectron2 ``DefaultTrainer`` with:
 import contextlib
 import logging
 import os
+import time
 import weakref
 from collections import OrderedDict
 
 import torch
 
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
@@ -35,13 +36,63 @@ from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
 from afigan.modeling.test_time_augmentation import build_tta_model
 
-from .common import AMPPolicy, SeedEachIteration, ddp, require_file
+from .common import AMPPolicy, SeedEachIteration, ddp, float32_losses, require_file
 from .evaluation import AFICOCOEvaluator
 from .hooks import FinalCheckpointer, checkpoint_keep, non_finite_loss_error
+from .speed import compile_modules, to_memory_format, upsampler_modules
 
-__all__ = ["DetectorTrainer"]
+__all__ = ["DetectorTrainer", "AutocastTrainer"]
 
 logger = logging.getLogger(__name__)
+
+
+class AutocastTrainer(SimpleTrainer):
+    """Detectron2's ``SimpleTrainer`` step with the forward under ``torch.autocast`` of an
+    :class:`AMPPolicy` (bfloat16 on a CPU, or on CUDA; a ``GradScaler`` for float16) and the losses
+    in float32. Detectron2's ``AMPTrainer`` asserts CUDA, and its step cannot be told the device,
+    so its run_step is repeated here with those two changes; its checkpoint entry
+    ``grad_scaler`` is kept for float16."""
+
+    def __init__(self, model, data_loader, optimizer, amp: AMPPolicy, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.amp = amp
+        self.grad_scaler = amp.grad_scaler()
+
+    def run_step(self):
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with self.amp.autocast():
+            loss_dict = self.model(data)
+        loss_dict = float32_losses(loss_dict if isinstance(loss_dict, dict) else {"total_loss": loss_dict})
+        losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        (self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses).backward()
+        self.after_backward()
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
+        else:
+            self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
 class DetectorTrainer(DefaultTrainer):
@@ -57,16 +108,16 @@ class DetectorTrainer(DefaultTrainer):
     def __init__(self, cfg):
         # DefaultTrainer.__init__ with three changes it cannot be told to make: its
         # create_ddp_model call passes no device_ids, so DDP gets the local rank and rejects CPU
-        # modules (multi-process CPU runs use gloo); AMP is used only where AMPPolicy allows it
-        # (AMPTrainer asserts CUDA); the checkpointer writes atomically. The loader comes later.
+        # modules (multi-process CPU runs use gloo); AMP runs where AMPPolicy allows it, on a CPU
+        # too (AMPTrainer asserts CUDA); the checkpointer writes atomically. The loader comes later.
         TrainerBase.__init__(self)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         self.train_dataset = load_train_dataset(cfg)
         model = ddp(model)
-        amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE)).enabled
-        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, None, optimizer)
+        amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE))
+        self._trainer = AutocastTrainer(model, None, optimizer, amp) if amp.enabled else SimpleTrainer(model, None, optimizer)
         self._trainer._write_metrics = self._checked_write_metrics(self._trainer._write_metrics)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -74,6 +125,15 @@ class DetectorTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, in channels_last with ``MODEL.AFI.CHANNELS_LAST`` and with its neck's
+        upsampler compiled with ``MODEL.AFI.COMPILE`` (afigan/engine/speed.py)."""
+        model = super().build_model(cfg)
+        to_memory_format(cfg, model)
+        compile_modules(cfg, upsampler_modules(model), "the neck's upsampler")
+        return model
 
     def _checked_write_metrics(self, write):
         """SimpleTrainer's metric writer, whose non-finite-loss error names the loss terms and the

@@ -108,8 +108,8 @@ class Stage1Trainer(AdversarialTrainer):
     def teacher_features(self, data):
         """(real, low, guides): the teacher's pyramids of ``image`` and of its low-resolution twin,
         and for a guided G each level's finer low-resolution level (else None)."""
-        real = select(self.teacher(data, "image"), self.levels, "teacher")
-        low_all = self.teacher(data, self.lr_key)
+        real = select(self.teacher_pyramid(data, "image"), self.levels, "teacher")
+        low_all = self.teacher_pyramid(data, self.lr_key)
         guides = None if self.guides is None else {l: low_all[f] for l, f in self.guides.items()}
         return real, select(low_all, self.levels, "teacher"), guides
 
@@ -119,7 +119,7 @@ class Stage1Trainer(AdversarialTrainer):
         with self.amp.autocast():
             g_losses = generator_loss(self.D, fake, real, self.levels, adv_weight=a.ADV_WEIGHT,
                                       content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G,
-                                      run_d_on_real=a.LEGACY.RUN_D_ON_REAL_IN_G_STEP)
+                                      run_d_on_real=a.LEGACY.RUN_D_ON_REAL_IN_G_STEP, patch_size=a.DIS.PATCH_SIZE)
         self.write_metrics(g_losses, data_time, "G")
         backward_and_step(sum(g_losses.values()), self.optimizer, self.scaler)
         return g_losses

@@ -25,7 +25,7 @@ from afigan.checkpoint import expect_partial_load, load_interpolator_weights, re
 from afigan.layers import generator_loss
 
 from .adversarial import AdversarialTrainer, select
-from .common import backward_and_step, ddp, require_file
+from .common import backward_and_step, ddp, float32_losses, require_file
 
 __all__ = ["Stage2Trainer", "downsample_targets"]
 
@@ -78,15 +78,16 @@ class Stage2Trainer(AdversarialTrainer):
     def run_step(self):
         data, data_time = self.next_batch()
         a = self.cfg.MODEL.AFI
-        targets = downsample_targets(select(self.teacher(data, "image"), self.levels, "teacher"), a.TARGET_DOWNSAMPLE)
+        targets = downsample_targets(select(self.teacher_pyramid(data, "image"), self.levels, "teacher"), a.TARGET_DOWNSAMPLE)
         with self.amp.autocast():
             det_losses, features = self.model_ddp(data)
             fake = select(features, self.levels, "AF extractor's neck")
+        det_losses = float32_losses(det_losses)
         self.d_step(targets, fake, data_time)
 
         with self.amp.autocast():
             g_losses = generator_loss(self.D, fake, targets, self.levels, adv_weight=a.ADV_WEIGHT,
-                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G)
+                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G, patch_size=a.DIS.PATCH_SIZE)
         m_losses = {**det_losses, **g_losses}
         self.write_metrics(m_losses, data_time, "M")
         backward_and_step(sum(m_losses.values()), self.optimizer, self.scaler)

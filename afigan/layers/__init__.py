@@ -5,7 +5,7 @@ from .discriminator import FeaturePatchDiscriminator
 from .dysample import DySample
 from .fade import FADE
 from .learned_baselines import DeconvUpsampler, PixelShuffleUpsampler
-from .losses import crop_to_common, discriminator_loss, frozen_parameters, generator_loss
+from .losses import crop_to_common, discriminator_loss, frozen_parameters, generator_loss, random_window
 from .shape import check_feature_map, fit_to, resize_to
 from .state_dict import check_state_dict_fits
 from .upsample import (

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from .shape import crop_to_common
 
-__all__ = ["discriminator_loss", "generator_loss", "frozen_parameters", "crop_to_common"]
+__all__ = ["discriminator_loss", "generator_loss", "frozen_parameters", "crop_to_common", "random_window"]
 
 Features = Mapping[str, torch.Tensor]
 
@@ -33,6 +33,26 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     # Computed in float32: the loss is tiny relative to the content term and fp16 loses it.
     logits = logits.float()
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def random_window(t: torch.Tensor, size: int):
+    """``(top, left, height, width)`` of a uniformly drawn ``size`` x ``size`` window of ``t``'s map
+    (torch's global RNG); the whole map, drawing nothing, when ``size <= 0`` or the map is no larger.
+    D is fully convolutional, so its mean loss over a random window estimates the full-map mean
+    (the window's border sees zero padding where the full map has neighbours, and BatchNorm's
+    batch statistics come from the window)."""
+    h, w = t.shape[-2:]
+    if size <= 0:
+        return 0, 0, h, w
+    ph, pw = min(size, h), min(size, w)
+    top = int(torch.randint(h - ph + 1, ())) if ph < h else 0
+    left = int(torch.randint(w - pw + 1, ())) if pw < w else 0
+    return top, left, ph, pw
+
+
+def _window(t: torch.Tensor, window) -> torch.Tensor:
+    top, left, h, w = window
+    return t[..., top:top + h, left:left + w]
 
 
 @contextlib.contextmanager
@@ -67,15 +87,19 @@ def discriminator_loss(
     real: Features,
     fake: Features,
     levels: Optional[Iterable[str]] = None,
+    patch_size: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """Per level: BCE(D(real), 1) + BCE(D(sg(fake)), 0) (plain sum over levels, no 1/2).
 
     Returns ``{"loss_d_real_<l>", "loss_d_fake_<l>"}`` for each level; their sum is the
     discriminator loss. ``fake`` is detached here, so the generator gets no gradient.
+    ``patch_size > 0``: D sees one :func:`random_window` per level, the same for real and fake.
     """
     out = {}
     for name in _levels(fake, real, levels):
         f, r = crop_to_common(fake[name].detach(), real[name].detach())
+        window = random_window(f, patch_size)
+        f, r = _window(f, window), _window(r, window)
         out[f"loss_d_real_{name}"] = _bce(discriminator(r), 1.0)
         out[f"loss_d_fake_{name}"] = _bce(discriminator(f), 0.0)
     return out
@@ -90,6 +114,7 @@ def generator_loss(
     content_weight: float = 1.0,
     adv_grad: bool = True,
     run_d_on_real: bool = False,
+    patch_size: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """Per level: adv_weight * BCE(D(fake), 1) + content_weight * L1(fake, real).
 
@@ -100,20 +125,23 @@ def generator_loss(
     ``run_d_on_real=True`` reproduces the reference's unused D pass on the real features: per
     level, D(cropped fake) then D(cropped real) without gradient, which moves D's BatchNorm running
     statistics exactly as the reference's G step does (docs/differences_from_reference.md, O8).
+    ``patch_size > 0``: D sees one :func:`random_window` per level (the content loss keeps the
+    whole map).
     """
     out = {}
     for name in _levels(fake, real, levels):
         f, r = crop_to_common(fake[name], real[name].detach())
+        window = random_window(f, patch_size) if adv_weight or run_d_on_real else None
         if adv_weight:
             if adv_grad:
                 with frozen_parameters(discriminator):
-                    logits = discriminator(f)
+                    logits = discriminator(_window(f, window))
             else:
                 with torch.no_grad():
-                    logits = discriminator(f)
+                    logits = discriminator(_window(f, window))
             out[f"loss_adv_{name}"] = adv_weight * _bce(logits, 1.0)
         if run_d_on_real:
             with torch.no_grad():
-                discriminator(r)
+                discriminator(_window(r, window))
         out[f"loss_content_{name}"] = content_weight * F.l1_loss(f.float(), r.float())
     return out

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Roofline of AFI-GAN's hot paths: measured time, FLOPs, achieved GFLOP/s and the ratio to this
+machine's plain 3x3 convolution (same channels, map size, dtype and memory format, measured in the
+same run) for the AF interpolator and the discriminator (forward, forward+backward) and one step of
+stages 1, 2, 3 and of plain Detectron2, at reference sizes (R-50, 256 channels, full G and D), for
+each speed switch (float32 / bfloat16 autocast, channels_last, D patches). Prints a table and the
+issue's targets, writes JSON and a PNG.
+
+    python tools/benchmark_roofline.py --sizes 320 --out output/benchmark_roofline.json
+    python tools/benchmark_roofline.py --device cuda --sizes 800 --variants fp32 "bf16 channels_last"
+"""
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+import afigan  # noqa: F401  (registers the necks and data sets)
+from afigan.benchmark.roofline import STEP_CONFIGS, VARIANTS, format_table, module_rows, plot, step_rows, targets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", help="image short sides (long side 1.5x); default 320 512 on a CPU, 800 on CUDA")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="speed switches to compare (default: all)")
+    p.add_argument("--parts", nargs="+", choices=["modules", "steps"], default=["modules", "steps"])
+    p.add_argument("--stages", nargs="+", choices=list(STEP_CONFIGS), default=list(STEP_CONFIGS))
+    p.add_argument("--batch", type=int, default=1, help="images per training step")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (after one warm-up)")
+    p.add_argument("--profile", action="store_true", help="also the top-10 operators of each step (torch.profiler)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default="output/benchmark_roofline.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or ([800] if args.device.startswith("cuda") else [320, 512])
+    variants = args.variants or list(VARIANTS)
+    rows = []
+    for side in sizes:
+        if "modules" in args.parts:
+            rows += module_rows(side, variants, args.device, args.repeats)
+        if "steps" in args.parts:
+            rows += step_rows(args.stages, side, args.batch, variants, os.path.join(REPO, "configs"), args.device,
+                              args.repeats, profile=args.profile)
+    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device: {args.device} ({machine}); batch {args.batch}; median of {args.repeats}; load average {load:.2f}")
+    print(format_table(rows))
+    checks = targets(rows)
+    for t in checks:
+        print(f"target @{t['short_side']}: {t['target']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}")
+    for r in rows:
+        for op in r.get("top_ops", []):
+            print(f"  {r['component']} {r['variant']} @{r['short_side']}: {op['op']} {op['self_cpu_ms']:.0f} ms ({op['share']:.0%}, {op['calls']} calls)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "torch": torch.__version__, "load_average_1min": load, "args": vars(args),
+                   "rows": rows, "targets": checks}, f, indent=2)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(rows, png, f"throughput relative to a plain 3x3 conv, {args.device} ({machine}), batch {args.batch}")
+    print(f"wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
