@@ -33,7 +33,7 @@ from afigan.layers import AFInterpolator, FeaturePatchDiscriminator
 from afigan.modeling.meta_arch import build_guide_model
 
 __all__ = ["VARIANTS", "STEP_CONFIGS", "fvcore_flops", "counted_flops", "timed", "plain_conv", "conv_layers_alone",
-           "module_rows", "step_rows", "top_ops", "format_table", "targets", "plot"]
+           "module_rows", "step_rows", "top_ops", "format_table", "targets", "plot", "patch_ablation"]
 
 # name -> (dtype, channels_last, D patch size); the switches a user can turn on (README "Performance").
 VARIANTS: Dict[str, Dict] = {
@@ -201,8 +201,9 @@ def _cfg(config: str, opts: List[str], stage: str):
 
 
 def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant: str, device: str):
-    """A trainer of ``stage`` at reference sizes (R-50, 256-channel FPN, full G and D) on the toy
-    set resized to ``short_side``, with random weights for the teacher, G and D."""
+    """A trainer of ``stage`` at reference sizes (R-50, 256-channel FPN, full G and D, Detectron2's
+    Mask R-CNN heads) on the toy set resized to ``short_side``, with random weights for the
+    teacher, G and D."""
     v = VARIANTS[variant]
     out = tempfile.mkdtemp(prefix=f"roofline_{stage}_")
     opts = ["OUTPUT_DIR", out, "MODEL.DEVICE", device, "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", "1000",
@@ -210,6 +211,10 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
             "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0",
             "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.AFI.NUM_BLOCKS", "3", "MODEL.AFI.GROWTH", "32",
             "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+            # Detectron2's Mask R-CNN heads and sampling (the toy configs shrink them)
+            "MODEL.ROI_BOX_HEAD.FC_DIM", "1024", "MODEL.ROI_MASK_HEAD.NUM_CONV", "4", "MODEL.ROI_MASK_HEAD.CONV_DIM", "256",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "256",
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "2000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "1000",
             "SOLVER.AMP.ENABLED", str(v["dtype"] != torch.float32), "SOLVER.AMP.PRECISION",
             "bfloat16" if v["dtype"] == torch.bfloat16 else "float16",
             "MODEL.AFI.CHANNELS_LAST", str(v["channels_last"]), "MODEL.AFI.DIS.PATCH_SIZE", str(v["patch"])]
@@ -234,9 +239,10 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
 
 
 def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str], configs_dir: str, device: str,
-              repeats: int, profile: bool = False) -> List[Dict]:
+              repeats: int, profile=()) -> List[Dict]:
     """One training step of each stage (and of plain Detectron2) per variant: seconds, FLOPs (forward
-    and backward) and the ratio to the plain 3x3 conv fwd+bwd at P2 of the image."""
+    and backward) and the ratio to the plain 3x3 conv fwd+bwd at P2 of the image; for the variants
+    in ``profile`` also the step's top-10 operators."""
     rows = []
     p2 = (short_side // 4, (3 * short_side // 2) // 4)
     for variant in variants:
@@ -252,7 +258,7 @@ def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str
             with EventStorage(0) as trainer.storage:
                 flops = counted_flops(trainer.run_step)  # also the warm-up call
                 seconds = timed(trainer.run_step, repeats, device, warmup=0)
-                ops = top_ops(trainer.run_step) if profile else None
+                ops = top_ops(trainer.run_step, device=device) if variant in profile else None
             row = dict(component=f"{stage} step", variant=variant, seconds=seconds, gflops=flops / 1e9,
                        fvcore_gflops=None, gflops_per_s=flops / seconds / 1e9, plain_conv_gflops_per_s=ref["gflops_per_s"],
                        short_side=short_side, batch=batch)
@@ -264,17 +270,19 @@ def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str
     return rows
 
 
-def top_ops(fn: Callable[[], object], n: int = 10) -> List[Dict]:
-    """The ``n`` operators of ``fn`` with the most self CPU time (``torch.profiler``)."""
+def top_ops(fn: Callable[[], object], n: int = 10, device: str = "cpu") -> List[Dict]:
+    """The ``n`` operators of ``fn`` with the most self time (``torch.profiler``; on CUDA, device time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
-    return [dict(op=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
-                 share=e.self_cpu_time_total / total) for e in events]
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    averages = prof.key_averages()
+    total = sum(self_time(e) for e in averages) or 1.0
+    return [dict(op=e.key, calls=e.count, self_ms=self_time(e) / 1e3, share=self_time(e) / total)
+            for e in sorted(averages, key=self_time, reverse=True)[:n]]
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -343,3 +351,36 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def patch_ablation(configs_dir: str, patch_sizes: List[int], iters: int, teacher: str, device: str,
+                   tail: int = 20) -> List[Dict]:
+    """``MODEL.AFI.DIS.PATCH_SIZE``'s effect: the toy stage 1 (configs/toy/pipeline/stage1.yaml)
+    trained ``iters`` iterations from the same seed with each patch size; median seconds per
+    iteration and the stage-1 content loss (sum over levels, mean of the last ``tail``
+    iterations). ``teacher``: a teacher checkpoint; "" draws a random one (its FPN outputs scaled
+    to O(1), as a trained teacher's are)."""
+    rows = []
+    out = tempfile.mkdtemp(prefix="roofline_patches_")
+    config = os.path.join(configs_dir, STEP_CONFIGS["stage1"])
+    if not teacher:
+        cfg = _cfg(config, ["MODEL.DEVICE", device], "stage1")
+        torch.manual_seed(0)
+        state = build_guide_model(cfg, load_weights=False).state_dict()
+        teacher = os.path.join(out, "teacher.pth")
+        torch.save({"model": {k: v * 0.05 if "fpn_output" in k else v for k, v in state.items()}}, teacher)
+    for size in patch_sizes:
+        cfg = _cfg(config, ["OUTPUT_DIR", os.path.join(out, f"patch{size}"), "MODEL.DEVICE", device, "SOLVER.MAX_ITER", str(iters),
+                            "SOLVER.CHECKPOINT_PERIOD", "1000000", "MODEL.GUIDE_WEIGHTS", teacher, "SEED", "0",
+                            "MODEL.AFI.DIS.PATCH_SIZE", str(size)], "stage1")
+        torch.manual_seed(0)
+        trainer = Stage1Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        hist = trainer.storage.histories()
+        content = [sum(v) for v in zip(*[[x for x, _ in hist[k].values()] for k in hist if k.startswith("loss_content_")])]
+        times = [x for x, _ in hist["time"].values()]
+        rows.append(dict(patch_size=size, iters=iters, s_per_iter=statistics.median(times[2:] or times),
+                         content_loss=statistics.mean(content[-tail:]), content_loss_first=content[0],
+                         teacher=teacher))
+    return rows
