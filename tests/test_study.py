@@ -13,7 +13,7 @@ pytest.importorskip("detectron2")
 pytest.importorskip("matplotlib")
 
 from afigan.benchmark.study import (_budget, fixed_x2, interpolation_fidelity, mean_std, paired,  # noqa: E402
-                                    summarize)
+                                    seed_noise, subset_ap, summarize)
 from conftest import one_sentence_error  # noqa: E402
 from d2_helpers import CONFIGS, REPO  # noqa: E402
 
@@ -37,11 +37,11 @@ def test_nearest_and_bilinear_errors_equal_hand_computed_values():
     assert nn["rel_l2"] == pytest.approx(math.sqrt(120 / 1240))
     assert nn["psnr"] == pytest.approx(10 * math.log10(15 ** 2 / (120 / 16)))
     # p2 bilinear (half-pixel centres, edges clamped): rows [0,1,3,4], [2,3,5,6], [6,7,9,10], [8,9,11,12];
-    # d = [[0,0,1,1], [-2,-2,-1,-1], [-2,-2,-1,-1], [-4,-4,-4,-4]]: |d| sums to 30, d^2 to 86.
+    # d = [[0,0,1,1], [-2,-2,-1,-1], [-2,-2,-1,-1], [-4,-4,-3,-3]]: |d| sums to 28, d^2 to 72.
     bl = scores["bilinear"]["p2"]
-    assert bl["l1"] == pytest.approx(30 / 16)
-    assert bl["rel_l2"] == pytest.approx(math.sqrt(86 / 1240))
-    assert bl["psnr"] == pytest.approx(10 * math.log10(15 ** 2 / (86 / 16)))
+    assert bl["l1"] == pytest.approx(28 / 16)
+    assert bl["rel_l2"] == pytest.approx(math.sqrt(72 / 1240))
+    assert bl["psnr"] == pytest.approx(10 * math.log10(15 ** 2 / (72 / 16)))
     # p3 nearest: [[1,1,3,3],[1,1,3,3]] cut to 2x3 -> one error of 1 in 6 values; range 2; sum target^2 = 25.
     p3 = scores["nearest"]["p3"]
     assert p3["values"] == 6
@@ -105,6 +105,27 @@ def test_summary_counts_a_model_without_detections_as_ap_zero():
     assert s["afi"]["bbox"]["vs_nearest"]["diffs"] == {0: -10.0, 1: 1.0}
     assert s["afi"]["segm"]["vs_nearest"]["wins"] == 2
     assert s["nearest"]["segm"]["AP"]["mean"] == pytest.approx(8.5)
+    # Pooled seed noise: root of the mean of the arms' variances (bbox: 2 and 84.5; segm: 0.5 and 0.5).
+    noise = seed_noise(s)
+    assert noise["bbox"] == pytest.approx(math.sqrt((2.0 + 84.5) / 2))
+    assert noise["segm"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_subset_ap_scores_each_part_of_the_images_alone(tmp_path):
+    # Two images with one square each; the model finds image 1's exactly and misses image 2's.
+    gt = {"images": [{"id": i, "file_name": f"{i}.png", "height": 100, "width": 100} for i in (1, 2)],
+          "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                           "iscrowd": 0, "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]]} for i in (1, 2)],
+          "categories": [{"id": 1, "name": "square"}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+            {"image_id": 2, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.9}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    parts = subset_ap(str(tmp_path / "gt.json"), str(tmp_path / "dets.json"), parts=2)
+    assert parts == [pytest.approx(100.0), pytest.approx(0.0)]
+    whole = subset_ap(str(tmp_path / "gt.json"), str(tmp_path / "dets.json"), parts=1)[0]
+    assert 0 < whole < 100
+    assert subset_ap(str(tmp_path / "gt.json"), str(tmp_path / "dets.json"), parts=2, iou_type="segm") == [0.0, 0.0]  # no masks
 
 
 def test_budget_compresses_the_yaml_schedule():

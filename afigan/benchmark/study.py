@@ -24,6 +24,8 @@ last checkpoint when interrupted. ``study.json`` records every run's config, ove
 wall time as it goes; ``study.md``, ``fidelity.png`` and ``detection.png`` are written at the end.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -36,9 +38,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import yaml
 from torch import nn
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch.nn import functional as F
 
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 
 from afigan.analysis.feature_figures import load_interpolator
 from afigan.analysis.metrics import read_metrics
@@ -429,7 +433,20 @@ class StudyRunner:
         stage1_runs = ([("afi", chains["afi"])] if "afi" in chains else []) + [(ABLATION_RUN[a], c) for a, c in ablations.items()]
         content = {name: content_loss(os.path.join(chain.output_dir, "stage1", "metrics.json")) for name, chain in stage1_runs}
         teacher_results = _eval_results(os.path.join(self.output_dir, "teacher", "stage0"))
-        return {"detection": detection, "fidelity": fidelity, "content_loss": content, "teacher": teacher_results}
+        return {"detection": detection, "fidelity": fidelity, "content_loss": content, "teacher": teacher_results,
+                "image_noise": self.image_noise(chains)}
+
+    def image_noise(self, chains: Dict[str, "_Chain"], parts: int = 4) -> Dict:
+        """AP of the reference arm's first-seed model on ``parts`` disjoint subsets of the test set."""
+        s = self.settings
+        if REFERENCE_ARM not in chains:
+            return {}
+        run_dir = os.path.join(chains[REFERENCE_ARM].output_dir, f"stage3_seed{s.seeds[0]}")
+        pred = os.path.join(run_dir, "inference", s.dataset_test, "coco_instances_results.json")
+        gt = getattr(MetadataCatalog.get(s.dataset_test), "json_file", None)
+        if not (gt and os.path.isfile(pred)):
+            return {}
+        return {"run": run_dir, "parts": parts, **{task: subset_ap(gt, pred, parts, task) for task in ("bbox", "segm")}}
 
     def fidelity(self, chains: Dict[str, "_Chain"], ablations: Dict[str, "_Chain"]) -> Dict:
         """Fidelity of nearest, bilinear and each learned interpolator of the study on the test set."""
@@ -460,6 +477,29 @@ class StudyRunner:
         return {"levels": levels, "dataset": s.dataset_test, "teacher": cfg.MODEL.GUIDE_WEIGHTS,
                 "weights": {name: w for name, _, w in learned}, "scores": scores,
                 "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def subset_ap(gt_json: str, results_json: str, parts: int = 4, iou_type: str = "bbox") -> List[float]:
+    """COCO AP (x100) of one model's saved detections on ``parts`` disjoint, interleaved subsets of
+    the evaluated images: how much the choice of images alone moves AP on a set 1/parts the size."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(gt_json)
+        with open(results_json) as f:
+            dets = [d for d in json.load(f) if iou_type != "segm" or "segmentation" in d]
+        res = gt.loadRes(dets) if dets else None
+        ids = sorted(gt.getImgIds())
+        out = []
+        for k in range(parts):
+            if res is None:
+                out.append(0.0)
+                continue
+            e = COCOeval(gt, res, iou_type)
+            e.params.imgIds = ids[k::parts]
+            e.evaluate()
+            e.accumulate()
+            e.summarize()
+            out.append(max(0.0, float(e.stats[0])) * 100)
+    return out
 
 
 def content_loss(metrics_json: str) -> Optional[Dict[str, float]]:
@@ -533,6 +573,16 @@ def summarize(detection: Dict[str, Dict[int, Dict]]) -> Dict:
     return out
 
 
+def seed_noise(summary: Dict) -> Dict[str, Optional[float]]:
+    """Per task, the pooled seed-to-seed standard deviation of AP (root of the mean variance over
+    the arms with two or more seeds): the size a difference between arms must clearly exceed."""
+    out = {}
+    for task in ("bbox", "segm"):
+        var = [e[task]["AP"]["std"] ** 2 for e in summary.values() if e[task]["AP"]["std"] is not None]
+        out[task] = math.sqrt(sum(var) / len(var)) if var else None
+    return out
+
+
 def _pm(ms: Dict) -> str:
     if ms.get("mean") is None:
         return "–"
@@ -596,6 +646,15 @@ def format_markdown(study: Dict) -> str:
             per = ", ".join(f"{e['bbox']['per_seed'][k]:.2f}" for k in sorted(e["bbox"]["per_seed"]))
             lines.append(f"| {ARMS[arm].label} | {e['bbox']['AP']['n']} | {_pm(e['bbox']['AP'])} | {_pm(e['segm']['AP'])} | "
                          f"{_pm(e['bbox']['APs'])} | {_pm(e['segm']['APs'])} | {per} |")
+        noise = study.get("noise") or {}
+        if noise.get("bbox") is not None:
+            lines += ["", f"Seed noise (pooled std over seeds of one arm): bbox AP {noise['bbox']:.2f}, segm AP "
+                      f"{_fmt(noise.get('segm'), '.2f')}."]
+        img = study.get("image_noise") or {}
+        if img.get("bbox"):
+            lines += ["", f"Image-sampling noise: the {REFERENCE_ARM} seed-{s['seeds'][0]} model on {img['parts']} disjoint, "
+                      f"interleaved parts of the test images: bbox AP {', '.join(f'{v:.2f}' for v in img['bbox'])}; segm AP "
+                      f"{', '.join(f'{v:.2f}' for v in img['segm'])}."]
         if REFERENCE_ARM in summary and len(summary) > 1:
             lines += ["", f"Paired by seed, arm − {REFERENCE_ARM} (mean ± std of the per-seed differences; wins = seeds "
                       f"where the arm is higher):", "", "| arm | Δ bbox AP | wins | Δ segm AP | wins | per-seed Δ bbox |",
@@ -614,28 +673,40 @@ def format_markdown(study: Dict) -> str:
 
 
 def plot_fidelity(fid: Dict, path: str) -> str:
-    """One column per level, one row per measure (L1, relative L2, PSNR), one bar per interpolator."""
+    """One column per level; rows: the L1 and relative-L2 reduction against nearest (%) and the
+    PSNR gain over nearest (dB), one labelled bar per interpolator. Against nearest, because the
+    differences between interpolators are a few per cent of the error itself."""
     import matplotlib  # only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     levels, names = fid["levels"], list(fid["scores"])
-    measures = [("l1", "L1"), ("rel_l2", "relative L2"), ("psnr", "PSNR (dB)")]
-    fig, axes = plt.subplots(len(measures), len(levels), figsize=(3.2 * len(levels), 2.6 * len(measures) + 1.2), squeeze=False)
+    ref = fid["scores"].get(REFERENCE_ARM, {})
+    rows = [("L1 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["l1"] / r["l1"])),
+            ("rel. L2 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["rel_l2"] / r["rel_l2"])),
+            ("PSNR gain over nearest (dB)", lambda m, r: m["psnr"] - r["psnr"])]
+    fig, axes = plt.subplots(len(rows), len(levels), figsize=(3.2 * len(levels), 2.6 * len(rows) + 1.2), squeeze=False)
     colours = plt.get_cmap("tab10")
     for j, l in enumerate(levels):
-        for i, (key, title) in enumerate(measures):
+        for i, (title, measure) in enumerate(rows):
             ax = axes[i, j]
-            vals = [fid["scores"][n].get(l, {}).get(key) for n in names]
-            vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in vals]
-            ax.bar(range(len(names)), vals, color=[colours(k % 10) for k in range(len(names))])
+            vals = []
+            for n in names:
+                m, r = fid["scores"][n].get(l), ref.get(l)
+                v = measure(m, r) if m and r else math.nan
+                vals.append(v if math.isfinite(v) else 0.0)
+            bars = ax.bar(range(len(names)), vals, color=[colours(k % 10) for k in range(len(names))])
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
+            ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks([])
             ax.set_title(f"{l}: {title}", fontsize=8)
             ax.tick_params(labelsize=7)
+            ax.margins(y=0.2)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours(k % 10)) for k in range(len(names))]
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
-    fig.suptitle(f"x2 of the teacher's half-resolution features vs its full-resolution features ({fid['dataset']})", fontsize=9)
+    fig.suptitle(f"x2 of the teacher's half-resolution features vs its full-resolution features ({fid['dataset']}): "
+                 f"gain over nearest (higher is better)", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -689,7 +760,8 @@ def write_outputs(output_dir: str, settings: StudySettings, results: Dict, runs:
              "wall_s": wall_s, "runs_wall_s": sum(r.get("wall_s") or 0.0 for r in runs),
              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
              "runs": runs, "fidelity": results["fidelity"], "content_loss": results["content_loss"],
-             "teacher": results["teacher"], "detection": results["detection"], "summary": summary}
+             "teacher": results["teacher"], "detection": results["detection"], "summary": summary,
+             "noise": seed_noise(summary), "image_noise": results.get("image_noise") or {}}
     paths = {"json": os.path.join(output_dir, "study.json"), "md": os.path.join(output_dir, "study.md"),
              "fidelity_png": os.path.join(output_dir, "fidelity.png"), "detection_png": os.path.join(output_dir, "detection.png")}
     _write_json(paths["json"], study)
