@@ -291,7 +291,8 @@ class StudyRunner:
         for kind in self._chains(settings):
             if not os.path.isdir(_config_set(settings, kind)):
                 raise FileNotFoundError(f"The {kind} chain needs the config set {_config_set(settings, kind)!r} "
-                                        f"(stage1.yaml, stage2.yaml, stage3.yaml); make it, or leave {kind} out of --kinds and --ablations.")
+                                        f"(stage1.yaml, stage2.yaml, stage3.yaml); make it, or leave {kind} out of "
+                                        f"--kinds and --ablations.")
         if STUDY_TOY in (settings.dataset_train + settings.dataset_test) and args.num_gpus * args.num_machines > 1:
             raise ValueError(f"The study's toy set {STUDY_TOY!r} is registered in this process only; with --num-gpus "
                              f"give data sets registered on import (--dataset-train afigan_toy_train --dataset-test "
@@ -430,8 +431,10 @@ class StudyRunner:
                 rec = self._stage3(chain, f"{k}/stage3_seed{seed}", seed, extra, wired)
                 detection.setdefault(k, {})[seed] = rec["result"]
         fidelity = self.fidelity(chains, ablations)
-        stage1_runs = ([("afi", chains["afi"])] if "afi" in chains else []) + [(ABLATION_RUN[a], c) for a, c in ablations.items()]
-        content = {name: content_loss(os.path.join(chain.output_dir, "stage1", "metrics.json")) for name, chain in stage1_runs}
+        stage1_runs = [("afi", chains["afi"])] if "afi" in chains else []
+        stage1_runs += [(ABLATION_RUN[a], c) for a, c in ablations.items()]
+        content = {name: content_loss(os.path.join(chain.output_dir, "stage1", "metrics.json"))
+                   for name, chain in stage1_runs}
         teacher_results = _eval_results(os.path.join(self.output_dir, "teacher", "stage0"))
         return {"detection": detection, "fidelity": fidelity, "content_loss": content, "teacher": teacher_results,
                 "image_noise": self.image_noise(chains)}
@@ -452,14 +455,16 @@ class StudyRunner:
         """Fidelity of nearest, bilinear and each learned interpolator of the study on the test set."""
         s = self.settings
         learned = []  # (name, run dir whose config.yaml built it, weights)
+        learned_kinds = {a.chain for a in ARMS.values() if a.chain}
         for kind, chain in chains.items():
-            if kind not in {a.chain for a in ARMS.values() if a.chain} or not os.path.isdir(os.path.join(chain.output_dir, "stage1")):
-                continue
+            if kind not in learned_kinds or not os.path.isdir(os.path.join(chain.output_dir, "stage1")):
+                continue  # a stage-3-only arm, or a chain whose stage 1 never ran
             learned.append((f"{kind} G (stage 1)", os.path.join(chain.output_dir, "stage1"), chain.final["stage1"][0]))
             if os.path.isfile(chain.final["stage2"][0]):
                 learned.append((f"{kind} (stage 2)", os.path.join(chain.output_dir, "stage2"), chain.final["stage2"][0]))
         for a, chain in ablations.items():
-            learned.append((f"afi G, {ABLATIONS[a][1]}", os.path.join(chain.output_dir, "stage1"), chain.final["stage1"][0]))
+            learned.append((f"{ABLATIONS[a][0]} G, {ABLATIONS[a][1]}", os.path.join(chain.output_dir, "stage1"),
+                            chain.final["stage1"][0]))
         first = learned[0][1] if learned else None
         if first is None:
             return {}
@@ -562,14 +567,16 @@ def summarize(detection: Dict[str, Dict[int, Dict]]) -> Dict:
             # Detectron2 reports AP NaN when a model detects nothing at all: that is AP 0. (APs is
             # NaN also when the set has no small object, so a NaN APs is left out instead.)
             ap = {seed: _finite_or(r[task]["AP"], 0.0) for seed, r in by_seed.items() if task in r}
-            aps = {seed: float(r[task]["APs"]) for seed, r in by_seed.items() if task in r and _finite_or(r[task].get("APs"), None) is not None}
+            aps = {seed: float(r[task]["APs"]) for seed, r in by_seed.items()
+                   if task in r and _finite_or(r[task].get("APs"), None) is not None}
             entry[task] = {"per_seed": ap, "AP": mean_std(list(ap.values())), "APs": mean_std(list(aps.values()))}
         out[arm] = entry
     if REFERENCE_ARM in out:
         for arm, entry in out.items():
             if arm != REFERENCE_ARM:
                 for task in ("bbox", "segm"):
-                    entry[task]["vs_" + REFERENCE_ARM] = paired(entry[task]["per_seed"], out[REFERENCE_ARM][task]["per_seed"])
+                    entry[task]["vs_" + REFERENCE_ARM] = paired(entry[task]["per_seed"],
+                                                                out[REFERENCE_ARM][task]["per_seed"])
     return out
 
 
@@ -599,12 +606,14 @@ def _fmt(v, spec: str) -> str:
 
 def format_markdown(study: Dict) -> str:
     """study.md: how it was run, then the fidelity, ablation and detection tables."""
-    lines = ["# AFI-GAN study", "", f"Command: `{study['command']}`  ", f"Machine: {study['machine']}; torch {study['torch']}; "
+    lines = ["# AFI-GAN study", "", f"Command: `{study['command']}`  ",
+             f"Machine: {study['machine']}; torch {study['torch']}; "
              f"load average {study['load_average_1min']:.2f} at the end; wall time of this invocation "
              f"{study['wall_s'] / 60:.1f} min (sum of all runs' own wall times {study['runs_wall_s'] / 60:.1f} min).", ""]
     s = study["settings"]
     lines += [f"Settings: kinds {', '.join(s['kinds'])}; seeds {', '.join(map(str, s['seeds']))} (stage 3 only; one "
-              f"teacher and one stage-1/2 chain per learned kind serve all seeds); ablations {', '.join(s['ablations']) or 'none'}; "
+              f"teacher and one stage-1/2 chain per learned kind serve all seeds); ablations "
+              f"{', '.join(s['ablations']) or 'none'}; "
               f"SOLVER.MAX_ITER stage 0/1/2/3 = {'/'.join(str(i or 'YAML') for i in s['max_iter'])}; data "
               f"{s['dataset_train']} -> {s['dataset_test']}.", ""]
     fid = study.get("fidelity") or {}
@@ -619,13 +628,15 @@ def format_markdown(study: Dict) -> str:
             cells = []
             for l in fid["levels"]:
                 m = fid["scores"][n].get(l)
-                cells.append("–" if m is None else f"{_fmt(m['l1'], '.4f')} / {_fmt(m['rel_l2'], '.3f')} / {_fmt(m['psnr'], '.2f')}")
+                cells.append("–" if m is None else
+                             f"{_fmt(m['l1'], '.4f')} / {_fmt(m['rel_l2'], '.3f')} / {_fmt(m['psnr'], '.2f')}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if study.get("content_loss"):
         lines += ["## Ablations after stage 1 (AFI)", "", "| stage-1 run | content loss (sum over levels, last logged) | "
                   "p2 L1 | mean rel. L2 over levels |", "|---|---|---|---|"]
-        label = {"afi": "afi (adversarial gradient to G, shared)", ABLATION_RUN["adv"]: "adversarial term detached (ADV_GRAD_TO_G False)",
+        label = {"afi": "afi (adversarial gradient to G, shared)",
+                 ABLATION_RUN["adv"]: "adversarial term detached (ADV_GRAD_TO_G False)",
                  ABLATION_RUN["shared"]: "one interpolator per level (SHARED False)"}
         fid_name = {"afi": "afi G (stage 1)", ABLATION_RUN["adv"]: f"afi G, {ABLATIONS['adv'][1]}",
                     ABLATION_RUN["shared"]: f"afi G, {ABLATIONS['shared'][1]}"}
@@ -633,7 +644,8 @@ def format_markdown(study: Dict) -> str:
             sc = (fid.get("scores") or {}).get(fid_name.get(name, ""), {})
             rel = [m["rel_l2"] for m in sc.values()]
             lines.append(f"| {label.get(name, name)} | {_fmt(c and c['total'], '.4f')} | "
-                         f"{_fmt(sc.get('p2', {}).get('l1'), '.4f')} | {_fmt(sum(rel) / len(rel) if rel else None, '.3f')} |")
+                         f"{_fmt(sc.get('p2', {}).get('l1'), '.4f')} | "
+                         f"{_fmt(sum(rel) / len(rel) if rel else None, '.3f')} |")
         lines.append("")
     summary = study.get("summary") or {}
     if summary:
@@ -641,7 +653,8 @@ def format_markdown(study: Dict) -> str:
         lines += ["## Detection (stage 3, COCO AP on " + s["dataset_test"] + ")", "",
                   f"Mean ± sample std over seeds; the stage-0 teacher (nearest FPN, same detector) reached bbox AP "
                   f"{_fmt(t.get('bbox/AP'), '.2f')} / segm AP {_fmt(t.get('segm/AP'), '.2f')}.", "",
-                  "| arm | seeds | bbox AP | segm AP | bbox APs | segm APs | bbox AP per seed |", "|---|---|---|---|---|---|---|"]
+                  "| arm | seeds | bbox AP | segm AP | bbox APs | segm APs | bbox AP per seed |",
+                  "|---|---|---|---|---|---|---|"]
         for arm, e in summary.items():
             per = ", ".join(f"{e['bbox']['per_seed'][k]:.2f}" for k in sorted(e["bbox"]["per_seed"]))
             lines.append(f"| {ARMS[arm].label} | {e['bbox']['AP']['n']} | {_pm(e['bbox']['AP'])} | {_pm(e['segm']['AP'])} | "
@@ -652,23 +665,27 @@ def format_markdown(study: Dict) -> str:
                       f"{_fmt(noise.get('segm'), '.2f')}."]
         img = study.get("image_noise") or {}
         if img.get("bbox"):
-            lines += ["", f"Image-sampling noise: the {REFERENCE_ARM} seed-{s['seeds'][0]} model on {img['parts']} disjoint, "
-                      f"interleaved parts of the test images: bbox AP {', '.join(f'{v:.2f}' for v in img['bbox'])}; segm AP "
+            lines += ["", f"Image-sampling noise: the {REFERENCE_ARM} seed-{s['seeds'][0]} model on {img['parts']} "
+                      f"disjoint, interleaved parts of the test images: bbox AP "
+                      f"{', '.join(f'{v:.2f}' for v in img['bbox'])}; segm AP "
                       f"{', '.join(f'{v:.2f}' for v in img['segm'])}."]
         if REFERENCE_ARM in summary and len(summary) > 1:
-            lines += ["", f"Paired by seed, arm − {REFERENCE_ARM} (mean ± std of the per-seed differences; wins = seeds "
-                      f"where the arm is higher):", "", "| arm | Δ bbox AP | wins | Δ segm AP | wins | per-seed Δ bbox |",
+            lines += ["", f"Paired by seed, arm − {REFERENCE_ARM} (mean ± std of the per-seed differences; wins = "
+                      f"seeds where the arm is higher):", "",
+                      "| arm | Δ bbox AP | wins | Δ segm AP | wins | per-seed Δ bbox |",
                       "|---|---|---|---|---|---|"]
             for arm, e in summary.items():
                 if arm == REFERENCE_ARM:
                     continue
                 b, g = e["bbox"]["vs_" + REFERENCE_ARM], e["segm"]["vs_" + REFERENCE_ARM]
                 per = ", ".join(f"{v:+.2f}" for _, v in sorted(b["diffs"].items()))
-                lines.append(f"| {ARMS[arm].label} | {_pm(b)} | {b['wins']}/{b['n']} | {_pm(g)} | {g['wins']}/{g['n']} | {per} |")
+                lines.append(f"| {ARMS[arm].label} | {_pm(b)} | {b['wins']}/{b['n']} | {_pm(g)} | {g['wins']}/{g['n']} | "
+                             f"{per} |")
         lines.append("")
     lines += ["## Runs", "", "| run | status | wall s | seed | output |", "|---|---|---|---|---|"]
     for r in study["runs"]:
-        lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('wall_s'), '.1f')} | {r.get('seed', '–')} | {r['output_dir']} |")
+        lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('wall_s'), '.1f')} | {r.get('seed', '–')} | "
+                     f"{r['output_dir']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -763,7 +780,8 @@ def write_outputs(output_dir: str, settings: StudySettings, results: Dict, runs:
              "teacher": results["teacher"], "detection": results["detection"], "summary": summary,
              "noise": seed_noise(summary), "image_noise": results.get("image_noise") or {}}
     paths = {"json": os.path.join(output_dir, "study.json"), "md": os.path.join(output_dir, "study.md"),
-             "fidelity_png": os.path.join(output_dir, "fidelity.png"), "detection_png": os.path.join(output_dir, "detection.png")}
+             "fidelity_png": os.path.join(output_dir, "fidelity.png"),
+             "detection_png": os.path.join(output_dir, "detection.png")}
     _write_json(paths["json"], study)
     with open(paths["md"], "w") as f:
         f.write(format_markdown(study))
