@@ -135,8 +135,23 @@ def test_budget_compresses_the_yaml_schedule():
     assert _budget(stage3, 0, []) == []
 
 
-def _study(*argv):
-    return runpy.run_path(TOOL)["main"]([str(a) for a in argv])
+def _clear_logging():
+    """Drop the handlers the runs add (Detectron2's setup_logger binds them to this test's captured
+    streams), as the suite's ``tool`` fixture does."""
+    import logging
+
+    from detectron2.utils import logger as d2_logger
+
+    for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
+        logging.getLogger(name).handlers.clear()
+    d2_logger.setup_logger.cache_clear()
+
+
+@pytest.fixture
+def study():
+    _clear_logging()
+    yield lambda *argv: runpy.run_path(TOOL)["main"]([str(a) for a in argv])
+    _clear_logging()
 
 
 # The smallest study: two iterations per stage, 64-px images, one seed, a fixed and a learned arm.
@@ -146,9 +161,9 @@ TINY = ["--quick", "--max-iter", 2, 2, 2, 2, "--kinds", "nearest", "afi", "--see
         "TEST.DETECTIONS_PER_IMAGE", 10]
 
 
-def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_runs(tmp_path, capsys):
+def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_runs(tmp_path, capsys, study):
     out = tmp_path / "study"
-    paths = _study("--output-dir", out, *TINY)
+    paths = study("--output-dir", out, *TINY)
     assert set(paths) == {"json", "md", "fidelity_png", "detection_png"}
     for p in paths.values():
         assert os.path.getsize(p) > 0
@@ -170,7 +185,7 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert "## Interpolation fidelity" in md and "## Detection" in md and "| afi/stage3_seed0 | ran |" in md
 
     capsys.readouterr()
-    _study("--output-dir", out, *TINY)  # again: nothing is trained
+    study("--output-dir", out, *TINY)  # again: nothing is trained
     again = {r["name"]: r for r in json.load(open(paths["json"]))["runs"]}
     assert all(r["status"] == "skipped, already done" for r in again.values())
     assert again["teacher"]["wall_s"] == runs["teacher"]["wall_s"]  # the time it took when it ran
@@ -180,13 +195,13 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     changed = list(TINY)
     changed[changed.index("--max-iter") + 1] = 3
     with pytest.raises(SystemExit) as e:
-        _study("--output-dir", out, *changed)
+        study("--output-dir", out, *changed)
     assert e.value.code == 1
     assert "holds a finished run made with other settings" in one_sentence_error(capsys.readouterr().err)
 
 
-def test_a_missing_config_set_is_one_sentence(tmp_path, capsys):
+def test_a_missing_config_set_is_one_sentence(tmp_path, capsys, study):
     with pytest.raises(SystemExit) as e:
-        _study("--output-dir", tmp_path, "--quick", "--kinds", "dysample", "--config-dir", tmp_path / "nowhere")
+        study("--output-dir", tmp_path, "--quick", "--kinds", "dysample", "--config-dir", tmp_path / "nowhere")
     assert e.value.code == 1
     assert "needs the config set" in one_sentence_error(capsys.readouterr().err)
