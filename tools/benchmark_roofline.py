@@ -12,6 +12,7 @@ issue's targets, writes JSON and a PNG.
 """
 import argparse
 import json
+import logging
 import os
 import platform
 
@@ -21,6 +22,19 @@ import afigan  # noqa: F401  (registers the necks and data sets)
 from afigan.benchmark.roofline import STEP_CONFIGS, VARIANTS, format_table, module_rows, patch_ablation, plot, step_rows, targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quiet_logs():
+    """The trainers' set-up lines (Detectron2 prints the whole model) would bury the table: keep
+    Detectron2's logger configured (so DefaultTrainer does not set up its own) but silent."""
+    from afigan.engine.common import quiet_third_party
+
+    quiet_third_party()
+    for name in ("detectron2", "afigan"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.handlers = [logging.NullHandler()]
 
 
 def main():
@@ -43,6 +57,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="output/benchmark_roofline.json")
     args = p.parse_args()
+    quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.patch_ablation:

@@ -58,7 +58,8 @@ class ResidualDenseBlock(nn.Module):
         feats = [x]
         for i in range(4):
             feats.append(getattr(self, f"conv{i + 1}")(torch.cat(feats, 1)))
-        return x + self.res_scale * self.conv5(torch.cat(feats, 1))
+        # add(alpha=): one pass over the map instead of a multiply and an add
+        return torch.add(x, self.conv5(torch.cat(feats, 1)), alpha=self.res_scale)
 
     def _forward_buffer(self, x: torch.Tensor) -> torch.Tensor:
         # Inference only: every conv's output is written into one preallocated (N, C + 4g, H, W)
@@ -72,7 +73,7 @@ class ResidualDenseBlock(nn.Module):
         for i in range(4):
             k = c + i * growth
             buf[:, k:k + growth] = getattr(self, f"conv{i + 1}")(buf[:, :k])
-        return x + self.res_scale * self.conv5(buf)
+        return torch.add(x, self.conv5(buf), alpha=self.res_scale)
 
 
 class ResidualInResidualDenseBlock(nn.Module):
@@ -84,7 +85,7 @@ class ResidualInResidualDenseBlock(nn.Module):
         self.RDBs = nn.Sequential(*[ResidualDenseBlock(channels, growth, res_scale) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.res_scale * self.RDBs(x)
+        return torch.add(x, self.RDBs(x), alpha=self.res_scale)
 
 
 def _conv_act(conv: nn.Module, act: bool = True) -> nn.Sequential:
