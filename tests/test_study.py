@@ -154,11 +154,12 @@ def study():
     _clear_logging()
 
 
-# The smallest study: two iterations per stage, 64-px images, one seed, a fixed and a learned arm.
+# The smallest study: two iterations per stage, one seed, a fixed and a learned arm, 128-px images
+# (stage 2 halves the teacher's P6, which needs 2 px, so 128 px is the least for a 5-level pyramid).
 TINY = ["--quick", "--max-iter", 2, 2, 2, 2, "--kinds", "nearest", "afi", "--seeds", 0, "--ablations",
         "--fidelity-images", 2, "--dataset-test", "afigan_toy_val",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 96, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
-        "TEST.DETECTIONS_PER_IMAGE", 10]
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 160, "INPUT.MIN_SIZE_TEST", 128,
+        "INPUT.MAX_SIZE_TEST", 160, "TEST.DETECTIONS_PER_IMAGE", 10]
 
 
 def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_runs(tmp_path, capsys, study):
@@ -167,8 +168,8 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert set(paths) == {"json", "md", "fidelity_png", "detection_png"}
     for p in paths.values():
         assert os.path.getsize(p) > 0
-    study = json.load(open(paths["json"]))
-    runs = {r["name"]: r for r in study["runs"]}
+    written = json.load(open(paths["json"]))
+    runs = {r["name"]: r for r in written["runs"]}
     assert set(runs) == {"teacher", "afi/stage1", "afi/stage2", "nearest/stage3_seed0", "afi/stage3_seed0"}
     assert all(r["status"] == "ran" and r["seed"] == 0 and os.path.isfile(r["config_yaml"]) for r in runs.values())
     # Stage 3 of the progressive arm starts from the chain's stage 2; the baseline only swaps the upsampler.
@@ -176,11 +177,11 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert afi3[afi3.index("MODEL.AF_EXTRACTOR_WEIGHTS") + 1] == str(out / "afi" / "stage2" / "AFExtractor" / "model_final.pth")
     near3 = runs["nearest/stage3_seed0"]["opts"]
     assert "MODEL.AF_EXTRACTOR_WEIGHTS" not in near3 and near3[near3.index("MODEL.AFI.INTERP") + 1] == "nearest"
-    fid = study["fidelity"]["scores"]
+    fid = written["fidelity"]["scores"]
     assert set(fid) == {"nearest", "bilinear", "afi G (stage 1)", "afi (stage 2)"}
     assert set(fid["nearest"]) == {"p2", "p3", "p4", "p5", "p6"}
     assert fid["bilinear"]["p2"]["l1"] != fid["nearest"]["p2"]["l1"]
-    assert set(study["summary"]) == {"nearest", "afi"} and study["summary"]["afi"]["bbox"]["AP"]["n"] == 1
+    assert set(written["summary"]) == {"nearest", "afi"} and written["summary"]["afi"]["bbox"]["AP"]["n"] == 1
     md = open(paths["md"]).read()
     assert "## Interpolation fidelity" in md and "## Detection" in md and "| afi/stage3_seed0 | ran |" in md
 
