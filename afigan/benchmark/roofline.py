@@ -32,7 +32,7 @@ from afigan.engine.stage1 import build_generator
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator
 from afigan.modeling.meta_arch import build_guide_model
 
-__all__ = ["VARIANTS", "STEP_CONFIGS", "fvcore_flops", "counted_flops", "timed", "plain_conv", "conv_layers_alone",
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "STEP_CONFIGS", "fvcore_flops", "counted_flops", "timed", "plain_conv", "conv_layers_alone",
            "module_rows", "step_rows", "top_ops", "format_table", "targets", "plot", "patch_ablation"]
 
 # name -> (dtype, channels_last, D patch size); the switches a user can turn on (README "Performance").
@@ -43,7 +43,11 @@ VARIANTS: Dict[str, Dict] = {
     "bf16 channels_last": dict(dtype=torch.bfloat16, channels_last=True, patch=0),
     "fp32 D patch 64": dict(dtype=torch.float32, channels_last=False, patch=64),
     "bf16 channels_last D patch 64": dict(dtype=torch.bfloat16, channels_last=True, patch=64),
+    # MODEL.AFI.COMPILE (inductor); not in the default list: compiling costs minutes per stage
+    "fp32 compiled": dict(dtype=torch.float32, channels_last=False, patch=0, compile=True),
+    "bf16 channels_last compiled": dict(dtype=torch.bfloat16, channels_last=True, patch=0, compile=True),
 }
+DEFAULT_VARIANTS = [k for k, v in VARIANTS.items() if not v.get("compile")]
 
 # measured step -> its toy config ("plain" is Detectron2's own DefaultTrainer on the stage-3
 # detector with a nearest-neighbour FPN: the stage-0 teacher config).
@@ -140,23 +144,37 @@ def conv_layers_alone(module: nn.Module, x: torch.Tensor, device: str, dtype: to
     return dict(flops=flops, seconds=seconds, gflops_per_s=flops / seconds / 1e9, layers=len(inputs))
 
 
+@contextlib.contextmanager
+def _eager(module: nn.Module):
+    """``module`` without its ``module.compile()`` for the duration."""
+    compiled = module._compiled_call_impl
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def _module_row(name: str, module: nn.Module, x: torch.Tensor, backward: bool, variant: str, device: str,
                 repeats: int, conv_hw, with_layers: bool) -> Dict:
     v = VARIANTS[variant]
     x = _format(x, v["channels_last"]).requires_grad_(backward)
     with _autocast(device, v["dtype"]):
         run = _run(module, x, backward)
-        flops = counted_flops(run)
         seconds = timed(run, repeats, device)
-    # fvcore's tracer cannot run under autocast (its cached weight casts need grad); the count is the same.
-    fv = None if backward else fvcore_flops(module, (x,))
+    with _eager(module):  # the counters see a compiled graph's kernels only in eager mode
+        with _autocast(device, v["dtype"]):
+            flops = counted_flops(run)
+        # fvcore's tracer cannot run under autocast (its cached weight casts need grad); the count is the same.
+        fv = None if backward else fvcore_flops(module, (x,))
     ref = plain_conv(module.channels, conv_hw, device, v["dtype"], v["channels_last"], backward, repeats)
     row = dict(component=name, variant=variant, seconds=seconds, gflops=flops / 1e9,
                fvcore_gflops=None if fv is None else fv / 1e9, gflops_per_s=flops / seconds / 1e9,
                plain_conv_gflops_per_s=ref["gflops_per_s"], input=list(x.shape))
     row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
     if with_layers:
-        own = conv_layers_alone(module, x, device, v["dtype"], repeats)
+        with _eager(module):
+            own = conv_layers_alone(module, x, device, v["dtype"], repeats)
         row["own_layers_gflops_per_s"] = own["gflops_per_s"]
         row["ratio_to_own_layers"] = row["gflops_per_s"] / own["gflops_per_s"]
     return row
@@ -176,6 +194,8 @@ def module_rows(short_side: int, variants: List[str], device: str, repeats: int,
         d = FeaturePatchDiscriminator(channels).to(device)
         if v["channels_last"]:
             g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+        if v.get("compile"):
+            g.compile(), d.compile()  # the first (untimed) call of each row compiles
         x3 = torch.randn(1, channels, h3, w3, device=device)
         x2 = torch.randn(1, channels, 2 * h3, 2 * w3, device=device)
         for backward in (False, True):
@@ -217,7 +237,8 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
             "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "2000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "1000",
             "SOLVER.AMP.ENABLED", str(v["dtype"] != torch.float32), "SOLVER.AMP.PRECISION",
             "bfloat16" if v["dtype"] == torch.bfloat16 else "float16",
-            "MODEL.AFI.CHANNELS_LAST", str(v["channels_last"]), "MODEL.AFI.DIS.PATCH_SIZE", str(v["patch"])]
+            "MODEL.AFI.CHANNELS_LAST", str(v["channels_last"]), "MODEL.AFI.DIS.PATCH_SIZE", str(v["patch"]),
+            "MODEL.AFI.COMPILE", str(bool(v.get("compile")))]
     config = os.path.join(configs_dir, STEP_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
         cfg = _cfg(config, opts, stage)
