@@ -100,9 +100,12 @@ def test_bf16_autocast_steps_of_stages_1_and_2_give_finite_float32_losses(tmp_pa
 
 
 @needs_bf16
-def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_path, chain):
+@pytest.mark.parametrize("config, expected", [("toy/pipeline/stage3.yaml", {"loss_cls", "loss_box_reg", "loss_mask"}),
+                                              ("toy/detectors/fcos_R_50_BiFPN_toy_afi.yaml", {"loss_fcos_loc", "loss_fcos_cls"})],
+                         ids=["mask_rcnn", "fcos"])
+def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_path, config, expected):
     torch.manual_seed(0)
-    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.AMP.ENABLED", True))
+    t = DetectorTrainer(stage_cfg(config, str(tmp_path), "SOLVER.AMP.ENABLED", True))
     t.resume_or_load(resume=False)
     t._trainer.data_loader = t.build_train_loader(t.cfg)
     assert type(t._trainer).__name__ == "AutocastTrainer"
@@ -111,7 +114,7 @@ def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_pa
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     losses = _losses_of_one_step(t)
     assert seen and all(d == torch.bfloat16 for d in seen)
-    assert {"loss_cls", "loss_box_reg", "loss_mask"} <= set(losses)
+    assert expected <= set(losses)
     assert all(dt == torch.float32 for _, dt in losses.values()) and all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values())
     after = t.model.state_dict()
     assert all(after[k].dtype == v.dtype for k, v in before.items())  # the weights stay float32

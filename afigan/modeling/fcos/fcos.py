@@ -189,11 +189,15 @@ class FCOS(nn.Module):
 
         ``anchors``: L Boxes (Rl, 4); ``logits``/``deltas``/``ctrness``: L tensors (N, Rl, K|4)
         / (N, Rl). Normalised as in AdelaiDet (positives averaged over processes; the box loss
-        by the sum of centerness targets).
+        by the sum of centerness targets). Computed in float32, also under autocast (AMP).
         """
+        with torch.autocast(device_type=logits[0].device.type, enabled=False):
+            return self._losses(anchors, logits, deltas, ctrness, gt_instances)
+
+    def _losses(self, anchors, logits, deltas, ctrness, gt_instances) -> Dict[str, Tensor]:
         anchor_tensor = Boxes.cat(anchors).tensor  # (R, 4)
         labels, boxes = self.label_locations(anchors, gt_instances)
-        logits, deltas, ctrness = cat(logits, dim=1), cat(deltas, dim=1), cat(ctrness, dim=1)
+        logits, deltas, ctrness = (cat(x, dim=1).float() for x in (logits, deltas, ctrness))
 
         pos = labels != self.num_classes
         num_pos = pos.sum()
