@@ -10,6 +10,7 @@ included (a whole training step); forward rows also give fvcore's ``FlopCountAna
 """
 import argparse
 import contextlib
+import itertools
 import os
 import statistics
 import tempfile
@@ -253,9 +254,19 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
     trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain": DefaultTrainer}[stage](cfg)
     if stage != "plain":
         trainer.resume_or_load(resume=False)
-    if stage == "stage3":
-        trainer._trainer.data_loader = trainer.build_train_loader(cfg)
+    # Every timed step sees the same batch, the one whose FLOPs are counted (the toy images'
+    # aspect ratios differ, so successive batches differ in size).
+    loader = trainer._trainer.data_loader if stage == "plain" else (
+        trainer.build_train_loader(cfg) if stage == "stage3" else trainer.data_loader)
+    batch = next(iter(loader))
+    same = itertools.repeat(batch)
+    if stage in ("stage3", "plain"):
+        trainer._trainer.data_loader = same
+        trainer._trainer._data_loader_iter_obj = None
+    else:
+        trainer.data_loader = same
     trainer.iter = trainer.start_iter
+    trainer.image_size = list(batch[0]["image"].shape[-2:])
     return trainer
 
 
@@ -282,7 +293,7 @@ def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str
                 ops = top_ops(trainer.run_step, device=device) if variant in profile else None
             row = dict(component=f"{stage} step", variant=variant, seconds=seconds, gflops=flops / 1e9,
                        fvcore_gflops=None, gflops_per_s=flops / seconds / 1e9, plain_conv_gflops_per_s=ref["gflops_per_s"],
-                       short_side=short_side, batch=batch)
+                       short_side=short_side, batch=batch, image=trainer.image_size)
             row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
             if ops is not None:
                 row["top_ops"] = ops
