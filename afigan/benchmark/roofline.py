@@ -322,7 +322,8 @@ def format_table(rows: List[Dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         own = f"{r['ratio_to_own_layers']:.2f}" if "ratio_to_own_layers" in r else ""
-        lines.append(f"| {r['component']} | {r['variant']} | {r['short_side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} | "
+        name = f"{r['component']} ({r['image'][0]}x{r['image'][1]})" if "image" in r else r["component"]
+        lines.append(f"| {name} | {r['variant']} | {r['short_side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} | "
                      f"{r['gflops_per_s']:.0f} | {r['plain_conv_gflops_per_s']:.0f} | {r['ratio_to_plain_conv']:.2f} | {own} |")
     return "\n".join(lines)
 
