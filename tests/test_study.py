@@ -192,6 +192,15 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert again["teacher"]["wall_s"] == runs["teacher"]["wall_s"]  # the time it took when it ran
     assert "running" not in capsys.readouterr().out
 
+    # --report-only with a seed not yet run: tables of the finished runs, nothing trained.
+    study("--output-dir", out, *TINY[:TINY.index("--seeds") + 1], 0, 1, *TINY[TINY.index("--seeds") + 2:], "--report-only")
+    reported = json.load(open(paths["json"]))
+    status = {r["name"]: r["status"] for r in reported["runs"]}
+    assert status["afi/stage3_seed1"] == status["nearest/stage3_seed1"] == "not run (--report-only)"
+    assert status["afi/stage3_seed0"] == "skipped, already done"
+    assert reported["summary"]["afi"]["bbox"]["per_seed"].keys() == {"0"}  # seed 1 is left out, not zero
+    assert not os.path.exists(out / "afi" / "stage3_seed1")
+
     # Other settings on the same folder would mix two studies: one sentence, nothing run.
     changed = list(TINY)
     changed[changed.index("--max-iter") + 1] = 3

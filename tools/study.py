@@ -27,7 +27,7 @@ def run(args):
         if value is not None:
             settings = replace(settings, **{key: tuple(value) if isinstance(value, list) else value})
     command = " ".join(shlex.quote(a) for a in ["python", "tools/study.py"] + sys.argv[1:])
-    paths = run_study(settings, args.output_dir, args, command)
+    paths = run_study(settings, args.output_dir, args, command, report_only=args.report_only)
     for what, path in paths.items():
         print(f"[study] {what}: {path}")
     return paths
@@ -50,6 +50,8 @@ def main(argv=None):
     parser.add_argument("--dataset-train", help=f"training data set of every run (default {FULL.dataset_train})")
     parser.add_argument("--dataset-test", help=f"evaluation and fidelity data set (default {FULL.dataset_test})")
     parser.add_argument("--fidelity-images", type=int, help="fidelity on the first N test images (default 0: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the tables and charts of the runs already finished (an unfinished study)")
     args = parser.parse_args(argv)
     return run_tool(run, args, args)
 

@@ -279,7 +279,7 @@ def _eval_stage(stage: str, args):
 class StudyRunner:
     """Runs (or skips) every training of a study in ``output_dir`` and records it in ``study.json``."""
 
-    def __init__(self, settings: StudySettings, output_dir: str, args, log=print):
+    def __init__(self, settings: StudySettings, output_dir: str, args, log=print, report_only: bool = False):
         unknown = [k for k in settings.kinds if k not in ARMS]
         if unknown:
             raise ValueError(f"--kinds: {unknown[0]!r} is not a study arm; choose from {', '.join(ARMS)}.")
@@ -298,6 +298,7 @@ class StudyRunner:
                              f"give data sets registered on import (--dataset-train afigan_toy_train --dataset-test "
                              f"afigan_toy_val, or COCO's).")
         self.settings, self.output_dir, self.args, self.log = settings, output_dir, args, log
+        self.report_only = report_only
         self.json_path = os.path.join(output_dir, "study.json")
         self.previous = {}
         if os.path.isfile(self.json_path):
@@ -326,6 +327,12 @@ class StudyRunner:
             record.update(status="skipped, already done", wall_s=(before or {}).get("wall_s"))
             self.log(f"[study] {name}: skipped, already done ({run_dir})")
             result = None
+        elif self.report_only:
+            # Tables of what is finished (an interrupted or unfinished study): nothing is trained.
+            record.update(status="not run (--report-only)", wall_s=None)
+            self.log(f"[study] {name}: not run (--report-only)")
+            self.runs.append(record)
+            return {"record": record, "result": None}
         else:
             self.log(f"[study] {name}: running ({stage}, {config_file}) -> {run_dir}")
             t0 = time.perf_counter()
@@ -374,8 +381,9 @@ class StudyRunner:
 
         rec = self._record(name, "stage3", chain.files["stage3"], run_dir,
                            chain.opts + ["OUTPUT_DIR", run_dir] + overrides, train, lambda: os.path.isfile(results_file))
-        with open(results_file) as f:
-            rec["result"] = json.load(f)
+        if os.path.isfile(results_file):
+            with open(results_file) as f:
+                rec["result"] = json.load(f)
         return rec
 
     def _chain(self, kind_dir: str, name: str, extra: Sequence[str] = ()) -> _Chain:
@@ -429,7 +437,8 @@ class StudyRunner:
                     chains.setdefault(k, chain)
                     extra, wired = ["MODEL.AFI.INTERP", arm.interp], False
                 rec = self._stage3(chain, f"{k}/stage3_seed{seed}", seed, extra, wired)
-                detection.setdefault(k, {})[seed] = rec["result"]
+                if rec["result"] is not None:
+                    detection.setdefault(k, {})[seed] = rec["result"]
         fidelity = self.fidelity(chains, ablations)
         stage1_runs = [("afi", chains["afi"])] if "afi" in chains else []
         stage1_runs += [(ABLATION_RUN[a], c) for a, c in ablations.items()]
@@ -457,16 +466,17 @@ class StudyRunner:
         learned = []  # (name, run dir whose config.yaml built it, weights)
         learned_kinds = {a.chain for a in ARMS.values() if a.chain}
         for kind, chain in chains.items():
-            if kind not in learned_kinds or not os.path.isdir(os.path.join(chain.output_dir, "stage1")):
-                continue  # a stage-3-only arm, or a chain whose stage 1 never ran
+            if kind not in learned_kinds or not os.path.isfile(chain.final["stage1"][0]):
+                continue  # a stage-3-only arm, or a chain whose stage 1 has not finished
             learned.append((f"{kind} G (stage 1)", os.path.join(chain.output_dir, "stage1"), chain.final["stage1"][0]))
             if os.path.isfile(chain.final["stage2"][0]):
                 learned.append((f"{kind} (stage 2)", os.path.join(chain.output_dir, "stage2"), chain.final["stage2"][0]))
         for a, chain in ablations.items():
-            learned.append((f"{ABLATIONS[a][0]} G, {ABLATIONS[a][1]}", os.path.join(chain.output_dir, "stage1"),
-                            chain.final["stage1"][0]))
+            if os.path.isfile(chain.final["stage1"][0]):
+                learned.append((f"{ABLATIONS[a][0]} G, {ABLATIONS[a][1]}", os.path.join(chain.output_dir, "stage1"),
+                                chain.final["stage1"][0]))
         first = learned[0][1] if learned else None
-        if first is None:
+        if first is None or not os.path.isfile(self.teacher):
             return {}
         cfg = load_cfg(argparse.Namespace(config_file=os.path.join(first, "config.yaml"),
                                           opts=["DATASETS.TEST", f"('{s.dataset_test}',)"]))
@@ -793,9 +803,11 @@ def write_outputs(output_dir: str, settings: StudySettings, results: Dict, runs:
     return paths
 
 
-def run_study(settings: StudySettings, output_dir: str, args, command: str = "", log=print) -> Dict[str, str]:
-    """Run (or resume) the whole study in ``output_dir`` and write its outputs; see the module docstring."""
+def run_study(settings: StudySettings, output_dir: str, args, command: str = "", log=print,
+              report_only: bool = False) -> Dict[str, str]:
+    """Run (or resume) the whole study in ``output_dir`` and write its outputs; see the module
+    docstring. ``report_only``: train nothing, write the outputs of the runs already finished."""
     t0 = time.perf_counter()
-    runner = StudyRunner(settings, output_dir, args, log)
+    runner = StudyRunner(settings, output_dir, args, log, report_only)
     results = runner.run()
     return write_outputs(output_dir, settings, results, runner.runs, command, round(time.perf_counter() - t0, 1))
