@@ -7,8 +7,9 @@ ablations (adversarial term detached, one interpolator per level). Writes study.
 fidelity.png and detection.png into --output-dir; re-running skips finished runs and resumes an
 interrupted one. See afigan/benchmark/study.py and the README section "What we measured".
 
-    python tools/study.py --quick --output-dir output/study     (<= 15 min on 2 CPU cores)
-    python tools/study.py --output-dir output/study             (the full study, <= 90 min; reuses the quick runs)
+    python tools/study.py --quick --output-dir output/study     (4 arms, seed 0: sized for 15 min on 2 CPU cores)
+    python tools/study.py --output-dir output/study             (6 arms x 3 seeds, sized for 90; reuses the quick runs)
+    python tools/study.py --output-dir output/study --report-only   (tables of the finished runs, nothing trained)
 """
 import shlex
 import sys
