@@ -193,7 +193,8 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert "running" not in capsys.readouterr().out
 
     # --report-only with a seed not yet run: tables of the finished runs, nothing trained.
-    study("--output-dir", out, *TINY[:TINY.index("--seeds") + 1], 0, 1, *TINY[TINY.index("--seeds") + 2:], "--report-only")
+    seeds = TINY.index("--seeds")
+    study("--report-only", "--output-dir", out, *TINY[:seeds + 1], 0, 1, *TINY[seeds + 2:])
     reported = json.load(open(paths["json"]))
     status = {r["name"]: r["status"] for r in reported["runs"]}
     assert status["afi/stage3_seed1"] == status["nearest/stage3_seed1"] == "not run (--report-only)"
