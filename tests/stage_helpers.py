@@ -44,6 +44,20 @@ def save_teacher(path: str) -> str:
     return path
 
 
+def stage1_chain(root, iters: int = 2) -> dict:
+    """A random teacher under ``root`` and an ``iters``-iteration stage-1 run against it:
+    ``{"root", "teacher", "G", "D"}`` (the final G_0 / D_0 checkpoints)."""
+    from afigan.engine import Stage1Trainer
+
+    teacher = save_teacher(str(root / "teacher.pth"))
+    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher,
+                                "SOLVER.MAX_ITER", iters))
+    t.resume_or_load(resume=False)
+    t.train()
+    return {"root": root, "teacher": teacher, "G": str(root / "stage1" / "G_0" / "model_final.pth"),
+            "D": str(root / "stage1" / "D_0" / "model_final.pth")}
+
+
 def params(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

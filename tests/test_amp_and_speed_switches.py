@@ -14,7 +14,7 @@ from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa:
 from afigan.engine.common import AMPPolicy, cpu_supports_bfloat16  # noqa: E402
 from afigan.engine.speed import compile_modules, upsampler_modules  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
-from stage_helpers import save_teacher, stage_cfg  # noqa: E402
+from stage_helpers import stage1_chain, stage_cfg  # noqa: E402
 
 @pytest.fixture
 def afigan_log(caplog):
@@ -34,14 +34,7 @@ needs_bf16 = pytest.mark.skipif(not cpu_supports_bfloat16(), reason="this CPU ha
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("amp_chain")
-    teacher = save_teacher(str(root / "teacher.pth"))
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher,
-                                "SOLVER.MAX_ITER", 1))
-    t.resume_or_load(resume=False)
-    t.train()
-    return {"teacher": teacher, "G": str(root / "stage1" / "G_0" / "model_final.pth"),
-            "D": str(root / "stage1" / "D_0" / "model_final.pth")}
+    return stage1_chain(tmp_path_factory.mktemp("amp_chain"), iters=1)
 
 
 def _stage1(tmp_path, chain, *opts):
@@ -63,25 +56,18 @@ def _stage2(tmp_path, chain, *opts):
 def _losses_of_one_step(trainer):
     """Run one step, returning every loss the step wrote (name -> (value, dtype))."""
     written = {}
+    owner, name = (trainer._trainer, "_write_metrics") if hasattr(trainer, "_trainer") else (trainer, "write_metrics")
+    orig = getattr(owner, name)
+
+    def spy(losses, *a, **k):
+        written.update({n: (v.item(), v.dtype) for n, v in losses.items()})
+        return orig(losses, *a, **k)
+
+    setattr(owner, name, spy)
     with EventStorage(0) as storage:
         trainer.storage = storage
         if hasattr(trainer, "_trainer"):
             trainer._trainer.storage = storage
-            orig = trainer._trainer._write_metrics
-
-            def spy(loss_dict, *a, **k):
-                written.update({n: (v.item(), v.dtype) for n, v in loss_dict.items()})
-                return orig(loss_dict, *a, **k)
-
-            trainer._trainer._write_metrics = spy
-        else:
-            orig = trainer.write_metrics
-
-            def spy(losses, *a, **k):
-                written.update({n: (v.item(), v.dtype) for n, v in losses.items()})
-                return orig(losses, *a, **k)
-
-            trainer.write_metrics = spy
         trainer.run_step()
     return written
 

@@ -5,11 +5,10 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from detectron2.utils.events import EventStorage  # noqa: E402
 
-from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa: E402
+from afigan.engine import DetectorTrainer, Stage2Trainer  # noqa: E402
 from afigan.engine.cli import eval_only, stage_main  # noqa: E402
-from stage_helpers import StopAt as _StopAt, TINY, params, save_teacher, stage_args, stage_cfg  # noqa: E402
+from stage_helpers import StopAt as _StopAt, TINY, params, stage1_chain, stage_args, stage_cfg  # noqa: E402
 
 SRF = "backbone.srf_module."
 
@@ -17,14 +16,7 @@ SRF = "backbone.srf_module."
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A teacher, and a 2-iteration stage-1 run giving G_0 / D_0 final checkpoints."""
-    root = tmp_path_factory.mktemp("chain")
-    teacher = save_teacher(str(root / "teacher.pth"))
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher,
-                                "SOLVER.MAX_ITER", 2))
-    t.resume_or_load(resume=False)
-    t.train()
-    return {"root": root, "teacher": teacher, "G": str(root / "stage1" / "G_0" / "model_final.pth"),
-            "D": str(root / "stage1" / "D_0" / "model_final.pth")}
+    return stage1_chain(tmp_path_factory.mktemp("chain"), iters=2)
 
 
 def _stage2(chain, out, *opts):

@@ -28,10 +28,10 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from afigan.config import fallback_syncbn
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
 from afigan.engine.common import load_cfg
-from afigan.engine.adversarial import build_discriminator
-from afigan.engine.stage1 import build_generator
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator
 from afigan.modeling.meta_arch import build_guide_model
+
+from .training import random_stage_inputs
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "STEP_CONFIGS", "fvcore_flops", "counted_flops", "timed", "plain_conv", "conv_layers_alone",
            "module_rows", "step_rows", "top_ops", "format_table", "targets", "plot", "patch_ablation"]
@@ -242,14 +242,7 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
             "MODEL.AFI.COMPILE", str(bool(v.get("compile")))]
     config = os.path.join(configs_dir, STEP_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
-        cfg = _cfg(config, opts, stage)
-        path = os.path.join(out, "teacher.pth")
-        torch.save({"model": build_guide_model(cfg, load_weights=False).state_dict()}, path)
-        opts += ["MODEL.GUIDE_WEIGHTS", path]
-        if stage == "stage2":
-            torch.save({"model": build_generator(cfg).state_dict()}, os.path.join(out, "G.pth"))
-            torch.save({"model": build_discriminator(cfg).state_dict()}, os.path.join(out, "D.pth"))
-            opts += ["MODEL.AFI_GEN_WEIGHTS", os.path.join(out, "G.pth"), "MODEL.AFI_DIS_WEIGHTS", os.path.join(out, "D.pth")]
+        opts += random_stage_inputs(_cfg(config, opts, stage), stage, out)
     cfg = _cfg(config, opts, stage)
     trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain": DefaultTrainer}[stage](cfg)
     if stage != "plain":

@@ -18,7 +18,7 @@ from afigan.engine.adversarial import build_discriminator
 from afigan.engine.stage1 import build_generator
 from afigan.modeling.meta_arch import build_guide_model
 
-__all__ = ["BENCHMARK_CONFIGS", "measure"]
+__all__ = ["BENCHMARK_CONFIGS", "measure", "random_stage_inputs"]
 
 # measured stage -> its toy config; "plain_nn" is Detectron2's own DefaultTrainer on the NN-FPN detector.
 BENCHMARK_CONFIGS = {
@@ -49,6 +49,19 @@ def _args(config: str, opts: List[str]):
                               num_machines=1, machine_rank=0, dist_url="auto")
 
 
+def random_stage_inputs(cfg, stage: str, out: str) -> List[str]:
+    """Randomly initialised files a stage starts from (the teacher; for stage 2 also the stage-1 G
+    and D), saved under ``out``, as the config overrides that name them."""
+    path = os.path.join(out, "teacher.pth")
+    torch.save({"model": build_guide_model(cfg, load_weights=False).state_dict()}, path)
+    opts = ["MODEL.GUIDE_WEIGHTS", path]
+    if stage == "stage2":
+        torch.save({"model": build_generator(cfg).state_dict()}, os.path.join(out, "G.pth"))
+        torch.save({"model": build_discriminator(cfg).state_dict()}, os.path.join(out, "D.pth"))
+        opts += ["MODEL.AFI_GEN_WEIGHTS", os.path.join(out, "G.pth"), "MODEL.AFI_DIS_WEIGHTS", os.path.join(out, "D.pth")]
+    return opts
+
+
 def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, device: str, reference: bool,
             amp: bool = False) -> Dict:
     """Train ``iters`` iterations of ``stage`` and return median s/iter (first 2 dropped) and peak memory."""
@@ -61,15 +74,7 @@ def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, dev
                  "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
     config = os.path.join(configs_dir, BENCHMARK_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
-        cfg = setup_cfg(_args(config, list(opts)))
-        teacher = build_guide_model(cfg, load_weights=False)
-        path = os.path.join(out, "teacher.pth")
-        torch.save({"model": teacher.state_dict()}, path)
-        opts += ["MODEL.GUIDE_WEIGHTS", path]
-        if stage == "stage2":
-            torch.save({"model": build_generator(cfg).state_dict()}, os.path.join(out, "G.pth"))
-            torch.save({"model": build_discriminator(cfg).state_dict()}, os.path.join(out, "D.pth"))
-            opts += ["MODEL.AFI_GEN_WEIGHTS", os.path.join(out, "G.pth"), "MODEL.AFI_DIS_WEIGHTS", os.path.join(out, "D.pth")]
+        opts += random_stage_inputs(setup_cfg(_args(config, list(opts))), stage, out)
     cfg = setup_cfg(_args(config, opts), stage=stage)
     trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain_nn": DefaultTrainer}[stage](cfg)
     trainer.device_sync = device.startswith("cuda")
