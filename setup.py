@@ -5,6 +5,7 @@ Detectron2 is a prerequisite installed from source (it is not on the package ind
 not listed in install_requires; ``import afigan`` works without it, and only the
 Detectron2-facing modules need it.
 """
+
 import os
 import re
 
@@ -41,7 +42,8 @@ setup(
     extras_require={
         "test": ["pytest"],
         "plot": ["matplotlib"],  # kept for existing install commands; matplotlib is now required
-        # tools/export_model.py --format onnx: onnxruntime runs the exported file for the check, the tests read it with onnx.
+        # tools/export_model.py --format onnx: onnxruntime runs the exported file for the check, the tests read it
+        # with onnx.
         "onnx": ["onnx", "onnxruntime"],
     },
     classifiers=[

@@ -5,6 +5,7 @@ generator). When Detectron2 is importable, importing ``afigan`` also registers e
 (backbones, necks, meta-architectures, heads, data sets) in Detectron2's registries, and
 ``afigan.add_afigan_config`` is available.
 """
+
 __version__ = "0.1.0"
 
 import warnings
@@ -25,8 +26,8 @@ if HAS_DETECTRON2:
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         import detectron2.modeling  # noqa: F401
         import fvcore.nn  # noqa: F401
-    from .config import add_afigan_config  # noqa: F401
     from . import registration as _registration  # noqa: F401  (fills Detectron2's registries)
+    from .config import add_afigan_config  # noqa: F401
 
 
 def __getattr__(name):

@@ -11,6 +11,7 @@
   a stage-2 AF-extractor checkpoint or a released/stage-3 detector into a model's ``srf_module``
   (or per-level ``srf_modules``), for every kind of the upsampler registry.
 """
+
 import contextlib
 import errno
 import glob
@@ -22,9 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
 from afigan.layers import build_upsampler, upsampler_kinds
 
@@ -107,7 +107,9 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     unreadable, e.g. ``"MODEL.AF_EXTRACTOR_WEIGHTS"``.
     """
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: file {path!r} does not exist; give the path of an existing .pth or .pkl file.")
+        raise FileNotFoundError(
+            f"{what}: file {path!r} does not exist; give the path of an existing .pth or .pkl file."
+        )
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
@@ -115,8 +117,10 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same sentence
-        raise ValueError(f"{what}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {_first_sentence(e)}); "
-                         f"it is truncated or not a checkpoint: write it again or give another file.") from None
+        raise ValueError(
+            f"{what}: cannot read {path!r} as a checkpoint ({type(e).__name__}: {_first_sentence(e)}); "
+            f"it is truncated or not a checkpoint: write it again or give another file."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path!r} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
     if "model" not in data:
@@ -143,9 +147,12 @@ class UpsamplerTag:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("kind") != self.kind or bool(state.get("shared", True)) != self.shared:
             raise ValueError(
-                f"The checkpoint holds a {_describe(state.get('kind'), state.get('shared', True))} upsampler but the config "
-                f"asks for a {_describe(self.kind, self.shared)} one; resume with the MODEL.AFI.INTERP / MODEL.AFI.SHARED "
-                f"it was trained with, or start in a new OUTPUT_DIR.")
+                f"The checkpoint holds a {_describe(state.get('kind'), state.get('shared', True))} upsampler "
+                "but the config "
+                f"asks for a {_describe(self.kind, self.shared)} one; resume with the MODEL.AFI.INTERP / "
+                "MODEL.AFI.SHARED "
+                f"it was trained with, or start in a new OUTPUT_DIR."
+            )
 
 
 def _describe(kind, shared) -> str:
@@ -165,7 +172,9 @@ def extract_interpolator_state(checkpoint: Mapping[str, Any]) -> Tuple[Dict[str,
     model = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
     tag = checkpoint.get(UPSAMPLER_TAG)
     if isinstance(tag, Mapping) and "kind" in tag:
-        return {k[len("module."):] if k.startswith("module.") else k: v for k, v in model.items()}, bool(tag.get("shared", True))
+        return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in model.items()}, bool(
+            tag.get("shared", True)
+        )
     shared, per_level = {}, {}
     for key, value in model.items():
         dotted = f".{key}"
@@ -174,7 +183,7 @@ def extract_interpolator_state(checkpoint: Mapping[str, Any]) -> Tuple[Dict[str,
         elif ".srf_module." in dotted:
             shared[dotted.split(".srf_module.", 1)[1]] = value
         elif key.startswith("Generators.") or key.startswith("module.Generators."):
-            shared[key[key.index("Generators."):]] = value
+            shared[key[key.index("Generators.") :]] = value
     if per_level:
         return per_level, False
     return (shared, True) if shared else ({}, None)
@@ -217,21 +226,33 @@ def guess_upsampler_kind(keys) -> Optional[str]:
     return best
 
 
-def fit_interpolator_state(state: Mapping[str, torch.Tensor], shared: bool, module: nn.Module, module_shared: bool,
-                           what: str, path: str, prefix: str = "") -> Dict[str, torch.Tensor]:
+def fit_interpolator_state(
+    state: Mapping[str, torch.Tensor],
+    shared: bool,
+    module: nn.Module,
+    module_shared: bool,
+    what: str,
+    path: str,
+    prefix: str = "",
+) -> Dict[str, torch.Tensor]:
     """``state`` (from :func:`extract_interpolator_state`) arranged as ``module.state_dict()``:
     a shared upsampler initialises every level of a per-level ``module``; levels of the file that
     ``module`` has no step for are left out. One-sentence ValueError when it does not fit."""
     own = module.state_dict()
     if not own:
-        raise ValueError(f"{what}: the model's {prefix.rstrip('.') or 'upsampler'} has no parameters (a nearest or "
-                         f"bilinear MODEL.AFI.INTERP), so the upsampler weights in {path!r} cannot be used.")
+        raise ValueError(
+            f"{what}: the model's {prefix.rstrip('.') or 'upsampler'} has no parameters (a nearest or "
+            f"bilinear MODEL.AFI.INTERP), so the upsampler weights in {path!r} cannot be used."
+        )
     if shared and not module_shared:
         src = {f"{level}.{k}": v for level in module.keys() for k, v in state.items()}
     elif not shared and module_shared:
         levels = sorted({k.split(".")[0] for k in state})
-        raise ValueError(f"{what}: {path!r} holds one upsampler per level {levels}, but the model's {prefix.rstrip('.') or 'upsampler'} "
-                         f"is one shared upsampler; set MODEL.AFI.SHARED False to load it.")
+        raise ValueError(
+            f"{what}: {path!r} holds one upsampler per level {levels}, but the model's "
+            f"{prefix.rstrip('.') or 'upsampler'} "
+            f"is one shared upsampler; set MODEL.AFI.SHARED False to load it."
+        )
     else:
         src = dict(state)
         if not module_shared:
@@ -241,8 +262,10 @@ def fit_interpolator_state(state: Mapping[str, torch.Tensor], shared: bool, modu
         one = module if module_shared else next(iter(module.values()))
         kind = guess_upsampler_kind(k if module_shared else k.split(".", 1)[1] for k in src) if src else None
         held = f"a {kind!r} upsampler" if kind else "an upsampler of another kind"
-        raise ValueError(f"{what}: {path!r} holds {held}, which does not fit the model's {type(one).__name__}; "
-                         f"set MODEL.AFI.INTERP to the kind it was trained with (one of {upsampler_kinds()}).")
+        raise ValueError(
+            f"{what}: {path!r} holds {held}, which does not fit the model's {type(one).__name__}; "
+            f"set MODEL.AFI.INTERP to the kind it was trained with (one of {upsampler_kinds()})."
+        )
     for key, value in own.items():
         if key not in src:
             raise ValueError(f"{what}: {path!r} lacks interpolator tensor {key!r} (needed for {prefix}{key}).")
@@ -253,7 +276,10 @@ def fit_interpolator_state(state: Mapping[str, torch.Tensor], shared: bool, modu
             )
     extra = sorted(set(src) - set(own))
     if extra:
-        raise ValueError(f"{what}: {path!r} has interpolator tensor {extra[0]!r} that {prefix.rstrip('.') or 'the model'} does not have.")
+        raise ValueError(
+            f"{what}: {path!r} has interpolator tensor {extra[0]!r} that {prefix.rstrip('.') or 'the model'} "
+            "does not have."
+        )
     return src
 
 
@@ -268,8 +294,10 @@ def load_interpolator_weights(model: nn.Module, path: str, what: str = "MODEL.AF
     state, shared = extract_interpolator_state(read_checkpoint(path, what))
     targets = find_interpolators(model)
     if not targets:
-        raise ValueError(f"{what}: the model has no upsampler ('srf_module' or 'srf_modules') to load {path!r} into; "
-                         f"build it with an afigan neck (e.g. build_resnet_fpn_sr_backbone).")
+        raise ValueError(
+            f"{what}: the model has no upsampler ('srf_module' or 'srf_modules') to load {path!r} into; "
+            f"build it with an afigan neck (e.g. build_resnet_fpn_sr_backbone)."
+        )
     loaded = []
     for name, module, module_shared in targets:
         prefix = f"{name}." if name else ""
@@ -282,7 +310,9 @@ def load_interpolator_weights(model: nn.Module, path: str, what: str = "MODEL.AF
             for key, value in module.state_dict().items():
                 value.copy_(src[key])
         loaded += [prefix + k for k in src]
-    logger.info("Loaded %d upsampler tensors from %s into %s.", len(loaded), path, [n or "model" for n, _, _ in targets])
+    logger.info(
+        "Loaded %d upsampler tensors from %s into %s.", len(loaded), path, [n or "model" for n, _, _ in targets]
+    )
     return loaded
 
 
@@ -326,7 +356,10 @@ class AFICheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         if path and not os.path.isfile(path) and "://" not in path:
-            raise FileNotFoundError(f"Checkpoint file {path!r} does not exist; check MODEL.WEIGHTS (or the last_checkpoint file for --resume).")
+            raise FileNotFoundError(
+                f"Checkpoint file {path!r} does not exist; check MODEL.WEIGHTS (or the last_checkpoint file for "
+                "--resume)."
+            )
         self._loading = path
         return super().load(path, *args, **kwargs)
 
@@ -334,17 +367,22 @@ class AFICheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except Exception as e:  # noqa: BLE001 - torch.load / pickle raise many types for a damaged file
-            raise ValueError(f"Checkpoint {filename!r} cannot be read ({type(e).__name__}: {_first_sentence(e)}); "
-                             f"it is truncated or not a checkpoint: write it again or give another file.") from None
+            raise ValueError(
+                f"Checkpoint {filename!r} cannot be read ({type(e).__name__}: {_first_sentence(e)}); "
+                f"it is truncated or not a checkpoint: write it again or give another file."
+            ) from None
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
             if last and "://" not in last and not os.path.isfile(last):
                 raise FileNotFoundError(
-                    f"--resume: {os.path.join(self.save_dir, 'last_checkpoint')} names {os.path.basename(last)!r}, which "
-                    f"does not exist; write the name of an existing model_*.pth of that folder into it, or delete it to "
-                    f"start again.")
+                    f"--resume: {os.path.join(self.save_dir, 'last_checkpoint')} names "
+                    f"{os.path.basename(last)!r}, which "
+                    "does not exist; write the name of an existing model_*.pth of that folder into it, or "
+                    "delete it to "
+                    f"start again."
+                )
         return super().resume_or_load(path, resume=resume)
 
     def save(self, name: str, **kwargs):
@@ -355,8 +393,11 @@ class AFICheckpointer(DetectionCheckpointer):
             last = self.get_checkpoint_file() if self.has_checkpoint() else ""
             kept = f"the previous checkpoint {last!r} is intact" if last else "no earlier checkpoint exists"
             reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise OSError(e.errno, f"Cannot write checkpoint {os.path.join(self.save_dir, name + '.pth')!r} ({reason}); "
-                                   f"{kept}: free space or choose another OUTPUT_DIR, then resume with --resume.") from None
+            raise OSError(
+                e.errno,
+                f"Cannot write checkpoint {os.path.join(self.save_dir, name + '.pth')!r} ({reason}); "
+                f"{kept}: free space or choose another OUTPUT_DIR, then resume with --resume.",
+            ) from None
 
     def _log_incompatible_keys(self, incompatible) -> None:
         if getattr(self, "_interpolator_only", False):
@@ -374,8 +415,15 @@ class AFICheckpointer(DetectionCheckpointer):
         if incompatible.incorrect_shapes or accidental:
             return super()._log_incompatible_keys(incompatible)  # partial by accident: fvcore's loud lists
         total = len(self.model.state_dict())
-        logger.info("Loaded %d of %d tensors of %s from %s; left at their initialisation: %s; not used from the file: %s.",
-                    total - len(missing), total, what, getattr(self, "_loading", "?"), _groups(missing), _groups(unused, 1))
+        logger.info(
+            "Loaded %d of %d tensors of %s from %s; left at their initialisation: %s; not used from the file: %s.",
+            total - len(missing),
+            total,
+            what,
+            getattr(self, "_loading", "?"),
+            _groups(missing),
+            _groups(unused, 1),
+        )
 
     def _load_model(self, checkpoint):
         model_sd = checkpoint["model"]
@@ -392,8 +440,9 @@ class AFICheckpointer(DetectionCheckpointer):
             state, shared = extract_interpolator_state(checkpoint)
             model_sd = {}
             for name, module, module_shared in targets:
-                fitted = fit_interpolator_state(state, shared, module, module_shared, "MODEL.WEIGHTS",
-                                                getattr(self, "_loading", "?"), f"{name}.")
+                fitted = fit_interpolator_state(
+                    state, shared, module, module_shared, "MODEL.WEIGHTS", getattr(self, "_loading", "?"), f"{name}."
+                )
                 model_sd.update({f"{name}.{k}": v for k, v in fitted.items()})
             checkpoint["model"] = model_sd
             checkpoint.pop(UPSAMPLER_TAG, None)

@@ -7,14 +7,22 @@ under one new node, ``MODEL.AFI``. The function only touches the cfg it is given
 Detectron2's global defaults, and calling it twice is harmless. IDs such as B1 or O6 in the
 comments name entries of docs/differences_from_reference.md.
 """
+
 import logging
 import warnings
 
 from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
-__all__ = ["add_afigan_config", "add_fe_config", "add_fcos_config", "add_centermask_config", "afi_freeze",
-           "fallback_syncbn", "lr_key"]
+__all__ = [
+    "add_afigan_config",
+    "add_fe_config",
+    "add_fcos_config",
+    "add_centermask_config",
+    "afi_freeze",
+    "fallback_syncbn",
+    "lr_key",
+]
 
 
 def _set_default(parent: CN, key: str, value) -> None:
@@ -43,7 +51,8 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(m, "AFI_DIS_WEIGHTS", "")  # stage 1: D init/resume file; stage 2: stage-1 D
     _set_default(m, "AF_EXTRACTOR_WEIGHTS", "")  # stage 3: file whose srf_module tensors init G
     _set_default(m, "AFI_FREEZE", False)  # freeze the interpolator inside the neck
-    # Deprecated spelling used by the reference's Swin config (B11 of docs/differences_from_reference.md); None = not given.
+    # Deprecated spelling used by the reference's Swin config (B11 of docs/differences_from_reference.md); None = not
+    # given.
     _set_default(m, "SRF_FREEZE", None)
     gb = _node(m, "GUIDE_BACKBONE")
     _set_default(gb, "NAME", "build_resnet_fpn_backbone")  # teacher backbone builder
@@ -86,7 +95,9 @@ def add_afigan_config(cfg: CN) -> CN:
     # source with factor f is drawn f times per pass on average (afigan/data/loader.py); () = all 1.
     _set_default(cfg.DATALOADER, "SOURCE_REPEAT_FACTORS", [])
     st = _node(cfg, "SELF_TRAINING")  # the pipeline's stage3_pseudo.yaml (afigan/engine/pipeline.py)
-    _set_default(st, "IMAGES", [])  # unlabeled images the stage-3 model pseudo-labels: files, folders, globs or data sets
+    _set_default(
+        st, "IMAGES", []
+    )  # unlabeled images the stage-3 model pseudo-labels: files, folders, globs or data sets
     _set_default(st, "SCORE_THRESHOLD", 0.5)  # detections kept as pseudo-labels: score >= this
 
     # ---- new keys: everything the reference hard-coded ----
@@ -94,7 +105,9 @@ def add_afigan_config(cfg: CN) -> CN:
     # upsampler inside the neck, any kind of afigan.layers.upsampler_kinds(): "afi" | "nearest" |
     # "bilinear" | "dysample" | "carafe" | "fade" | "deconv" | "pixelshuffle"
     _set_default(a, "INTERP", "afi")
-    _set_default(a, "SHARED", True)  # one upsampler srf_module for every top-down step (AFI-GAN); False: one per step (srf_modules.<level>)
+    _set_default(
+        a, "SHARED", True
+    )  # one upsampler srf_module for every top-down step (AFI-GAN); False: one per step (srf_modules.<level>)
     _set_default(a, "NUM_BLOCKS", 3)  # dense blocks in the interpolator's RRDB
     _set_default(a, "GROWTH", 32)  # dense-block growth rate
     _set_default(a, "RES_SCALE", 0.2)  # residual scale beta
@@ -103,7 +116,9 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(a, "CONTENT_WEIGHT", 1.0)  # lambda_content (L1) of the generator loss
     _set_default(a, "LEVELS", ["p2", "p3", "p4", "p5", "p6"])  # pyramid levels in the feature losses
     _set_default(a, "SCALE_RATIO", 0.5)  # low-resolution image size / high-resolution size
-    _set_default(a, "ADV_GRAD_TO_G", True)  # False reproduces B1 of docs/differences_from_reference.md (adversarial term detached)
+    _set_default(
+        a, "ADV_GRAD_TO_G", True
+    )  # False reproduces B1 of docs/differences_from_reference.md (adversarial term detached)
     _set_default(a, "TARGET_DOWNSAMPLE", "nearest")  # stage-2 target: teacher HR features x0.5 ("nearest" | "avg")
     _set_default(a, "CHANNELS_LAST", False)  # G, D, the teacher and the trained network in channels_last memory format
     _set_default(a, "COMPILE", False)  # torch.compile G and D (stages 1-2) and the neck's upsampler (stages 2-3)

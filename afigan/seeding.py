@@ -5,6 +5,7 @@ repeats an uninterrupted one exactly: the ``DATA`` stream seeds each batch's aug
 the loader, possibly inside a worker process), the ``MODEL`` stream seeds each step's sampling
 inside the model (RPN / RoI sampling, drop path), set by the trainers' per-iteration hook.
 """
+
 import random
 
 import numpy as np

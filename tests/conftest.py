@@ -95,7 +95,7 @@ def one_sentence_error(err: str) -> str:
     exactly one line, one sentence, on stderr, with no traceback anywhere)."""
     lines = [l for l in err.splitlines() if l.startswith("Error: ")]
     assert len(lines) == 1, err[-2000:]
-    sentence = lines[0][len("Error: "):]
+    sentence = lines[0][len("Error: ") :]
     assert sentence.endswith((".", "?")), sentence
     # One sentence: no full stop followed by a capitalised word inside it (paths and numbers aside).
     import re

@@ -1,4 +1,5 @@
 """Helpers for the tests that need Detectron2 (import only after pytest.importorskip)."""
+
 import os
 
 import torch
@@ -9,8 +10,9 @@ CONFIGS = os.path.join(REPO, "configs")
 
 def make_cfg(config_file=None, *overrides):
     """get_cfg() + add_afigan_config + an optional YAML (relative to configs/) + KEY VALUE overrides, CPU."""
-    import afigan
     from detectron2.config import get_cfg
+
+    import afigan
 
     cfg = get_cfg()
     afigan.add_afigan_config(cfg)

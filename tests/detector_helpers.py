@@ -1,4 +1,5 @@
 """Shared by the detector tests (FCOS, CenterMask, configs): config loading, toy batches, one step."""
+
 import os
 from typing import Dict, List
 

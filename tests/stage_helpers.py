@@ -1,25 +1,49 @@
 """Shared set-up of the stage-trainer tests (import after pytest.importorskip("detectron2"))."""
+
 import argparse
 import os
 
 import torch
-from detectron2.engine import HookBase
-
 from d2_helpers import CONFIGS
+from detectron2.engine import HookBase
 
 # Smallest sizes that still exercise everything: ~100 px images, 2 per batch.
 TINY = [
-    "INPUT.MIN_SIZE_TRAIN", (96,), "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128,
-    "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 0, "SEED", 7, "DATALOADER.NUM_WORKERS", 0,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+    "INPUT.MIN_SIZE_TRAIN",
+    (96,),
+    "INPUT.MAX_SIZE_TRAIN",
+    128,
+    "INPUT.MIN_SIZE_TEST",
+    96,
+    "INPUT.MAX_SIZE_TEST",
+    128,
+    "SOLVER.IMS_PER_BATCH",
+    2,
+    "SOLVER.WARMUP_ITERS",
+    0,
+    "SEED",
+    7,
+    "DATALOADER.NUM_WORKERS",
+    0,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    50,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    32,
 ]
 
 
 def stage_args(config: str, *opts, resume: bool = False, eval_only: bool = False) -> argparse.Namespace:
     """What Detectron2's default_argument_parser would give for ``--config-file config opts...``."""
-    return argparse.Namespace(config_file=os.path.join(CONFIGS, config), opts=[str(o) if not isinstance(o, (tuple, list)) else o for o in opts],
-                              resume=resume, eval_only=eval_only, num_gpus=1, num_machines=1, machine_rank=0,
-                              dist_url="auto")
+    return argparse.Namespace(
+        config_file=os.path.join(CONFIGS, config),
+        opts=[str(o) if not isinstance(o, (tuple, list)) else o for o in opts],
+        resume=resume,
+        eval_only=eval_only,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+    )
 
 
 def stage_cfg(config: str, output_dir: str, *opts):
@@ -34,8 +58,9 @@ def save_teacher(path: str) -> str:
 
     Its FPN output convs are scaled by 0.05 so the pyramid features are O(1), like a trained
     teacher's, instead of the O(50) a random BN network in eval mode produces."""
-    from afigan.modeling.meta_arch import build_guide_model
     from d2_helpers import make_cfg
+
+    from afigan.modeling.meta_arch import build_guide_model
 
     torch.manual_seed(123)
     teacher = build_guide_model(make_cfg("toy/pipeline/stage1.yaml"), load_weights=False)
@@ -50,12 +75,19 @@ def stage1_chain(root, iters: int = 2) -> dict:
     from afigan.engine import Stage1Trainer
 
     teacher = save_teacher(str(root / "teacher.pth"))
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher,
-                                "SOLVER.MAX_ITER", iters))
+    t = Stage1Trainer(
+        stage_cfg(
+            "toy/pipeline/stage1.yaml", str(root / "stage1"), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", iters
+        )
+    )
     t.resume_or_load(resume=False)
     t.train()
-    return {"root": root, "teacher": teacher, "G": str(root / "stage1" / "G_0" / "model_final.pth"),
-            "D": str(root / "stage1" / "D_0" / "model_final.pth")}
+    return {
+        "root": root,
+        "teacher": teacher,
+        "G": str(root / "stage1" / "G_0" / "model_final.pth"),
+        "D": str(root / "stage1" / "D_0" / "model_final.pth"),
+    }
 
 
 def params(module) -> dict:

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import load_listing, random_state_dict
 from torch.nn import functional as F
 
 from afigan.layers import AFInterpolator
-from conftest import load_listing, random_state_dict
 
 
 def test_parameter_count_is_reference():

@@ -2,6 +2,7 @@
 the exact parameter count recorded in tests/fixtures/config_parameter_counts.json, the
 meta-architecture it names, an interpolator exactly where its backbone builder puts one, and no
 absolute path anywhere in its values."""
+
 import glob
 import json
 import os
@@ -12,12 +13,12 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
+from d2_helpers import CONFIGS, REPO, make_cfg  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from afigan.layers import AFInterpolator, build_upsampler  # noqa: E402
 from afigan.modeling.necks import upsampler_options  # noqa: E402
-from d2_helpers import CONFIGS, REPO, make_cfg  # noqa: E402
 
 YAMLS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
 COUNTS = json.load(open(os.path.join(REPO, "tests", "fixtures", "config_parameter_counts.json")))

@@ -1,6 +1,7 @@
 """Mixed precision (SOLVER.AMP.*) in all three stages, MODEL.AFI.CHANNELS_LAST, MODEL.AFI.COMPILE,
 MODEL.AFI.DIS.PATCH_SIZE in the trainers, and no wasted work in stages 1-2 (the teacher runs once
 per scale, without a graph)."""
+
 import logging
 
 import pytest
@@ -8,13 +9,14 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from stage_helpers import stage1_chain, stage_cfg  # noqa: E402
 
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa: E402
 from afigan.engine.common import AMPPolicy, cpu_supports_bfloat16  # noqa: E402
 from afigan.engine.speed import compile_modules, upsampler_modules  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
-from stage_helpers import stage1_chain, stage_cfg  # noqa: E402
+
 
 @pytest.fixture
 def afigan_log(caplog):
@@ -39,16 +41,30 @@ def chain(tmp_path_factory):
 
 def _stage1(tmp_path, chain, *opts):
     torch.manual_seed(0)
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path), "MODEL.GUIDE_WEIGHTS", chain["teacher"], *opts))
+    t = Stage1Trainer(
+        stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path), "MODEL.GUIDE_WEIGHTS", chain["teacher"], *opts)
+    )
     t.resume_or_load(resume=False)
     return t
 
 
 def _stage2(tmp_path, chain, *opts):
     torch.manual_seed(0)
-    t = Stage2Trainer(stage_cfg("toy/pipeline/stage2.yaml", str(tmp_path), "MODEL.GUIDE_WEIGHTS", chain["teacher"],
-                                "MODEL.WEIGHTS", chain["teacher"], "MODEL.AFI_GEN_WEIGHTS", chain["G"],
-                                "MODEL.AFI_DIS_WEIGHTS", chain["D"], *opts))
+    t = Stage2Trainer(
+        stage_cfg(
+            "toy/pipeline/stage2.yaml",
+            str(tmp_path),
+            "MODEL.GUIDE_WEIGHTS",
+            chain["teacher"],
+            "MODEL.WEIGHTS",
+            chain["teacher"],
+            "MODEL.AFI_GEN_WEIGHTS",
+            chain["G"],
+            "MODEL.AFI_DIS_WEIGHTS",
+            chain["D"],
+            *opts,
+        )
+    )
     t.resume_or_load(resume=False)
     return t
 
@@ -74,8 +90,10 @@ def _losses_of_one_step(trainer):
 
 @needs_bf16
 def test_bf16_autocast_steps_of_stages_1_and_2_give_finite_float32_losses(tmp_path, chain):
-    for trainer in (_stage1(tmp_path / "s1", chain, "SOLVER.AMP.ENABLED", True),
-                    _stage2(tmp_path / "s2", chain, "SOLVER.AMP.ENABLED", True)):
+    for trainer in (
+        _stage1(tmp_path / "s1", chain, "SOLVER.AMP.ENABLED", True),
+        _stage2(tmp_path / "s2", chain, "SOLVER.AMP.ENABLED", True),
+    ):
         assert trainer.amp.enabled and trainer.amp.dtype == torch.bfloat16 and trainer.scaler is None
         seen = []
         trainer.D.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -86,9 +104,14 @@ def test_bf16_autocast_steps_of_stages_1_and_2_give_finite_float32_losses(tmp_pa
 
 
 @needs_bf16
-@pytest.mark.parametrize("config, expected", [("toy/pipeline/stage3.yaml", {"loss_cls", "loss_box_reg", "loss_mask"}),
-                                              ("toy/detectors/fcos_R_50_BiFPN_toy_afi.yaml", {"loss_fcos_loc", "loss_fcos_cls"})],
-                         ids=["mask_rcnn", "fcos"])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("toy/pipeline/stage3.yaml", {"loss_cls", "loss_box_reg", "loss_mask"}),
+        ("toy/detectors/fcos_R_50_BiFPN_toy_afi.yaml", {"loss_fcos_loc", "loss_fcos_cls"}),
+    ],
+    ids=["mask_rcnn", "fcos"],
+)
 def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_path, config, expected):
     torch.manual_seed(0)
     t = DetectorTrainer(stage_cfg(config, str(tmp_path), "SOLVER.AMP.ENABLED", True))
@@ -101,7 +124,9 @@ def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_pa
     losses = _losses_of_one_step(t)
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert expected <= set(losses)
-    assert all(dt == torch.float32 for _, dt in losses.values()) and all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values())
+    assert all(dt == torch.float32 for _, dt in losses.values()) and all(
+        torch.isfinite(torch.tensor(v)) for v, _ in losses.values()
+    )
     after = t.model.state_dict()
     assert all(after[k].dtype == v.dtype for k, v in before.items())  # the weights stay float32
     assert any(not torch.equal(after[k], v) for k, v in before.items())  # and were updated
@@ -127,7 +152,9 @@ def test_cuda_amp_stage1_step(tmp_path, chain, precision):
     t = _stage1(tmp_path, chain, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision, "MODEL.DEVICE", "cuda")
     assert t.amp.enabled and (t.scaler is not None) == (precision == "float16")
     losses = _losses_of_one_step(t)
-    assert all(dt == torch.float32 for _, dt in losses.values()) and all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values())
+    assert all(dt == torch.float32 for _, dt in losses.values()) and all(
+        torch.isfinite(torch.tensor(v)) for v, _ in losses.values()
+    )
 
 
 def test_channels_last_stage1_step_equals_the_plain_one(tmp_path, chain):
@@ -208,5 +235,7 @@ def test_compile_unavailable_keeps_eager_mode_with_one_warning(monkeypatch, afig
     assert len(ups) == 1
     assert not compile_modules(cfg, ups, "the neck's upsampler")
     assert ups[0]._compiled_call_impl is None
-    assert "MODEL.AFI.COMPILE: the inductor backend needs a C++ compiler (g++) on a CPU, and none is on PATH; " \
-           "the neck's upsampler runs in eager mode." in afigan_log.text
+    assert (
+        "MODEL.AFI.COMPILE: the inductor backend needs a C++ compiler (g++) on a CPU, and none is on PATH; "
+        "the neck's upsampler runs in eager mode." in afigan_log.text
+    )

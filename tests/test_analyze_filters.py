@@ -1,4 +1,5 @@
 """The filter diagnostic: its high-frequency measures, stage selection, and tools/analyze_filters.py end to end."""
+
 import importlib.util
 import json
 import os
@@ -45,7 +46,9 @@ def test_hf_share_matches_the_fft_for_any_kernel_shape_and_skips_1x1():
     assert kernel_hf_share(k, cut=0.1) == pytest.approx(_fft_hf_share(k, cut=0.1))
     assert kernel_hf_share(torch.randn(4, 4, 1, 1)) is None
     f = torch.fft.fftfreq(32, dtype=torch.float64)
-    assert white_noise_hf_share() == pytest.approx(float((torch.sqrt(f[:, None] ** 2 + f[None] ** 2) > 0.25).double().mean()))
+    assert white_noise_hf_share() == pytest.approx(
+        float((torch.sqrt(f[:, None] ** 2 + f[None] ** 2) > 0.25).double().mean())
+    )
 
 
 def test_stage_selection_prefers_the_detector_backbone_and_stats_are_exact():
@@ -61,13 +64,18 @@ def test_stage_selection_prefers_the_detector_backbone_and_stats_are_exact():
     }
     found = stage_weights_from_state_dict(state)
     assert list(found) == ["stem", "res3"]
-    assert [k for k, _ in found["res3"]] == ["backbone.bottom_up.res3.0.conv1.weight", "backbone.bottom_up.res3.0.conv2.weight"]
+    assert [k for k, _ in found["res3"]] == [
+        "backbone.bottom_up.res3.0.conv1.weight",
+        "backbone.bottom_up.res3.0.conv2.weight",
+    ]
     stats = stage_weight_stats([t for _, t in found["res3"]])
-    assert stats["fro_sum"] == pytest.approx(30 ** 0.5 + 20 ** 0.5)
+    assert stats["fro_sum"] == pytest.approx(30**0.5 + 20**0.5)
     assert stats["var_sum"] == pytest.approx(5 / 3 + 20 / 8)
     assert stats["tensors"] == 2 and stats["params"] == 13 and stats["kernels"] == 2
     e_a, e_b = 30.0, 20.0
-    assert stats["kernel_hf"] == pytest.approx((_fft_hf_share(a[0, 0]) * e_a + _fft_hf_share(b[0, 0]) * e_b) / (e_a + e_b))
+    assert stats["kernel_hf"] == pytest.approx(
+        (_fft_hf_share(a[0, 0]) * e_a + _fft_hf_share(b[0, 0]) * e_b) / (e_a + e_b)
+    )
     with pytest.raises(KeyError, match="res5"):
         stage_weights_from_state_dict(state, ["res5"])
 
@@ -83,6 +91,7 @@ def test_feature_hf_share_separates_smooth_from_edgy_maps():
 
 
 # ---- end to end on a toy checkpoint (needs Detectron2 and matplotlib) ----
+
 
 def _tool():
     spec = importlib.util.spec_from_file_location("analyze_filters", os.path.join(REPO, "tools", "analyze_filters.py"))
@@ -100,17 +109,16 @@ def _write_images(directory, n=2):
         img = np.full((96, 128, 3), 40, np.uint8)
         for _ in range(4):
             y0, x0 = rng.integers(0, 70, 2)
-            img[y0:y0 + 25, x0:x0 + 40] = rng.integers(80, 255, 3)
+            img[y0 : y0 + 25, x0 : x0 + 40] = rng.integers(80, 255, 3)
         Image.fromarray(img).save(os.path.join(directory, f"{i}.png"))
 
 
 def test_tool_runs_end_to_end_and_reads_a_sharpened_res3_and_blurred_res5(tmp_path):
     pytest.importorskip("detectron2")
     pytest.importorskip("matplotlib")
+    from d2_helpers import make_cfg
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
-
-    from d2_helpers import make_cfg
 
     config = os.path.join(REPO, "configs", "toy", "fe_retinanet_R_18_FPN.yaml")
     cfg = make_cfg("toy/fe_retinanet_R_18_FPN.yaml")
@@ -129,8 +137,20 @@ def test_tool_runs_end_to_end_and_reads_a_sharpened_res3_and_blurred_res5(tmp_pa
     _write_images(str(tmp_path / "images"))
 
     out = tmp_path / "report"
-    paths = _tool().main([str(tmp_path / "base.pth"), str(tmp_path / "fe.pth"), "--config-file", config,
-                          "--images", str(tmp_path / "images"), "--image-size", "128", "-o", str(out)])
+    paths = _tool().main(
+        [
+            str(tmp_path / "base.pth"),
+            str(tmp_path / "fe.pth"),
+            "--config-file",
+            config,
+            "--images",
+            str(tmp_path / "images"),
+            "--image-size",
+            "128",
+            "-o",
+            str(out),
+        ]
+    )
     assert set(paths) == {"md", "json", "png"}
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

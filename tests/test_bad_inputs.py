@@ -3,6 +3,7 @@ through their main functions): each stops with exit status 1 and ONE sentence on
 the file / key / value and what to do, without a traceback (unless --debug or AFIGAN_DEBUG=1).
 The one case that is skipped instead of stopped, an unreadable image during training, is the
 last test here."""
+
 import copy
 import json
 import os
@@ -35,19 +36,26 @@ def _stop(tool, main, *argv):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A teacher checkpoint, a stage-1 G and D pair (2 iterations) and the first half of the teacher file."""
-    from afigan.engine import Stage1Trainer
     from stage_helpers import stage_cfg
+
+    from afigan.engine import Stage1Trainer
 
     root = tmp_path_factory.mktemp("files")
     teacher = save_teacher(str(root / "teacher.pth"))
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "s1"), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 1))
+    t = Stage1Trainer(
+        stage_cfg("toy/pipeline/stage1.yaml", str(root / "s1"), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 1)
+    )
     t.resume_or_load(resume=False)
     t.train()
     data = open(teacher, "rb").read()
     half = root / "half.pth"
     half.write_bytes(data[: len(data) // 2])
-    return {"teacher": teacher, "G": str(root / "s1" / "G_0" / "model_final.pth"),
-            "D": str(root / "s1" / "D_0" / "model_final.pth"), "half": str(half)}
+    return {
+        "teacher": teacher,
+        "G": str(root / "s1" / "G_0" / "model_final.pth"),
+        "D": str(root / "s1" / "D_0" / "model_final.pth"),
+        "half": str(half),
+    }
 
 
 def _coco_set(tmp_path, n=3, edit=None):
@@ -83,6 +91,7 @@ def _stage3(tmp_path, *opts):
 
 # --- the config ---------------------------------------------------------------------------
 
+
 def test_missing_config_file(tool, tmp_path):
     s = _stop(tool, "stage3", "--config-file", tmp_path / "nope.yaml")
     assert "nope.yaml' does not exist; give the path of a YAML config" in s
@@ -109,19 +118,37 @@ def test_unknown_key_names_the_closest_valid_one(tool, tmp_path, where):
 
 def test_wrong_type_for_a_key(tool, tmp_path):
     s = _stop(tool, "stage3", "--config-file", S3, "SOLVER.MAX_ITER", "many")
-    assert s == "the command line: SOLVER.MAX_ITER takes a value of type int (it was 300), not the str many; give a value of that type."
+    assert s == (
+        "the command line: SOLVER.MAX_ITER takes a value of type int (it was 300), not the str many; give a "
+        "value of that type."
+    )
 
 
 # --- weights ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage,key", [("stage3", "MODEL.WEIGHTS"), ("stage1", "MODEL.GUIDE_WEIGHTS"),
-                                       ("stage2", "MODEL.AFI_GEN_WEIGHTS"), ("stage3", "MODEL.AF_EXTRACTOR_WEIGHTS")])
+
+@pytest.mark.parametrize(
+    "stage,key",
+    [
+        ("stage3", "MODEL.WEIGHTS"),
+        ("stage1", "MODEL.GUIDE_WEIGHTS"),
+        ("stage2", "MODEL.AFI_GEN_WEIGHTS"),
+        ("stage3", "MODEL.AF_EXTRACTOR_WEIGHTS"),
+    ],
+)
 def test_missing_weights_file(tool, tmp_path, files, stage, key):
     cfg = {"stage1": S1, "stage2": S2, "stage3": S3}[stage]
-    given = {"stage1": [], "stage3": [], "stage2": ["MODEL.GUIDE_WEIGHTS", files["teacher"], "MODEL.AFI_DIS_WEIGHTS", files["D"]]}
+    given = {
+        "stage1": [],
+        "stage3": [],
+        "stage2": ["MODEL.GUIDE_WEIGHTS", files["teacher"], "MODEL.AFI_DIS_WEIGHTS", files["D"]],
+    }
     missing = tmp_path / "gone.pth"
     s = _stop(tool, stage, "--config-file", cfg, "OUTPUT_DIR", tmp_path / "out", *given[stage], key, missing)
-    assert s == f"{key}: file '{missing}' does not exist; give the path of an existing checkpoint (.pth or .pkl) or fix the path."
+    assert s == (
+        f"{key}: file '{missing}' does not exist; give the path of an existing checkpoint (.pth or .pkl) or "
+        "fix the path."
+    )
 
 
 def test_truncated_checkpoint(tool, tmp_path, files):
@@ -133,12 +160,16 @@ def test_checkpoint_of_another_architecture_lists_how_many_tensors_fit(tool, tmp
     # The teacher is a backbone-only network: evaluating it as the toy Mask R-CNN would run random heads.
     s = _stop(tool, "run_net", "--eval-only", *_stage3(tmp_path, "MODEL.WEIGHTS", files["teacher"]))
     teacher_keys = len(torch.load(files["teacher"], weights_only=False)["model"])
-    assert s.startswith(f"MODEL.WEIGHTS '{files['teacher']}' fits only ") and "it is a checkpoint of another architecture" in s
+    assert (
+        s.startswith(f"MODEL.WEIGHTS '{files['teacher']}' fits only ")
+        and "it is a checkpoint of another architecture" in s
+    )
     fit, total = (int(w) for w in s.split("fits only ")[1].split(" tensors")[0].split(" of the model's "))
     assert 0 < fit <= teacher_keys < total
 
 
 # --- data ---------------------------------------------------------------------------------
+
 
 def test_unregistered_dataset_lists_registered_ones(tool, tmp_path):
     s = _stop(tool, "stage3", *_stage3(tmp_path, "DATASETS.TRAIN", "('coco_2017_trian',)"))
@@ -152,14 +183,18 @@ def test_missing_annotation_json(tool, tmp_path):
     name = f"bad_{uuid.uuid4().hex[:8]}"
     register_coco_instances(name, {}, str(tmp_path / "instances.json"), str(tmp_path))
     s = _stop(tool, "stage3", *_stage3(tmp_path, "DATASETS.TRAIN", f"('{name}',)"))
-    assert s.startswith(f"DATASETS.TRAIN: data set '{name}' reads '{tmp_path / 'instances.json'}', which does not exist;")
+    assert s.startswith(
+        f"DATASETS.TRAIN: data set '{name}' reads '{tmp_path / 'instances.json'}', which does not exist;"
+    )
 
 
 def test_annotation_file_that_is_not_json(tool, tmp_path):
     name = _coco_set(tmp_path)
     (tmp_path / "instances.json").write_text('{"images": [}')
     s = _stop(tool, "stage3", *_stage3(tmp_path, "DATASETS.TRAIN", f"('{name}',)"))
-    assert s.startswith(f"DATASETS.TRAIN: the annotation file '{tmp_path / 'instances.json'}' of data set '{name}' is not valid JSON")
+    assert s.startswith(
+        f"DATASETS.TRAIN: the annotation file '{tmp_path / 'instances.json'}' of data set '{name}' is not valid JSON"
+    )
 
 
 def test_image_listed_in_the_json_that_does_not_exist(tool, tmp_path):
@@ -175,21 +210,28 @@ def test_category_id_outside_the_categories(tool, tmp_path):
 
     name = _coco_set(tmp_path, edit=edit)
     s = _stop(tool, "stage3", *_stage3(tmp_path, "DATASETS.TRAIN", f"('{name}',)"))
-    assert s.startswith(f"DATASETS.TRAIN: an annotation in '{tmp_path / 'instances.json'}' has category_id 99, which is not")
+    assert s.startswith(
+        f"DATASETS.TRAIN: an annotation in '{tmp_path / 'instances.json'}' has category_id 99, which is not"
+    )
 
 
 def test_num_classes_that_disagrees_with_the_data(tool, tmp_path):
     s = _stop(tool, "stage3", *_stage3(tmp_path, "MODEL.ROI_HEADS.NUM_CLASSES", 5))
-    assert s == ("MODEL.ROI_HEADS.NUM_CLASSES is 5, but DATASETS.TRAIN 'afigan_toy_train' has 3 categories "
-                 "(square, disc, triangle); set MODEL.ROI_HEADS.NUM_CLASSES 3.")
+    assert s == (
+        "MODEL.ROI_HEADS.NUM_CLASSES is 5, but DATASETS.TRAIN 'afigan_toy_train' has 3 categories "
+        "(square, disc, triangle); set MODEL.ROI_HEADS.NUM_CLASSES 3."
+    )
 
 
 # --- processes, folders, resume -----------------------------------------------------------
 
+
 def test_ims_per_batch_not_divisible_by_the_processes(tool, tmp_path):
     s = _stop(tool, "stage3", "--num-gpus", 3, *_stage3(tmp_path, "SOLVER.IMS_PER_BATCH", 4))
-    assert s == ("SOLVER.IMS_PER_BATCH (4) must be divisible by the number of processes (3 = --num-gpus x "
-                 "--num-machines); change one of them.")
+    assert s == (
+        "SOLVER.IMS_PER_BATCH (4) must be divisible by the number of processes (3 = --num-gpus x "
+        "--num-machines); change one of them."
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -203,8 +245,10 @@ def test_output_dir_that_cannot_be_written(tool, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     s = _stop(tool, "stage3", *_stage3(tmp_path, "OUTPUT_DIR", blocker / "out"))
-    assert s == (f"OUTPUT_DIR '{blocker / 'out'}' cannot be written: '{blocker}' is not a directory; choose another "
-                 f"OUTPUT_DIR or fix the permissions.")
+    assert s == (
+        f"OUTPUT_DIR '{blocker / 'out'}' cannot be written: '{blocker}' is not a directory; choose another "
+        f"OUTPUT_DIR or fix the permissions."
+    )
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -217,11 +261,14 @@ def test_resume_when_last_checkpoint_names_a_deleted_file(tool, tmp_path):
     out.mkdir()
     (out / "last_checkpoint").write_text("model_0000009.pth")
     s = _stop(tool, "stage3", "--resume", *_stage3(tmp_path))
-    assert s == (f"--resume: {out / 'last_checkpoint'} names 'model_0000009.pth', which does not exist; write the name "
-                 f"of an existing model_*.pth of that folder into it, or delete it to start again.")
+    assert s == (
+        f"--resume: {out / 'last_checkpoint'} names 'model_0000009.pth', which does not exist; write the name "
+        f"of an existing model_*.pth of that folder into it, or delete it to start again."
+    )
 
 
 # --- non-finite losses --------------------------------------------------------------------
+
 
 def _nan_after(monkeypatch, module, name, calls, key=None):
     """Make ``module.name`` (a loss function) return a NaN term from its ``calls``-th call on."""
@@ -254,9 +301,22 @@ def test_non_finite_loss_names_the_loss_iteration_and_last_good_checkpoint(tool,
 
         _nan_after(monkeypatch, s1 if stage == "stage1" else s2, "generator_loss", 1)
         key = "loss_adv_p2"
-        extra = ["MODEL.AFI_GEN_WEIGHTS", files["G"], "MODEL.AFI_DIS_WEIGHTS", files["D"], "MODEL.WEIGHTS", files["teacher"]]
-        argv = ["--config-file", S1 if stage == "stage1" else S2, *common, "MODEL.GUIDE_WEIGHTS", files["teacher"],
-                *(extra if stage == "stage2" else [])]
+        extra = [
+            "MODEL.AFI_GEN_WEIGHTS",
+            files["G"],
+            "MODEL.AFI_DIS_WEIGHTS",
+            files["D"],
+            "MODEL.WEIGHTS",
+            files["teacher"],
+        ]
+        argv = [
+            "--config-file",
+            S1 if stage == "stage1" else S2,
+            *common,
+            "MODEL.GUIDE_WEIGHTS",
+            files["teacher"],
+            *(extra if stage == "stage2" else []),
+        ]
         folder = out / ("G_0" if stage == "stage1" else "AFExtractor")
         bad = f"{'G' if stage == 'stage1' else 'M'} {key} = nan"
     s = _stop(tool, stage, *argv)
@@ -264,18 +324,22 @@ def test_non_finite_loss_names_the_loss_iteration_and_last_good_checkpoint(tool,
     assert f"the last good checkpoint is '{folder / 'model_0000000.pth'}'" in s
     assert (folder / "last_checkpoint").read_text() == "model_0000000.pth"
     state = torch.load(folder / "model_0000000.pth", weights_only=False)
-    assert state["iteration"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["iteration"] == 0 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
 
 
 # --- --debug, bugs, the pipeline tool, a real subprocess -----------------------------------
+
 
 def test_debug_flag_and_environment_show_the_traceback(tool, tmp_path, monkeypatch):
     monkeypatch.setenv("AFIGAN_DEBUG", "0")  # --debug sets it (for spawned ranks); restored after the test
     with pytest.raises(FileNotFoundError, match="nope.yaml' does not exist"):
         tool("stage3", "--debug", "--config-file", tmp_path / "nope.yaml")
     monkeypatch.setenv("AFIGAN_DEBUG", "0")
-    assert _stop(tool, "stage3", "--config-file", tmp_path / "nope.yaml").endswith("does not exist; give the path of "
-                                                                                 "a YAML config, e.g. configs/toy/pipeline/stage3.yaml.")
+    assert _stop(tool, "stage3", "--config-file", tmp_path / "nope.yaml").endswith(
+        "does not exist; give the path of a YAML config, e.g. configs/toy/pipeline/stage3.yaml."
+    )
     monkeypatch.setenv("AFIGAN_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         tool("stage3", "--config-file", tmp_path / "nope.yaml")
@@ -299,7 +363,10 @@ def test_pipeline_tool_checks_every_stage_config_first(tool, tmp_path):
     with open(configs / "stage3.yaml", "a") as f:
         f.write("MODEL:\n  AF_EXTRACTOR_WEIGHT: x.pth\n")
     s = _stop(tool, "pipeline", "--config-dir", configs, "--output-dir", tmp_path / "out")
-    assert s == f"{configs / 'stage3.yaml'}: unknown config key MODEL.AF_EXTRACTOR_WEIGHT; did you mean MODEL.AF_EXTRACTOR_WEIGHTS?"
+    assert s == (
+        f"{configs / 'stage3.yaml'}: unknown config key MODEL.AF_EXTRACTOR_WEIGHT; did you mean "
+        "MODEL.AF_EXTRACTOR_WEIGHTS?"
+    )
     assert not (tmp_path / "out").exists()  # stopped before stage 0 started
 
 
@@ -307,26 +374,45 @@ def test_the_script_itself_exits_1_with_one_sentence_and_debug_shows_the_traceba
     script = os.path.join(REPO, "tools", "stage1_train.py")
     env = {k: v for k, v in os.environ.items() if k != "AFIGAN_DEBUG"}
     for debug in ([], ["--debug"]):
-        p = subprocess.run([sys.executable, script, *debug, "--config-file", str(tmp_path / "nope.yaml")],
-                           capture_output=True, text=True, timeout=300, env=env)
+        p = subprocess.run(
+            [sys.executable, script, *debug, "--config-file", str(tmp_path / "nope.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert p.returncode == 1
         if debug:
             assert "Traceback (most recent call last)" in p.stderr and "FileNotFoundError" in p.stderr
         else:
             assert "Traceback" not in p.stdout + p.stderr
-            assert one_sentence_error(p.stderr).endswith("nope.yaml' does not exist; give the path of a YAML config, "
-                                                         "e.g. configs/toy/pipeline/stage3.yaml.")
+            assert one_sentence_error(p.stderr).endswith(
+                "nope.yaml' does not exist; give the path of a YAML config, e.g. configs/toy/pipeline/stage3.yaml."
+            )
 
 
 # --- skipped, not stopped -----------------------------------------------------------------
+
 
 def test_unreadable_training_image_is_skipped_with_one_warning_and_counted(tool, tmp_path):
     def edit(js, images):
         (images / js["images"][0]["file_name"]).write_bytes(b"not a png")
 
     name = _coco_set(tmp_path, edit=edit)
-    code, err, everything = tool("stage3", *_stage3(tmp_path, "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()",
-                                                    "SOLVER.MAX_ITER", 6, "DATALOADER.ASPECT_RATIO_GROUPING", False))
+    code, err, everything = tool(
+        "stage3",
+        *_stage3(
+            tmp_path,
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.MAX_ITER",
+            6,
+            "DATALOADER.ASPECT_RATIO_GROUPING",
+            False,
+        ),
+    )
     assert code == 0, everything[-3000:]
     warnings = [l for l in everything.splitlines() if "Skipped an unreadable training image" in l]
     assert len(warnings) == 1 and "000001.png" in warnings[0], warnings  # once per file, not per use
@@ -337,17 +423,25 @@ def test_unreadable_training_image_is_skipped_with_one_warning_and_counted(tool,
 
 
 def test_unreadable_image_in_evaluation_stops_even_from_a_loader_worker(tool, tmp_path):
-    from afigan.engine import DetectorTrainer
     from stage_helpers import stage_cfg
+
+    from afigan.engine import DetectorTrainer
 
     def edit(js, images):
         (images / js["images"][0]["file_name"]).write_bytes(b"not a png")
 
     name = _coco_set(tmp_path, edit=edit)
     weights = tmp_path / "model.pth"
-    torch.save({"model": DetectorTrainer.build_model(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "m"))).state_dict()}, weights)
+    torch.save(
+        {"model": DetectorTrainer.build_model(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "m"))).state_dict()},
+        weights,
+    )
     # Evaluation stops: AP over a silently smaller set would not be the data set's AP.
-    s = _stop(tool, "run_net", "--eval-only", *_stage3(tmp_path, "MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{name}',)",
-                                                       "DATALOADER.NUM_WORKERS", 1))
+    s = _stop(
+        tool,
+        "run_net",
+        "--eval-only",
+        *_stage3(tmp_path, "MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{name}',)", "DATALOADER.NUM_WORKERS", 1),
+    )
     assert s.startswith(f"Cannot read image '{tmp_path / 'images' / '000001.png'}' (UnidentifiedImageError: ")
     assert s.endswith("replace or remove it from the data set.")

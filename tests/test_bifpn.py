@@ -1,4 +1,5 @@
 """BiFPN neck with the shared upsampler: modes, call counts, odd sizes, freezing."""
+
 import os
 
 import pytest
@@ -6,14 +7,13 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
-
-import afigan  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances, PolygonMasks  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+import afigan  # noqa: E402
 from afigan.modeling.necks.bifpn import AFIBiFPN  # noqa: E402
 from afigan.modeling.necks.bifpn_layers import fuse, static_same_max_pool  # noqa: E402
 
@@ -52,7 +52,6 @@ def count_calls(module):
     return calls, handle
 
 
-
 def srf_calls_per_forward(neck) -> int:
     """How many times one eval forward of a 128x128 image calls the shared interpolator."""
     calls, handle = count_calls(neck.srf_module)
@@ -61,6 +60,7 @@ def srf_calls_per_forward(neck) -> int:
         neck(torch.randn(1, 3, 128, 128))
     handle.remove()
     return len(calls)
+
 
 def test_output_names_channels_strides():
     neck = build()
@@ -73,7 +73,8 @@ def test_output_names_channels_strides():
     with torch.no_grad():
         out = neck(torch.randn(1, 3, 128, 256))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        f"p{lvl}": (1, WIDTH, 128 // 2 ** lvl, 256 // 2 ** lvl) for lvl in range(3, 8)}
+        f"p{lvl}": (1, WIDTH, 128 // 2**lvl, 256 // 2**lvl) for lvl in range(3, 8)
+    }
 
 
 def test_faithful_is_seven_layers_with_one_shared_interpolator_called_28_times():
@@ -171,22 +172,35 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="MODEL.BIFPN.IN_FEATURES"):
         build(**{"MODEL.BIFPN.IN_FEATURES": ["res4", "res5"]})
     with pytest.raises(ValueError, match="strides"):
-        build(**{"MODEL.RESNETS.OUT_FEATURES": ["res2", "res3", "res4"], "MODEL.BIFPN.IN_FEATURES": ["res2", "res3", "res4"]})
+        build(
+            **{
+                "MODEL.RESNETS.OUT_FEATURES": ["res2", "res3", "res4"],
+                "MODEL.BIFPN.IN_FEATURES": ["res2", "res3", "res4"],
+            }
+        )
 
 
 def test_swin_bifpn_builder_runs():
-    cfg = small_cfg(**{"MODEL.BACKBONE.NAME": "build_swint_bifpn_sr_backbone", "MODEL.SWINT.EMBED_DIM": 8,
-                       "MODEL.SWINT.NUM_HEADS": [1, 1, 2, 2], "MODEL.SWINT.WINDOW_SIZE": 4,
-                       "MODEL.SWINT.OUT_FEATURES": ["stage3", "stage4", "stage5"],
-                       "MODEL.BIFPN.IN_FEATURES": ["stage3", "stage4", "stage5"], "MODEL.BACKBONE.FREEZE_AT": -1})
+    cfg = small_cfg(
+        **{
+            "MODEL.BACKBONE.NAME": "build_swint_bifpn_sr_backbone",
+            "MODEL.SWINT.EMBED_DIM": 8,
+            "MODEL.SWINT.NUM_HEADS": [1, 1, 2, 2],
+            "MODEL.SWINT.WINDOW_SIZE": 4,
+            "MODEL.SWINT.OUT_FEATURES": ["stage3", "stage4", "stage5"],
+            "MODEL.BIFPN.IN_FEATURES": ["stage3", "stage4", "stage5"],
+            "MODEL.BACKBONE.FREEZE_AT": -1,
+        }
+    )
     neck = BACKBONE_REGISTRY.get("build_swint_bifpn_sr_backbone")(cfg, ShapeSpec(channels=3)).eval()
     with torch.no_grad():
         out = neck(torch.randn(1, 3, 128, 128))
     assert [tuple(v.shape) for v in out.values()] == [(1, WIDTH, 16 >> i, 16 >> i) for i in range(5)]
 
 
-@pytest.mark.parametrize("key, value, frozen", [
-    ("SRF_FREEZE", "True", True), ("SRF_FREEZE", "False", False), ("AFI_FREEZE", "True", True)])
+@pytest.mark.parametrize(
+    "key, value, frozen", [("SRF_FREEZE", "True", True), ("SRF_FREEZE", "False", False), ("AFI_FREEZE", "True", True)]
+)
 def test_srf_freeze_alias(tmp_path, key, value, frozen):
     path = tmp_path / "freeze.yaml"
     path.write_text(f"MODEL:\n  {key}: {value}\n")
@@ -215,8 +229,7 @@ def test_toy_config_trains_one_step():
     assert type(model.backbone).__name__ == "AFIBiFPN" and model.backbone.output_shape()["p3"].channels == 64
     batch = []
     for h, w in ((128, 160), (150, 200)):
-        inst = Instances((h, w), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0]])),
-                         gt_classes=torch.tensor([1]))
+        inst = Instances((h, w), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0]])), gt_classes=torch.tensor([1]))
         batch.append({"image": torch.randint(0, 255, (3, h, w), dtype=torch.uint8), "instances": inst})
     if cfg.MODEL.MASK_ON:
         for d in batch:

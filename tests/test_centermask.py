@@ -1,5 +1,6 @@
 """CenterMask: SAG-Mask, MaskIoU targets and rescoring, area-ratio level assignment, the whole
 model on toy images, the class-count check and bad inputs."""
+
 import math
 
 import pytest
@@ -7,6 +8,15 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from detector_helpers import (  # noqa: E402
+    build_or_skip,
+    load_cfg,
+    mapped,
+    one_thread,
+    synthetic_input,
+    toy_dicts,
+    train_step,
+)
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import ROI_HEADS_REGISTRY  # noqa: E402
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY  # noqa: E402
@@ -14,11 +24,12 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks  # no
 
 import afigan  # noqa: E402,F401  (registers components)
 from afigan.modeling.roi_heads import (  # noqa: E402
-    MaskIoUHead, RatioROIPooler, SpatialAttentionMaskHead, assign_boxes_to_levels_by_ratio)
+    MaskIoUHead,
+    RatioROIPooler,
+    SpatialAttentionMaskHead,
+    assign_boxes_to_levels_by_ratio,
+)
 from afigan.modeling.roi_heads.maskiou_head import mask_iou_inference, mask_iou_loss, mask_iou_targets  # noqa: E402
-
-from detector_helpers import (  # noqa: E402
-    build_or_skip, load_cfg, mapped, one_thread, synthetic_input, toy_dicts, train_step)
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -46,7 +57,13 @@ def test_sag_mask_output_shape_names_and_order():
     x = torch.randn(5, 16, 14, 14)
     assert tuple(head.layers(x).shape) == (5, 3, 28, 28)
     names = {k for k, _ in head.named_parameters()}
-    assert {"mask_fcn1.weight", "mask_fcn2.weight", "spatialAtt.conv.weight", "deconv.weight", "predictor.weight"} <= names
+    assert {
+        "mask_fcn1.weight",
+        "mask_fcn2.weight",
+        "spatialAtt.conv.weight",
+        "deconv.weight",
+        "predictor.weight",
+    } <= names
     att = head.spatialAtt.attention(head.mask_fcn2(head.mask_fcn1(x)))
     assert tuple(att.shape) == (5, 1, 14, 14) and ((att > 0) & (att < 1)).all()
     # convs -> attention -> deconv -> ReLU -> predictor, in that order.
@@ -83,15 +100,18 @@ def test_mask_iou_target_counts_the_whole_object(kind):
 
 
 def test_maskiou_head_shapes_and_loss():
-    head = MaskIoUHead(input_shape=ShapeSpec(channels=16, height=14, width=14), num_classes=3, conv_dim=8,
-                       num_conv=2, fc_dim=32)
+    head = MaskIoUHead(
+        input_shape=ShapeSpec(channels=16, height=14, width=14), num_classes=3, conv_dim=8, num_conv=2, fc_dim=32
+    )
     pred = head(torch.randn(4, 16, 14, 14), torch.rand(4, 1, 28, 28))
     assert tuple(pred.shape) == (4, 3)
     gt_classes, targets = torch.tensor([0, 2, 1, 1]), torch.tensor([0.5, 0.0, 1.0, 0.25])
     loss = mask_iou_loss(pred, gt_classes, targets, loss_weight=2.0)
     chosen = pred[torch.arange(4), gt_classes]
     pos = targets > 0  # RoIs with IoU 0 do not count
-    assert float(loss.detach()) == pytest.approx(float(2.0 * 0.5 * ((chosen[pos] - targets[pos]) ** 2).sum().detach() / 3))
+    assert float(loss.detach()) == pytest.approx(
+        float(2.0 * 0.5 * ((chosen[pos] - targets[pos]) ** 2).sum().detach() / 3)
+    )
     zero = mask_iou_loss(pred, gt_classes, torch.zeros(4))
     assert float(zero.detach()) == 0.0 and zero.requires_grad
 
@@ -100,8 +120,13 @@ def test_maskiou_head_shapes_and_loss():
 def test_maskiou_head_init_keeps_the_activation_scale(channels, fc_dim, num_conv):
     """The FC layers neither blow up nor kill unit-scale inputs (CenterMask2's fan_out init grew
     them 3-5x, and training diverged)."""
-    head = MaskIoUHead(input_shape=ShapeSpec(channels=channels, height=14, width=14), num_classes=3,
-                       conv_dim=channels, num_conv=num_conv, fc_dim=fc_dim)
+    head = MaskIoUHead(
+        input_shape=ShapeSpec(channels=channels, height=14, width=14),
+        num_classes=3,
+        conv_dim=channels,
+        num_conv=num_conv,
+        fc_dim=fc_dim,
+    )
     x = torch.cat([torch.randn(16, channels, 14, 14), torch.rand(16, 1, 14, 14)], dim=1)
     for conv in head.convs:
         x = conv(x)
@@ -126,11 +151,17 @@ def test_maskiou_rescoring_changes_mask_scores():
 
 def test_level_assignment_by_area_ratio_on_hand_made_boxes():
     """k = ceil(5 - log2(image area / box area)) clamped to [3, 5] (p3..p5), image 100 x 100."""
-    boxes = Boxes(torch.tensor([[0.0, 0, 100, 100],   # ratio 1   -> ceil(5 - 0)     = 5
-                                [0.0, 0, 50, 100],    # ratio 2   -> ceil(5 - 1)     = 4
-                                [0.0, 0, 40, 100],    # ratio 2.5 -> ceil(3.68)      = 4
-                                [0.0, 0, 50, 50],     # ratio 4   -> ceil(5 - 2)     = 3
-                                [0.0, 0, 10, 10]]))   # ratio 100 -> ceil(-1.64) -> 3 (clamped)
+    boxes = Boxes(
+        torch.tensor(
+            [
+                [0.0, 0, 100, 100],  # ratio 1   -> ceil(5 - 0)     = 5
+                [0.0, 0, 50, 100],  # ratio 2   -> ceil(5 - 1)     = 4
+                [0.0, 0, 40, 100],  # ratio 2.5 -> ceil(3.68)      = 4
+                [0.0, 0, 50, 50],  # ratio 4   -> ceil(5 - 2)     = 3
+                [0.0, 0, 10, 10],
+            ]
+        )
+    )  # ratio 100 -> ceil(-1.64) -> 3 (clamped)
     assert assign_boxes_to_levels_by_ratio([boxes], [(100, 100)], 3, 5).tolist() == [2, 1, 1, 0, 0]
     # The same 50 x 100 box in a twice larger image goes one level down.
     assert assign_boxes_to_levels_by_ratio([boxes[1:2]], [(200, 100)], 3, 5).tolist() == [0]
@@ -140,17 +171,28 @@ def test_ratio_pooler_pools_from_the_assigned_level():
     # Level l is filled with the value l, so the pooled value says which level a box came from.
     feats = [torch.full((1, 2, 128 // s, 128 // s), float(l)) for l, s in zip((3, 4, 5), (8, 16, 32))]
     boxes = [Boxes(torch.tensor([[0.0, 0, 128, 128], [0.0, 0, 20, 20]]))]
-    ratio = RatioROIPooler(output_size=4, scales=(1 / 8, 1 / 16, 1 / 32), sampling_ratio=0, pooler_type="ROIAlignV2",
-                           assign_criterion="ratio")
-    area = RatioROIPooler(output_size=4, scales=(1 / 8, 1 / 16, 1 / 32), sampling_ratio=0, pooler_type="ROIAlignV2",
-                          assign_criterion="area")
+    ratio = RatioROIPooler(
+        output_size=4,
+        scales=(1 / 8, 1 / 16, 1 / 32),
+        sampling_ratio=0,
+        pooler_type="ROIAlignV2",
+        assign_criterion="ratio",
+    )
+    area = RatioROIPooler(
+        output_size=4,
+        scales=(1 / 8, 1 / 16, 1 / 32),
+        sampling_ratio=0,
+        pooler_type="ROIAlignV2",
+        assign_criterion="area",
+    )
     by_ratio = ratio(feats, boxes, [(128, 128)]).mean(dim=(1, 2, 3)).tolist()
     by_area = area(feats, boxes).mean(dim=(1, 2, 3)).tolist()
     assert by_ratio == pytest.approx([5.0, 3.0])
     assert by_area == pytest.approx([3.0, 3.0])  # FPN's rule: 128 px < 224 px canonical -> below p4
     with pytest.raises(ValueError, match="ASSIGN_CRITERION"):
-        RatioROIPooler(output_size=4, scales=(1 / 8,), sampling_ratio=0, pooler_type="ROIAlignV2",
-                       assign_criterion="size")
+        RatioROIPooler(
+            output_size=4, scales=(1 / 8,), sampling_ratio=0, pooler_type="ROIAlignV2", assign_criterion="size"
+        )
 
 
 # ---------------------------------------------------------------- model
@@ -243,8 +285,10 @@ def test_bad_input_does_not_crash(case, centermask):
             x["instances"].gt_boxes = Boxes(torch.zeros((0, 4)))
     elif case == "zero_width_box":
         # Two images: the toy BiFPN's BN sees a 1x1 p7, which BN cannot normalise for one image.
-        batch = [synthetic_input(96, 96, [[40, 10, 40, 90], [10, 10, 60, 70]], [0, 2]),
-                 synthetic_input(96, 96, [[20, 30, 50, 30]], [1])]
+        batch = [
+            synthetic_input(96, 96, [[40, 10, 40, 90], [10, 10, 60, 70]], [0, 2]),
+            synthetic_input(96, 96, [[20, 30, 50, 30]], [1]),
+        ]
     else:
         batch = [synthetic_input(40, 56, [[5, 5, 30, 35]], [1]), synthetic_input(20, 20, [[2, 2, 18, 18]], [0])]
     losses = train_step(model, batch)

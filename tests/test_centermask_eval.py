@@ -1,6 +1,7 @@
 """CenterMask's masks in segm AP ranked by their mask scores (score x predicted mask IoU), as
 CenterMask2's evaluator does: a hand-built case scored with pycocotools, and the evaluator that
 run_net / stage 3 build for each kind of config."""
+
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 pytest.importorskip("detectron2")
 
 import pycocotools.mask as mask_util  # noqa: E402
+from detector_helpers import build_or_skip, load_cfg, mapped, one_thread, toy_dicts  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
@@ -17,7 +19,6 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 import afigan  # noqa: E402,F401  (registers components)
 from afigan.engine.detector import DetectorTrainer  # noqa: E402
 from afigan.engine.evaluation import AFICOCOEvaluator  # noqa: E402
-from detector_helpers import build_or_skip, load_cfg, mapped, one_thread, toy_dicts  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -27,7 +28,7 @@ GT_BOX = [2.0, 2.0, 12.0, 12.0]  # XYXY: the object is the 10 x 10 square of row
 
 def square(x0: int, y0: int, side: int = 10) -> np.ndarray:
     m = np.zeros((SIZE, SIZE), dtype=bool)
-    m[y0:y0 + side, x0:x0 + side] = True
+    m[y0 : y0 + side, x0 : x0 + side] = True
     return m
 
 
@@ -37,10 +38,21 @@ def one_object(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one_object")
     rle = mask_util.encode(np.asfortranarray(square(2, 2).astype(np.uint8)))
     rle["counts"] = rle["counts"].decode()
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": SIZE, "width": SIZE}],
-            "categories": [{"id": 1, "name": "square"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 100.0,
-                             "bbox": [2.0, 2.0, 10.0, 10.0], "segmentation": rle}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "height": SIZE, "width": SIZE}],
+        "categories": [{"id": 1, "name": "square"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": 100.0,
+                "bbox": [2.0, 2.0, 10.0, 10.0],
+                "segmentation": rle,
+            }
+        ],
+    }
     path = folder / "instances_one.json"
     path.write_text(json.dumps(data))
     name = "afigan_test_centermask_one_object"
@@ -84,7 +96,9 @@ def test_ranking_masks_by_mask_score_changes_segm_ap_as_expected(one_object, tmp
     # The results file keeps both scores of each detection, with the data set's category ids.
     saved = json.load(open(tmp_path / "ranked" / "coco_instances_results.json"))
     assert [(r["score"], r["mask_score"], r["category_id"]) for r in saved] == [
-        (pytest.approx(0.9), pytest.approx(0.2), 1), (pytest.approx(0.6), pytest.approx(0.55), 1)]
+        (pytest.approx(0.9), pytest.approx(0.2), 1),
+        (pytest.approx(0.6), pytest.approx(0.55), 1),
+    ]
     assert all("mask_score" not in r for r in json.load(open(tmp_path / "plain" / "coco_instances_results.json")))
 
 
@@ -95,11 +109,14 @@ def test_predictions_without_mask_scores_rank_by_score(one_object, tmp_path):
     assert res["segm"]["AP"] == pytest.approx(50.0) and res["bbox"]["AP"] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("config, mask_scores", [
-    ("configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml", True),
-    ("configs/toy/detectors/centermask_R_50_BiFPN_toy_nn.yaml", True),
-    ("configs/toy/detectors/mask_rcnn_R_50_FPN_toy_afi.yaml", False),
-])
+@pytest.mark.parametrize(
+    "config, mask_scores",
+    [
+        ("configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml", True),
+        ("configs/toy/detectors/centermask_R_50_BiFPN_toy_nn.yaml", True),
+        ("configs/toy/detectors/mask_rcnn_R_50_FPN_toy_afi.yaml", False),
+    ],
+)
 def test_run_net_evaluator_ranks_centermask_masks_by_mask_score(config, mask_scores, one_object, tmp_path):
     cfg = load_cfg(config, "OUTPUT_DIR", str(tmp_path / "run"))
     ev = DetectorTrainer.build_evaluator(cfg, one_object)
@@ -110,8 +127,13 @@ def test_run_net_evaluator_ranks_centermask_masks_by_mask_score(config, mask_sco
 
 
 def test_centermask_outputs_reach_the_results_with_their_mask_scores(one_object, tmp_path):
-    cfg = load_cfg("configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml", "MODEL.FCOS.INFERENCE_TH_TEST", 0.0,
-                   "OUTPUT_DIR", str(tmp_path))
+    cfg = load_cfg(
+        "configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml",
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.0,
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
     model = build_or_skip(cfg).eval()
     inputs = mapped(cfg, toy_dicts(str(tmp_path / "afigan_toy"), "val")[:1], is_train=False)
     with torch.no_grad():

@@ -5,11 +5,11 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from conftest import load_listing, random_state_dict  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from afigan.checkpoint import AFICheckpointer, load_interpolator_weights  # noqa: E402
-from conftest import load_listing, random_state_dict  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
 
 RELEASED = {
     "mask_rcnn_R_50_FPN_afi.json": "inference/AFI-GAN_maskrcnn_R_50_FPN.yaml",
@@ -45,8 +45,11 @@ def toy_model():
 
 
 def test_stage1_generator_file_as_model_weights_goes_into_srf_module(tmp_path, toy_model):
-    g = {f"Generators.{k.split('Generators.', 1)[1]}": torch.randn_like(v)
-         for k, v in toy_model.state_dict().items() if "srf_module" in k}
+    g = {
+        f"Generators.{k.split('Generators.', 1)[1]}": torch.randn_like(v)
+        for k, v in toy_model.state_dict().items()
+        if "srf_module" in k
+    }
     path = str(tmp_path / "G.pth")
     torch.save({"model": g, "iteration": 3}, path)
     before = {k: v.clone() for k, v in toy_model.state_dict().items() if "srf_module" not in k}
@@ -88,7 +91,9 @@ def test_wrong_shaped_interpolator_tensor_names_key_and_expected_shape(tmp_path,
     c = toy_model.backbone.srf_module.channels
     with pytest.raises(ValueError, match=rf"'Generators.0.0.0.bias'.*shape \[256\].*expects \[{c}\]"):
         load_interpolator_weights(toy_model, path)
-    with pytest.raises(ValueError, match=rf"'backbone.srf_module.Generators.0.0.0.bias' has shape \[256\].*expects \[{c}\]"):
+    with pytest.raises(
+        ValueError, match=rf"'backbone.srf_module.Generators.0.0.0.bias' has shape \[256\].*expects \[{c}\]"
+    ):
         AFICheckpointer(toy_model).load(path)
 
 

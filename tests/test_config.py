@@ -4,22 +4,36 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-import afigan  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY  # noqa: E402
 
+import afigan  # noqa: E402
 from afigan.config import afi_freeze  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
 
 
 def test_reference_keys_and_defaults():
     cfg = afigan.add_afigan_config(get_cfg())
     m = cfg.MODEL
-    assert (m.GUIDE_ARCHITECTURE, m.GUIDE_WEIGHTS, m.AFI_GEN_WEIGHTS, m.AFI_DIS_WEIGHTS, m.AF_EXTRACTOR_WEIGHTS) == ("",) * 5
+    assert (m.GUIDE_ARCHITECTURE, m.GUIDE_WEIGHTS, m.AFI_GEN_WEIGHTS, m.AFI_DIS_WEIGHTS, m.AF_EXTRACTOR_WEIGHTS) == (
+        "",
+    ) * 5
     assert m.AFI_FREEZE is False
     assert m.GUIDE_BACKBONE.NAME == "build_resnet_fpn_backbone" and m.GUIDE_BACKBONE.FREEZE_AT == 2
-    assert (m.RESNETS.RADIX, m.RESNETS.BOTTLENECK_WIDTH, m.RESNETS.DEEP_STEM, m.RESNETS.AVD, m.RESNETS.AVG_DOWN) == (1, 64, False, False, False)
-    assert (m.BIFPN.IN_FEATURES, m.BIFPN.OUT_CHANNELS, m.BIFPN.FPN_REPEAT, m.BIFPN.NORM, m.BIFPN.FUSE_TYPE) == ([], 256, 3, "SyncBN", "sum")
+    assert (m.RESNETS.RADIX, m.RESNETS.BOTTLENECK_WIDTH, m.RESNETS.DEEP_STEM, m.RESNETS.AVD, m.RESNETS.AVG_DOWN) == (
+        1,
+        64,
+        False,
+        False,
+        False,
+    )
+    assert (m.BIFPN.IN_FEATURES, m.BIFPN.OUT_CHANNELS, m.BIFPN.FPN_REPEAT, m.BIFPN.NORM, m.BIFPN.FUSE_TYPE) == (
+        [],
+        256,
+        3,
+        "SyncBN",
+        "sum",
+    )
     assert m.SWINT.EMBED_DIM == 96 and m.SWINT.DEPTHS == [2, 2, 6, 2] and m.SWINT.WINDOW_SIZE == 7
     assert m.AFI.INTERP == "afi" and m.AFI.ADV_WEIGHT == 1e-3 and m.AFI.CONTENT_WEIGHT == 1.0
     assert m.AFI.LEVELS == ["p2", "p3", "p4", "p5", "p6"] and m.AFI.SCALE_RATIO == 0.5 and m.AFI.ADV_GRAD_TO_G is True
@@ -49,8 +63,8 @@ def test_srf_freeze_is_a_deprecated_alias(tmp_path):
     assert any("SRF_FREEZE is deprecated" in str(x.message) for x in w)
 
 
-P2_P6 = {f"p{l}": 2 ** l for l in range(2, 7)}
-P3_P7 = {f"p{l}": 2 ** l for l in range(3, 8)}
+P2_P6 = {f"p{l}": 2**l for l in range(2, 7)}
+P3_P7 = {f"p{l}": 2**l for l in range(3, 8)}
 # Every bottom-up x neck builder of afigan.modeling.necks.builders: a toy config that uses it, and
 # the pyramid it must return (names and strides).
 BUILDERS = {
@@ -83,7 +97,9 @@ def test_every_neck_builder_is_registered_and_builds_its_pyramid():
         assert sum(p.numel() for p in backbone.srf_module.parameters()) > 0, name  # the AF interpolator is in it
         with torch.no_grad():
             out = backbone.eval()(torch.zeros(1, 3, 128, 128))
-        assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {k: (128 // s, 128 // s) for k, s in strides.items()}, name
+        assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+            k: (128 // s, 128 // s) for k, s in strides.items()
+        }, name
 
 
 def test_unknown_key_is_rejected_with_its_name(tmp_path):
@@ -102,5 +118,7 @@ def test_syncbn_falls_back_to_bn_in_a_single_process():
     cfg.MODEL.FPN.NORM = "SyncBN"
     cfg.MODEL.ROI_BOX_HEAD.NORM = "SyncBN"
     fallback_syncbn(cfg)
-    assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.BIFPN.NORM) == ("BN",) * 4
+    assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.BIFPN.NORM) == (
+        "BN",
+    ) * 4
     assert cfg.MODEL.AFI.DIS.NORM == "BN"

@@ -3,14 +3,23 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from afigan.layers import AFInterpolator  # noqa: E402
 from afigan.modeling import afi_fpn, use_af_interpolator  # noqa: E402
 from afigan.modeling.necks import AFIFPN  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
 
-SMALL = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.MASK_ON", True]
+SMALL = [
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.FPN.OUT_CHANNELS",
+    32,
+    "MODEL.MASK_ON",
+    True,
+]
 
 
 def _stock_mask_rcnn():

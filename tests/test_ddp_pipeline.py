@@ -4,16 +4,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import CONFIGS, REPO  # noqa: E402
+from ddp_worker import stage1_two_ranks  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
+from stage_helpers import TINY, save_teacher  # noqa: E402
 
 from afigan.engine.pipeline import Pipeline, stage_final_files  # noqa: E402
-from ddp_worker import stage1_two_ranks  # noqa: E402
-from stage_helpers import TINY, save_teacher  # noqa: E402
-from d2_helpers import CONFIGS, REPO  # noqa: E402
 
 
 def test_stage1_ddp_two_cpu_processes_keep_g_and_d_identical(tmp_path):
@@ -29,8 +28,16 @@ def test_stage1_ddp_two_cpu_processes_keep_g_and_d_identical(tmp_path):
 def _pipeline_args(output_dir):
     import argparse
 
-    return argparse.Namespace(num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto", opts=[], config_file="",
-                              resume=True, eval_only=False)
+    return argparse.Namespace(
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+        opts=[],
+        config_file="",
+        resume=True,
+        eval_only=False,
+    )
 
 
 def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path, caplog):
@@ -38,7 +45,12 @@ def test_toy_pipeline_end_to_end_then_skips_finished_stages(tmp_path, caplog):
 
     status = logging.getLogger("afigan_pipeline")
     status.addHandler(caplog.handler)
-    opts = [str(o) if not isinstance(o, tuple) else o for o in TINY] + ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000"]
+    opts = [str(o) if not isinstance(o, tuple) else o for o in TINY] + [
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1000",
+    ]
     out = str(tmp_path / "pipe")
     try:
         _run_pipeline_twice(out, opts, caplog)
@@ -70,8 +82,15 @@ def _run_pipeline_twice(out, opts, caplog):
     assert {f: os.path.getmtime(f) for f in stamps} == stamps
     assert again["bbox"].keys() == results["bbox"].keys()
     lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
-    assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "evaluation", "results",
-                                                "metrics"]
+    assert [l.split(":")[0] for l in lines] == [
+        "stage0",
+        "stage1",
+        "stage2",
+        "stage3",
+        "evaluation",
+        "results",
+        "metrics",
+    ]
     assert all(": skipped, already done" in l for l in lines[:4]), lines
     assert os.path.join(out, "eval") in lines[4]
 
@@ -83,7 +102,10 @@ TOOL_FLAGS = {
     "stage3_train.py": ({"--config-file", "--resume", "--eval-only", "--num-gpus"}, set()),
     "run_net.py": ({"--config-file", "--resume", "--eval-only", "--num-gpus"}, set()),
     "lazy_train_net.py": ({"--config-file", "--resume", "--eval-only", "--num-gpus"}, set()),
-    "pipeline.py": ({"--config-dir", "--output-dir", "--make-toy-data", "--num-gpus"}, {"--config-file", "--resume", "--eval-only"}),
+    "pipeline.py": (
+        {"--config-dir", "--output-dir", "--make-toy-data", "--num-gpus"},
+        {"--config-file", "--resume", "--eval-only"},
+    ),
 }
 
 
@@ -92,8 +114,15 @@ def test_tools_show_their_own_help_and_only_the_flags_they_honour():
     import re
 
     # All tools at once: each process spends its seconds importing torch and Detectron2.
-    procs = {tool: subprocess.Popen([sys.executable, os.path.join(REPO, "tools", tool), "--help"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for tool in TOOL_FLAGS}
+    procs = {
+        tool: subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "tools", tool), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tool in TOOL_FLAGS
+    }
     for tool, (listed, hidden) in TOOL_FLAGS.items():
         path = os.path.join(REPO, "tools", tool)
         stdout, stderr = procs[tool].communicate(timeout=300)

@@ -1,6 +1,7 @@
 """tools/demo.py (afigan/analysis/predict.py): drawings and COCO-results JSON for every detector
 kind afigan ships, image ids and category ids of the data set, the confidence threshold, and one
 line per unreadable file. Random-weight toy models at ~100 px."""
+
 import ast
 import json
 import os
@@ -14,12 +15,17 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from detector_helpers import ROOT, one_thread  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 
 from afigan.analysis.predict import (  # noqa: E402
-    SCORE_THRESHOLD_KEYS, demo_main, demo_parser, setup_predict_cfg, split_overrides)
+    SCORE_THRESHOLD_KEYS,
+    demo_main,
+    demo_parser,
+    setup_predict_cfg,
+    split_overrides,
+)
 from afigan.data.toy_shapes import ensure_toy_dataset, toy_paths  # noqa: E402
-from detector_helpers import ROOT, one_thread  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -58,9 +64,22 @@ def dataset(tmp_path_factory):
 
 def _demo(config, inputs, out, threshold, dataset, *opts, seed=0):
     torch.manual_seed(seed)  # the same random weights for every call with the same seed
-    argv = ["--config-file", os.path.join(ROOT, config), "--input", *inputs, "--output", str(out),
-            "--confidence-threshold", str(threshold), *SMALL,
-            "DATASETS.TRAIN", f"('{dataset['train']}',)", "DATASETS.TEST", f"('{dataset['val']}',)", *map(str, opts)]
+    argv = [
+        "--config-file",
+        os.path.join(ROOT, config),
+        "--input",
+        *inputs,
+        "--output",
+        str(out),
+        "--confidence-threshold",
+        str(threshold),
+        *SMALL,
+        "DATASETS.TRAIN",
+        f"('{dataset['train']}',)",
+        "DATASETS.TEST",
+        f"('{dataset['val']}',)",
+        *map(str, opts),
+    ]
     return demo_main(argv)
 
 
@@ -122,8 +141,11 @@ def test_confidence_threshold_is_respected(tmp_path, dataset):
 
 
 def test_threshold_reaches_every_detector_kind_key():
-    cfg = setup_predict_cfg(os.path.join(ROOT, "configs/toy/detectors/fcos_R_50_FPN_toy_afi.yaml"),
-                            ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.9"], 0.37)
+    cfg = setup_predict_cfg(
+        os.path.join(ROOT, "configs/toy/detectors/fcos_R_50_FPN_toy_afi.yaml"),
+        ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.9"],
+        0.37,
+    )
     for key in SCORE_THRESHOLD_KEYS:
         node = cfg
         for part in key.split("."):
@@ -151,8 +173,17 @@ def test_every_detector_kind_draws_and_writes(kind, tmp_path, dataset):
     image = sorted(dataset["ids"])[1]
     n = 3
     # Threshold 0: a random-weight FCOS / RetinaNet scores ~0.01-0.1, and this test wants detections.
-    result = _demo(f"configs/toy/detectors/{config}", [image], tmp_path, 0.0, dataset,
-                   "TEST.DETECTIONS_PER_IMAGE", n, "MODEL.FCOS.POST_NMS_TOPK_TEST", n)
+    result = _demo(
+        f"configs/toy/detectors/{config}",
+        [image],
+        tmp_path,
+        0.0,
+        dataset,
+        "TEST.DETECTIONS_PER_IMAGE",
+        n,
+        "MODEL.FCOS.POST_NMS_TOPK_TEST",
+        n,
+    )
     assert result["images"] == [str(tmp_path / os.path.basename(image))]
     assert os.path.getsize(result["images"][0]) > 1000
     preds = _load(tmp_path)
@@ -163,10 +194,25 @@ def test_every_detector_kind_draws_and_writes(kind, tmp_path, dataset):
 
 
 def test_no_matching_input_exits_with_one_sentence(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--config-file",
-                          os.path.join(ROOT, MASK_RCNN), "--input", str(tmp_path / "*.jpg"), str(tmp_path / "none"),
-                          "--output", str(tmp_path / "out"), "MODEL.DEVICE", "cpu"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "demo.py"),
+            "--config-file",
+            os.path.join(ROOT, MASK_RCNN),
+            "--input",
+            str(tmp_path / "*.jpg"),
+            str(tmp_path / "none"),
+            "--output",
+            str(tmp_path / "out"),
+            "MODEL.DEVICE",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode != 0
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     expected = f"demo: no image file matches --input {tmp_path / '*.jpg'} {tmp_path / 'none'}."
@@ -182,11 +228,14 @@ def test_help_and_trailing_overrides(tmp_path, monkeypatch):
         assert flag in text, flag
     # --input's values end where a config key starts; --opts (Detectron2's demo) adds to them.
     assert split_overrides(["a.png", "dir/", "MODEL.WEIGHTS", "m.pth", "MODEL.DEVICE", "cpu"], ["SEED", "1"]) == (
-        ["a.png", "dir/"], ["MODEL.WEIGHTS", "m.pth", "MODEL.DEVICE", "cpu", "SEED", "1"])
+        ["a.png", "dir/"],
+        ["MODEL.WEIGHTS", "m.pth", "MODEL.DEVICE", "cpu", "SEED", "1"],
+    )
     assert split_overrides(["MODEL.pth", "x.jpg"], []) == (["MODEL.pth", "x.jpg"], [])  # a file, not a key
     monkeypatch.chdir(tmp_path)
     open("DSC_01.JPG", "w").close()  # looks like a config key, but it is a file
     assert split_overrides(["DSC_01.JPG", "SEED", "1"], []) == (["DSC_01.JPG"], ["SEED", "1"])
-    args = demo_parser().parse_args(["--config-file", "c.yaml", "--input", "a.png", "--output", "o",
-                                     "--opts", "MODEL.DEVICE", "cpu"])
+    args = demo_parser().parse_args(
+        ["--config-file", "c.yaml", "--input", "a.png", "--output", "o", "--opts", "MODEL.DEVICE", "cpu"]
+    )
     assert args.input == ["a.png"] and args.more_opts == ["MODEL.DEVICE", "cpu"] and args.confidence_threshold == 0.5

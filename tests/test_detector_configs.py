@@ -1,6 +1,7 @@
 """Every detector config of the results table (configs/detectors, configs/toy/detectors): loads,
 NN and AFI variants differ only in the interpolator, full models build (and match the reference
 checkpoints' layouts where one exists), toy models train one step and predict."""
+
 import glob
 import json
 import os
@@ -10,13 +11,21 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from detector_helpers import (  # noqa: E402
+    DETECTORS,
+    ROOT,
+    TOY,
+    build_or_skip,
+    load_cfg,
+    mapped,
+    one_thread,
+    toy_dicts,
+    train_step,
+)
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
-
-from detector_helpers import (  # noqa: E402
-    DETECTORS, ROOT, TOY, build_or_skip, load_cfg, mapped, one_thread, toy_dicts, train_step)
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -95,9 +104,14 @@ def _base_of(folder, name):
 
 
 def test_every_row_has_nn_afi_and_toy_configs_and_nothing_else():
-    expected = {os.path.basename(full(s, i)) for s in ROWS for i in ("afi", "nn")} | {"Base-FCOS.yaml", "Base-CenterMask.yaml"}
+    expected = {os.path.basename(full(s, i)) for s in ROWS for i in ("afi", "nn")} | {
+        "Base-FCOS.yaml",
+        "Base-CenterMask.yaml",
+    }
     assert set(os.listdir(DETECTORS)) == expected | set(VARIANTS)
-    assert set(os.listdir(TOY)) == {os.path.basename(toy(s, i)) for s in ROWS for i in ("afi", "nn")} | set(TOY_VARIANTS)
+    assert set(os.listdir(TOY)) == {os.path.basename(toy(s, i)) for s in ROWS for i in ("afi", "nn")} | set(
+        TOY_VARIANTS
+    )
     for folder, variants in ((DETECTORS, VARIANTS), (TOY, TOY_VARIANTS)):
         assert {v: _base_of(folder, v) for v in variants} == variants
 
@@ -137,11 +151,14 @@ def test_full_model_builds(stem):
     assert srf and all(n.startswith("backbone.srf_module.") for n in srf)  # one shared interpolator
 
 
-@pytest.mark.parametrize("stem,listing", [
-    ("mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_FPN_afi.json"),
-    ("mask_rcnn_R_50_PAFPN_3x", "mask_rcnn_R_50_PAFPN_afi.json"),
-    ("cascade_mask_rcnn_S_101_PAFPN_1x", "cascade_mask_rcnn_ResNeSt101_PAFPN_afi.json"),
-])
+@pytest.mark.parametrize(
+    "stem,listing",
+    [
+        ("mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_FPN_afi.json"),
+        ("mask_rcnn_R_50_PAFPN_3x", "mask_rcnn_R_50_PAFPN_afi.json"),
+        ("cascade_mask_rcnn_S_101_PAFPN_1x", "cascade_mask_rcnn_ResNeSt101_PAFPN_afi.json"),
+    ],
+)
 def test_full_model_has_the_reference_checkpoint_layout(stem, listing):
     with open(os.path.join(LISTINGS, listing)) as f:
         ref = {k: list(v) for k, v in json.load(f)["state_dict_shapes"].items()}
@@ -154,7 +171,10 @@ def test_swin_bifpn_heads_match_the_reference_layout():
     BiFPN's input convs (BiFPN layers, RPN, cascade heads) must match names and shapes."""
     with open(os.path.join(LISTINGS, "cascade_rcnn_swin_BiFPN_afi.json")) as f:
         ref = {k: list(v) for k, v in json.load(f)["state_dict_shapes"].items()}
-    ours = {k: list(v.shape) for k, v in build_or_skip(load_cfg(full("cascade_rcnn_Swin_T_BiFPN_1x", "afi"))).state_dict().items()}
+    ours = {
+        k: list(v.shape)
+        for k, v in build_or_skip(load_cfg(full("cascade_rcnn_Swin_T_BiFPN_1x", "afi"))).state_dict().items()
+    }
     keep = lambda k: k.startswith(("roi_heads.", "proposal_generator.", "backbone.BiFPNLayer_", "backbone.srf_module."))  # noqa: E731
     assert {k: v for k, v in ours.items() if keep(k)} == {k: v for k, v in ref.items() if keep(k)}
 
@@ -162,8 +182,15 @@ def test_swin_bifpn_heads_match_the_reference_layout():
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_toy_model_trains_one_step_and_predicts(stem, toy_root):
     _, _, _, loss_names, masks = ROWS[stem]
-    cfg = load_cfg(toy(stem, "afi"), "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+    cfg = load_cfg(
+        toy(stem, "afi"),
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.0,
+        "MODEL.RETINANET.SCORE_THRESH_TEST",
+        0.0,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        0.0,
+    )
     model = build_or_skip(cfg)
     losses = train_step(model, mapped(cfg, toy_dicts(toy_root)[:2], is_train=True))
     assert set(losses) == loss_names
@@ -173,7 +200,11 @@ def test_toy_model_trains_one_step_and_predicts(stem, toy_root):
     inputs = mapped(cfg, toy_dicts(toy_root, "val")[:2], is_train=False)
     with torch.no_grad():
         outputs = model(inputs)
-    limit = cfg.MODEL.FCOS.POST_NMS_TOPK_TEST if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "FCOS" else cfg.TEST.DETECTIONS_PER_IMAGE
+    limit = (
+        cfg.MODEL.FCOS.POST_NMS_TOPK_TEST
+        if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "FCOS"
+        else cfg.TEST.DETECTIONS_PER_IMAGE
+    )
     for out, inp in zip(outputs, inputs):
         inst = out["instances"]
         assert isinstance(inst, Instances) and inst.image_size == (inp["height"], inp["width"])

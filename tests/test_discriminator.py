@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import load_listing, random_state_dict
 
 from afigan.layers import FeaturePatchDiscriminator
-from conftest import load_listing, random_state_dict
 
 
 def test_parameter_count_is_reference():

@@ -1,6 +1,7 @@
 """tools/export_model.py (afigan/analysis/export.py): toy detectors with random weights traced to
 TorchScript and ONNX on a 64 x 85 image; the exported files, run again (TorchScript in PyTorch,
 ONNX in onnxruntime), give the PyTorch model's boxes, scores, classes and masks."""
+
 import ast
 import os
 import runpy
@@ -11,9 +12,10 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from afigan.layers import upsampler_kinds  # noqa: E402
 from d2_helpers import CONFIGS, REPO  # noqa: E402
 from detector_helpers import one_thread  # noqa: E402
+
+from afigan.layers import upsampler_kinds  # noqa: E402
 
 TOOL = os.path.join(REPO, "tools", "export_model.py")
 # PIXEL_STD: Detectron2's torchvision-style std instead of the toy configs' 1.0 (Caffe2 style). A
@@ -36,8 +38,15 @@ _one_thread = pytest.fixture(autouse=True)(one_thread)
 
 def _formats():
     """torchscript, and onnx when onnxruntime (the onnx extra) is installed."""
-    return ["torchscript", pytest.param("onnx", marks=pytest.mark.skipif(
-        not _has("onnxruntime"), reason="onnxruntime is not installed (pip install -e '.[onnx]')"))]
+    return [
+        "torchscript",
+        pytest.param(
+            "onnx",
+            marks=pytest.mark.skipif(
+                not _has("onnxruntime"), reason="onnxruntime is not installed (pip install -e '.[onnx]')"
+            ),
+        ),
+    ]
 
 
 def _has(module: str) -> bool:
@@ -87,13 +96,17 @@ def test_mask_rcnn_exports_with_every_upsampler_kind(kind, fmt, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", _formats())
-@pytest.mark.parametrize("model", [FCOS, RETINANET, PAFPN, PAFPN_PER_LEVEL],
-                         ids=["fcos", "retinanet", "mask_rcnn_pafpn", "mask_rcnn_pafpn_per_level_fade"])
+@pytest.mark.parametrize(
+    "model",
+    [FCOS, RETINANET, PAFPN, PAFPN_PER_LEVEL],
+    ids=["fcos", "retinanet", "mask_rcnn_pafpn", "mask_rcnn_pafpn_per_level_fade"],
+)
 def test_fcos_retinanet_and_pafpn_export_through_the_tool(model, fmt, tmp_path, capsys):
     import json
 
-    result = runpy.run_path(TOOL)["main"](["--config-file", model[0], "--output", str(tmp_path), "--format", fmt,
-                                           *SMALL, *model[1:]])
+    result = runpy.run_path(TOOL)["main"](
+        ["--config-file", model[0], "--output", str(tmp_path), "--format", fmt, *SMALL, *model[1:]]
+    )
     masks = model[0] == PAFPN[0]
     _check(result, masks=masks)
     out = capsys.readouterr().out
@@ -129,8 +142,22 @@ def test_a_kind_that_cannot_export_stops_with_one_sentence(tmp_path, monkeypatch
     from afigan.analysis import export
 
     monkeypatch.setitem(export.NOT_EXPORTABLE, ("onnx", "nearest"), "a reason named here")
-    monkeypatch.setattr(sys, "argv", [TOOL, "--config-file", MASK_RCNN, "--output", str(tmp_path), "--format", "onnx",
-                                      *SMALL, "MODEL.AFI.INTERP", "nearest"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            TOOL,
+            "--config-file",
+            MASK_RCNN,
+            "--output",
+            str(tmp_path),
+            "--format",
+            "onnx",
+            *SMALL,
+            "MODEL.AFI.INTERP",
+            "nearest",
+        ],
+    )
     with pytest.raises(SystemExit) as e:
         runpy.run_path(TOOL, run_name="__main__")
     assert e.value.code == "export_model: MODEL.AFI.INTERP 'nearest' cannot be exported to onnx: a reason named here."
@@ -146,8 +173,10 @@ def test_an_exporter_failure_becomes_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.jit, "trace", broken)
     with pytest.raises(export.ExportError) as e:
         _export(MASK_RCNN, "torchscript", tmp_path)
-    assert str(e.value) == ("GeneralizedRCNN (build_resnet_fpn_sr_backbone, MODEL.AFI.INTERP 'afi') could not be "
-                            "exported to torchscript (RuntimeError: unsupported operator foo).")
+    assert str(e.value) == (
+        "GeneralizedRCNN (build_resnet_fpn_sr_backbone, MODEL.AFI.INTERP 'afi') could not be "
+        "exported to torchscript (RuntimeError: unsupported operator foo)."
+    )
 
 
 def test_help_lists_detectron2s_flags(capsys):

@@ -2,6 +2,7 @@
 the pipeline) killed at a random iteration and resumed, one of two processes raising, the
 pipeline stopped between two stages. The random choices come from AFIGAN_FAULT_SEED (default:
 a fresh seed, shown in every assertion message, so a failure can be replayed)."""
+
 import argparse
 import contextlib
 import errno
@@ -31,8 +32,20 @@ RNG = random.Random(SEED)
 
 
 def _stage3_argv(out, *opts):
-    return ["--config-file", S3, *TINY_OPTS, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1,
-            "DATASETS.TEST", "()", *opts]
+    return [
+        "--config-file",
+        S3,
+        *TINY_OPTS,
+        "OUTPUT_DIR",
+        out,
+        "SOLVER.MAX_ITER",
+        3,
+        "SOLVER.CHECKPOINT_PERIOD",
+        1,
+        "DATASETS.TEST",
+        "()",
+        *opts,
+    ]
 
 
 def _loads(path):
@@ -78,8 +91,13 @@ CHILD = textwrap.dedent('''
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_continues(tool, tmp_path):
     out, flag = tmp_path / "out", tmp_path / "writing"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(flag), *map(str, _stage3_argv(out))], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(flag), *map(str, _stage3_argv(out))],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not flag.exists() and child.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -99,6 +117,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_co
 
 
 # --- (b) no space left on the device ------------------------------------------------------
+
 
 def test_disk_full_during_a_save_is_one_sentence_and_keeps_the_previous_checkpoint(tool, tmp_path, monkeypatch):
     import afigan.checkpoint as ck
@@ -126,14 +145,17 @@ def test_disk_full_during_a_save_is_one_sentence_and_keeps_the_previous_checkpoi
     code, err, everything = tool("stage3", *_stage3_argv(out))
     assert code == 1 and "Traceback" not in everything, everything[-3000:]
     s = one_sentence_error(err)
-    assert s == (f"Cannot write checkpoint '{out / 'model_0000001.pth'}' (the disk is full); the previous checkpoint "
-                 f"'{out / 'model_0000000.pth'}' is intact: free space or choose another OUTPUT_DIR, then resume with --resume.")
+    assert s == (
+        f"Cannot write checkpoint '{out / 'model_0000001.pth'}' (the disk is full); the previous checkpoint "
+        f"'{out / 'model_0000000.pth'}' is intact: free space or choose another OUTPUT_DIR, then resume with --resume."
+    )
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
     assert _loads(out / "model_0000000.pth")["iteration"] == 0
     assert not glob.glob(str(out / ".*.tmp")) and not (out / "model_0000001.pth").exists()
 
 
 # --- (c) a stage killed at a random iteration and resumed ----------------------------------
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
@@ -142,10 +164,16 @@ def chain(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chain")
     teacher = save_teacher(str(root / "teacher.pth"))
-    t = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(root / "s1"), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 1))
+    t = Stage1Trainer(
+        stage_cfg("toy/pipeline/stage1.yaml", str(root / "s1"), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 1)
+    )
     t.resume_or_load(resume=False)
     t.train()
-    return {"teacher": teacher, "G": str(root / "s1" / "G_0" / "model_final.pth"), "D": str(root / "s1" / "D_0" / "model_final.pth")}
+    return {
+        "teacher": teacher,
+        "G": str(root / "s1" / "G_0" / "model_final.pth"),
+        "D": str(root / "s1" / "D_0" / "model_final.pth"),
+    }
 
 
 def _trainer(stage, out, chain):
@@ -158,8 +186,20 @@ def _trainer(stage, out, chain):
     teacher = ["MODEL.GUIDE_WEIGHTS", chain["teacher"]]
     if stage == "stage1":
         return Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(out), *opts, *teacher))
-    return Stage2Trainer(stage_cfg("toy/pipeline/stage2.yaml", str(out), *opts, *teacher, "MODEL.WEIGHTS", chain["teacher"],
-                                   "MODEL.AFI_GEN_WEIGHTS", chain["G"], "MODEL.AFI_DIS_WEIGHTS", chain["D"]))
+    return Stage2Trainer(
+        stage_cfg(
+            "toy/pipeline/stage2.yaml",
+            str(out),
+            *opts,
+            *teacher,
+            "MODEL.WEIGHTS",
+            chain["teacher"],
+            "MODEL.AFI_GEN_WEIGHTS",
+            chain["G"],
+            "MODEL.AFI_DIS_WEIGHTS",
+            chain["D"],
+        )
+    )
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
@@ -188,13 +228,23 @@ def test_stage_killed_at_a_random_iteration_and_resumed_equals_an_uninterrupted_
 
 # --- (c) and (e): the pipeline stopped between two stages, then inside one, then resumed -----
 
+
 def _pipeline_opts(out):
-    return ["--config-dir", os.path.join(CONFIGS, "toy", "pipeline"), "--output-dir", out, *TINY_OPTS,
-            "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1]
+    return [
+        "--config-dir",
+        os.path.join(CONFIGS, "toy", "pipeline"),
+        "--output-dir",
+        out,
+        *TINY_OPTS,
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.CHECKPOINT_PERIOD",
+        1,
+    ]
 
 
 def _status(everything):
-    return [l[len("[pipeline] "):] for l in everything.splitlines() if l.startswith("[pipeline] ")]
+    return [l[len("[pipeline] ") :] for l in everything.splitlines() if l.startswith("[pipeline] ")]
 
 
 def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_weights(tool, tmp_path, monkeypatch):
@@ -252,6 +302,7 @@ def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_
 
 
 # --- (d) one of two processes raises --------------------------------------------------------
+
 
 def rank1_fails(args):
     """Rank 1 raises an input error while rank 0 waits for it in a collective."""

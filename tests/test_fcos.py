@@ -1,5 +1,6 @@
 """FCOS as a registered yacs component: targets by hand, head, losses, inference, overfitting,
 the class-count check and bad inputs."""
+
 import math
 
 import pytest
@@ -7,6 +8,15 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from detector_helpers import (  # noqa: E402
+    build_or_skip,
+    load_cfg,
+    mapped,
+    one_thread,
+    synthetic_input,
+    toy_dicts,
+    train_step,
+)
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY  # noqa: E402
@@ -16,9 +26,6 @@ import afigan  # noqa: E402,F401  (registers components)
 from afigan import add_afigan_config  # noqa: E402
 from afigan.modeling.fcos import FCOS, FCOSScaledHead, check_num_classes  # noqa: E402
 from afigan.modeling.fcos.targets import centerness_targets, fcos_targets  # noqa: E402
-
-from detector_helpers import (  # noqa: E402
-    build_or_skip, load_cfg, mapped, one_thread, synthetic_input, toy_dicts, train_step)
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -72,8 +79,9 @@ def test_targets_for_two_boxes_match_hand_computation():
     fcos = _two_level_fcos()
     feats = [torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 4, 4)]
     anchors = fcos.anchor_generator(feats)
-    gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[0.0, 0, 24, 16], [16, 8, 64, 56]])),
-                   gt_classes=torch.tensor([2, 0]))
+    gt = Instances(
+        (64, 64), gt_boxes=Boxes(torch.tensor([[0.0, 0, 24, 16], [16, 8, 64, 56]])), gt_classes=torch.tensor([2, 0])
+    )
     labels, boxes = fcos.label_locations(anchors, [gt])
     labels, boxes = labels[0], boxes[0]
     points = Boxes.cat(anchors).get_centers()
@@ -118,8 +126,14 @@ def test_targets_without_center_sampling_and_ambiguity_take_the_smaller_box():
 
 def test_zero_width_box_gets_no_positive_location():
     points = torch.tensor([[10.0, 20.0], [12.0, 20.0]])
-    labels, _ = fcos_targets(points, torch.full((2,), 8.0), torch.tensor([[-1.0, 1e8]] * 2),
-                             torch.tensor([[10.0, 10.0, 10.0, 40.0]]), torch.tensor([0]), 3)
+    labels, _ = fcos_targets(
+        points,
+        torch.full((2,), 8.0),
+        torch.tensor([[-1.0, 1e8]] * 2),
+        torch.tensor([[10.0, 10.0, 10.0, 40.0]]),
+        torch.tensor([0]),
+        3,
+    )
     assert labels.tolist() == [3, 3]
 
 
@@ -128,8 +142,15 @@ def test_zero_width_box_gets_no_positive_location():
 
 def test_head_towers_scales_and_output_shapes():
     shapes = [ShapeSpec(channels=32, stride=s) for s in (8, 16, 32)]
-    head = FCOSScaledHead(input_shape=shapes, num_classes=5, num_cls_convs=1, num_box_convs=3, num_share_convs=2,
-                          norm="GN", use_scale=True)
+    head = FCOSScaledHead(
+        input_shape=shapes,
+        num_classes=5,
+        num_cls_convs=1,
+        num_box_convs=3,
+        num_share_convs=2,
+        norm="GN",
+        use_scale=True,
+    )
     convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())  # noqa: E731
     assert (convs(head.cls_subnet), convs(head.bbox_subnet), convs(head.share_subnet)) == (1, 3, 2)
     assert len(head.scales) == 3
@@ -150,8 +171,15 @@ def test_head_towers_scales_and_output_shapes():
 
 def test_exp_distances_and_deformable_towers_run_on_cpu():
     shapes = [ShapeSpec(channels=8, stride=8)]
-    head = FCOSScaledHead(input_shape=shapes, num_classes=2, num_cls_convs=1, num_box_convs=1, norm="",
-                          use_relu=False, use_deformable=True)
+    head = FCOSScaledHead(
+        input_shape=shapes,
+        num_classes=2,
+        num_cls_convs=1,
+        num_box_convs=1,
+        norm="",
+        use_relu=False,
+        use_deformable=True,
+    )
     assert type(head.bbox_subnet[0]).__name__ == "DeformConv3x3"
     _, reg, _ = head([torch.randn(1, 8, 6, 6)])
     assert (reg[0] > 0).all()
@@ -167,7 +195,9 @@ def test_backbone_outputs_p3_to_p7_and_fpn_strides_are_checked():
     assert sorted(shapes) == ["p3", "p4", "p5", "p6", "p7"]
     assert [shapes[f"p{i}"].stride for i in range(3, 8)] == [8, 16, 32, 64, 128]
     bad = load_cfg(FCOS_TOY, "MODEL.FCOS.FPN_STRIDES", [8, 16, 32, 64, 64])
-    with pytest.raises(ValueError, match=r"MODEL.FCOS.FPN_STRIDES .* set MODEL.FCOS.FPN_STRIDES to \[8, 16, 32, 64, 128\]"):
+    with pytest.raises(
+        ValueError, match=r"MODEL.FCOS.FPN_STRIDES .* set MODEL.FCOS.FPN_STRIDES to \[8, 16, 32, 64, 128\]"
+    ):
         build_or_skip(bad)
     no_top = load_cfg(FCOS_TOY, "MODEL.FCOS.TOP_LEVELS", 0)
     with pytest.raises(ValueError, match="TOP_LEVELS"):
@@ -213,8 +243,19 @@ def test_trains_with_detectron2_simple_trainer(toy_root):
 
 def test_tiny_fcos_overfits_one_toy_image(toy_root):
     """Loss falls by at least half in 100 SGD iterations on one image (R-18, 80 px, 1-conv towers)."""
-    cfg = load_cfg(FCOS_TOY, "MODEL.FCOS.NUM_CLS_CONVS", 1, "MODEL.FCOS.NUM_BOX_CONVS", 1, "MODEL.AFI.INTERP",
-                   "nearest", "INPUT.MIN_SIZE_TRAIN", (80,), "INPUT.RANDOM_FLIP", "none")
+    cfg = load_cfg(
+        FCOS_TOY,
+        "MODEL.FCOS.NUM_CLS_CONVS",
+        1,
+        "MODEL.FCOS.NUM_BOX_CONVS",
+        1,
+        "MODEL.AFI.INTERP",
+        "nearest",
+        "INPUT.MIN_SIZE_TRAIN",
+        (80,),
+        "INPUT.RANDOM_FLIP",
+        "none",
+    )
     from detectron2.utils.events import EventStorage
 
     torch.manual_seed(0)

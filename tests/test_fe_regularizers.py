@@ -1,4 +1,5 @@
 """The Feature Enhancement weight terms (pure PyTorch): hand-computed values, gradients, options."""
+
 import math
 
 import pytest
@@ -43,14 +44,17 @@ def test_terms_equal_hand_computed_values():
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in losses.values())
 
 
-@pytest.mark.parametrize("options,sharp,smooth", [
-    (dict(params="conv"), 5 / 3 + 2 + 0.5, 10.0),  # + conv bias
-    (dict(params="all"), 5 / 3 + 2 + 0.5 + 2 + 0, 10.0),  # + BN weight and bias
-    (dict(var_unbiased=False), 5 / 4 + 1, 10.0),
-    (dict(smooth_norm="fro_sq"), 5 / 3 + 2, 50.0),
-    (dict(reduction="mean"), (5 / 3 + 2) / 2, 5.0),
-    (dict(sharp_stages=("res3", "res4"), smooth_stages=("res4", "res5")), 5 / 3 + 2 + 0, 10.0 + math.sqrt(2)),
-])
+@pytest.mark.parametrize(
+    "options,sharp,smooth",
+    [
+        (dict(params="conv"), 5 / 3 + 2 + 0.5, 10.0),  # + conv bias
+        (dict(params="all"), 5 / 3 + 2 + 0.5 + 2 + 0, 10.0),  # + BN weight and bias
+        (dict(var_unbiased=False), 5 / 4 + 1, 10.0),
+        (dict(smooth_norm="fro_sq"), 5 / 3 + 2, 50.0),
+        (dict(reduction="mean"), (5 / 3 + 2) / 2, 5.0),
+        (dict(sharp_stages=("res3", "res4"), smooth_stages=("res4", "res5")), 5 / 3 + 2 + 0, 10.0 + math.sqrt(2)),
+    ],
+)
 def test_options_change_the_terms_as_documented(options, sharp, smooth):
     _, stats = FeatureEnhancementRegularizer(sharp_weight=1.0, smooth_weight=1.0, **options).compute(tiny_net())
     assert stats["fe/sharp_var"].item() == pytest.approx(sharp)
@@ -122,7 +126,9 @@ def test_strength_relative_to_weight_decay():
     s = FeatureEnhancementRegularizer(sharp_weight=1e-5, smooth_weight=1e-5).strength(tiny_net(), 1e-4)
     assert s["loss_fe_smooth"] == pytest.approx((0.02, 0.02))
     assert s["loss_fe_sharp"] == pytest.approx((2e-5 / (3 * 1e-4), 2e-5 / (1 * 1e-4)))
-    assert FeatureEnhancementRegularizer(smooth_norm="fro_sq").strength(tiny_net(), 1e-4)["loss_fe_smooth"] == pytest.approx((0.2, 0.2))
+    assert FeatureEnhancementRegularizer(smooth_norm="fro_sq").strength(tiny_net(), 1e-4)[
+        "loss_fe_smooth"
+    ] == pytest.approx((0.2, 0.2))
     assert FeatureEnhancementRegularizer().strength(tiny_net(), 0.0) == {}
 
 

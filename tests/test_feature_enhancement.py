@@ -1,5 +1,6 @@
 """Feature Enhancement inside Detectron2: loss dict of every head, exact baseline at lambda = 0,
 gradients only on the named stages, frozen stages, key-compatible checkpoints, every neck."""
+
 import glob
 import logging
 import os
@@ -9,6 +10,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import CONFIGS, make_cfg, toy_batch  # noqa: E402
 from detectron2.layers import Conv2d  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
@@ -16,22 +18,39 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.modeling import enable_feature_enhancement  # noqa: E402
 from afigan.modeling.feature_enhancement import fe_losses, fe_regularizer, has_feature_enhancement  # noqa: E402
-from d2_helpers import CONFIGS, make_cfg, toy_batch  # noqa: E402
 
 SIZES = ((64, 64), (64, 96))
 CHEAP = ("MODEL.MASK_ON", False, "MODEL.AFI.INTERP", "nearest")  # where neither masks nor the AF interpolator matter
 FE_ON = lambda meta: ["MODEL.META_ARCHITECTURE", "FeatureEnhanced", "MODEL.FE.META_ARCHITECTURE", meta]  # noqa: E731
-RETINA = ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
-          "MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"], "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"],
-          "MODEL.RETINANET.NUM_CLASSES", 3]
+RETINA = [
+    "MODEL.META_ARCHITECTURE",
+    "RetinaNet",
+    "MODEL.BACKBONE.NAME",
+    "build_retinanet_resnet_fpn_backbone",
+    "MODEL.RESNETS.OUT_FEATURES",
+    ["res3", "res4", "res5"],
+    "MODEL.FPN.IN_FEATURES",
+    ["res3", "res4", "res5"],
+    "MODEL.RETINANET.NUM_CLASSES",
+    3,
+]
 
 # Detectron2's own heads on the toy settings (R-18, FPN width 64); afigan's FCOS / CenterMask toy
 # configs are picked up from configs/toy/detectors/ below.
 D2_HEADS = {
     "mask_rcnn": ("toy/Base-toy.yaml", []),
     "faster_rcnn": ("toy/Base-toy.yaml", ["MODEL.MASK_ON", False]),
-    "cascade_rcnn": ("toy/Base-toy.yaml", ["MODEL.MASK_ON", False, "MODEL.ROI_HEADS.NAME", "CascadeROIHeads",
-                                           "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True]),
+    "cascade_rcnn": (
+        "toy/Base-toy.yaml",
+        [
+            "MODEL.MASK_ON",
+            False,
+            "MODEL.ROI_HEADS.NAME",
+            "CascadeROIHeads",
+            "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+            True,
+        ],
+    ),
     "retinanet": ("toy/Base-toy.yaml", RETINA),
 }
 
@@ -50,8 +69,11 @@ def _afigan_head_configs():
         except Exception:  # a config that does not load fails in the test itself, with its error
             picked[rel] = (rel, ())
             continue
-        parts = [(META_ARCH_REGISTRY, m.META_ARCHITECTURE), (PROPOSAL_GENERATOR_REGISTRY, m.PROPOSAL_GENERATOR.NAME),
-                 (ROI_HEADS_REGISTRY, m.ROI_HEADS.NAME)]
+        parts = [
+            (META_ARCH_REGISTRY, m.META_ARCHITECTURE),
+            (PROPOSAL_GENERATOR_REGISTRY, m.PROPOSAL_GENERATOR.NAME),
+            (ROI_HEADS_REGISTRY, m.ROI_HEADS.NAME),
+        ]
         if not any(name in reg and reg.get(name).__module__.startswith("afigan.") for reg, name in parts):
             continue
         signature = tuple(name for _, name in parts) + (m.MASK_ON,)
@@ -95,7 +117,9 @@ def test_terms_in_the_loss_dict_of_every_head(head):
     torch.testing.assert_close(losses["loss_fe_smooth"], smooth)
     assert storage.latest()["fe/smooth_norm"][0] == pytest.approx(smooth.item() / 0.25, rel=1e-5)
     sum(losses.values()).backward()
-    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in _stage_convs(model, "res3") + _stage_convs(model, "res5"))
+    assert all(
+        w.grad is not None and w.grad.abs().sum() > 0 for w in _stage_convs(model, "res3") + _stage_convs(model, "res5")
+    )
 
 
 def _train_step(model, cfg, batch, seed=1):
@@ -109,15 +133,26 @@ def _train_step(model, cfg, batch, seed=1):
     return {k: v.detach() for k, v in losses.items()}, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("switch,model", [
-    (("MODEL.FE.SHARP_WEIGHT", 0.0, "MODEL.FE.SMOOTH_WEIGHT", 0.0), ()),  # Mask R-CNN, AF interpolator
-    (("MODEL.FE.ENABLED", False), CHEAP),
-])
+@pytest.mark.parametrize(
+    "switch,model",
+    [
+        (("MODEL.FE.SHARP_WEIGHT", 0.0, "MODEL.FE.SMOOTH_WEIGHT", 0.0), ()),  # Mask R-CNN, AF interpolator
+        (("MODEL.FE.ENABLED", False), CHEAP),
+    ],
+)
 def test_lambda_zero_training_step_is_bit_identical_to_the_plain_one(switch, model):
     plain_cfg = make_cfg("toy/Base-toy.yaml", *model)
     plain = build_model(plain_cfg).train()
-    fe = build_model(make_cfg("toy/Base-toy.yaml", *model, *FE_ON("GeneralizedRCNN"), "MODEL.BACKBONE.NAME",
-                              "build_fe_resnet_fpn_sr_backbone", *switch)).train()
+    fe = build_model(
+        make_cfg(
+            "toy/Base-toy.yaml",
+            *model,
+            *FE_ON("GeneralizedRCNN"),
+            "MODEL.BACKBONE.NAME",
+            "build_fe_resnet_fpn_sr_backbone",
+            *switch,
+        )
+    ).train()
     fe.load_state_dict(plain.state_dict())
     batch = toy_batch(SIZES)
     loss_a, state_a = _train_step(plain, plain_cfg, batch)
@@ -130,10 +165,21 @@ def test_lambda_zero_training_step_is_bit_identical_to_the_plain_one(switch, mod
 
 def test_positive_lambda_step_moves_only_the_named_stages_by_the_analytic_gradient():
     lam_e, lam_s, lr = 1000.0, 0.5, 0.1  # large, so the terms' share of the step is far above rounding
-    plain_cfg = make_cfg("toy/Base-toy.yaml", *CHEAP, "SOLVER.BASE_LR", lr, "SOLVER.MOMENTUM", 0.0, "SOLVER.WEIGHT_DECAY", 0.0)
+    plain_cfg = make_cfg(
+        "toy/Base-toy.yaml", *CHEAP, "SOLVER.BASE_LR", lr, "SOLVER.MOMENTUM", 0.0, "SOLVER.WEIGHT_DECAY", 0.0
+    )
     plain = build_model(plain_cfg).train()
-    fe = build_model(make_cfg("toy/Base-toy.yaml", *CHEAP, *FE_ON("GeneralizedRCNN"), "MODEL.FE.SHARP_WEIGHT", lam_e,
-                              "MODEL.FE.SMOOTH_WEIGHT", lam_s)).train()
+    fe = build_model(
+        make_cfg(
+            "toy/Base-toy.yaml",
+            *CHEAP,
+            *FE_ON("GeneralizedRCNN"),
+            "MODEL.FE.SHARP_WEIGHT",
+            lam_e,
+            "MODEL.FE.SMOOTH_WEIGHT",
+            lam_s,
+        )
+    ).train()
     fe.load_state_dict(plain.state_dict())
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     batch = toy_batch(SIZES)
@@ -179,8 +225,16 @@ def test_frozen_target_stage_contributes_nothing(caplog):
 
 def test_checkpoints_stay_key_compatible_and_inference_is_unchanged():
     plain = build_model(make_cfg("toy/Base-toy.yaml", *CHEAP)).eval()
-    fe = build_model(_fe_cfg("toy/Base-toy.yaml", CHEAP, "MODEL.BACKBONE.NAME", "build_fe_resnet_fpn_sr_backbone",
-                             "MODEL.FE.SHARP_WEIGHT", 1.0)).eval()
+    fe = build_model(
+        _fe_cfg(
+            "toy/Base-toy.yaml",
+            CHEAP,
+            "MODEL.BACKBONE.NAME",
+            "build_fe_resnet_fpn_sr_backbone",
+            "MODEL.FE.SHARP_WEIGHT",
+            1.0,
+        )
+    ).eval()
     assert type(fe).__name__ == "FEGeneralizedRCNN" and has_feature_enhancement(fe.backbone)
     a, b = plain.state_dict(), fe.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
@@ -213,8 +267,11 @@ NECKS = {
     "build_fe_resnet_fpn_sr_backbone": ("build_resnet_fpn_sr_backbone", "toy/Base-toy.yaml", []),
     "build_fe_resnet_pafpn_sr_backbone": ("build_resnet_pafpn_sr_backbone", "toy/Base-toy.yaml", []),
     "build_fe_resnet_bifpn_sr_backbone": ("build_resnet_bifpn_sr_backbone", "toy/bifpn_toy.yaml", []),
-    "build_fe_backbone": ("build_resnet_pafpn_sr_backbone", "toy/Base-toy.yaml",
-                          ["MODEL.FE.BASE_BACKBONE", "build_resnet_pafpn_sr_backbone"]),
+    "build_fe_backbone": (
+        "build_resnet_pafpn_sr_backbone",
+        "toy/Base-toy.yaml",
+        ["MODEL.FE.BASE_BACKBONE", "build_resnet_pafpn_sr_backbone"],
+    ),
 }
 
 
@@ -281,7 +338,9 @@ def test_coco_configs_build_the_enhanced_detector(config_file):
     assert (reg.sharp_stages, reg.smooth_stages) == (("res3",), ("res5",))
     assert (reg.sharp_weight, reg.smooth_weight) == (cfg.MODEL.FE.SHARP_WEIGHT, cfg.MODEL.FE.SMOOTH_WEIGHT)
     assert cfg.MODEL.BACKBONE.NAME.startswith("build_fe_")
-    assert type(build_model(make_cfg(config_file, "MODEL.FE.ENABLED", False))).__name__ == cfg.MODEL.FE.META_ARCHITECTURE
+    assert (
+        type(build_model(make_cfg(config_file, "MODEL.FE.ENABLED", False))).__name__ == cfg.MODEL.FE.META_ARCHITECTURE
+    )
 
 
 @pytest.mark.parametrize("config_file", TOY_CONFIGS)

@@ -4,11 +4,11 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from afigan.config import lr_key  # noqa: E402
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
 
 AUG = ["INPUT.MIN_SIZE_TRAIN", (96, 128), "INPUT.MAX_SIZE_TRAIN", 200]
 
@@ -51,7 +51,9 @@ def test_lr_twin_shares_flip_and_geometry(dicts, ratio):
 
 
 def test_legacy_independent_flip_mirrors_about_half_the_pairs(dicts):
-    mapper = HRLRDatasetMapper(make_cfg("toy/fpn_toy.yaml", *AUG, "MODEL.AFI.LEGACY.INDEPENDENT_FLIP", True), is_train=True)
+    mapper = HRLRDatasetMapper(
+        make_cfg("toy/fpn_toy.yaml", *AUG, "MODEL.AFI.LEGACY.INDEPENDENT_FLIP", True), is_train=True
+    )
     mismatched = sum(not _lr_matches_hr(_run(mapper, dicts[s % len(dicts)], s), 0.5) for s in range(24))
     assert 4 <= mismatched <= 20
 

@@ -1,6 +1,7 @@
 """The package's import graph, read from the AST of every module (nothing is imported): no cycle,
 no import against the layering ``tools -> engine -> modeling -> layers`` (``data`` beside
 ``modeling``), and no function-level import of an afigan module (the usual way to hide a cycle)."""
+
 import ast
 import os
 
@@ -109,7 +110,9 @@ def layering_violations(graph):
         for target, line, _ in imports:
             other = component(target)
             if other != own and RANKS[other] >= RANKS[own]:
-                bad.append(f"{module}:{line} ({own}, rank {RANKS[own]}) imports {target} ({other}, rank {RANKS[other]})")
+                bad.append(
+                    f"{module}:{line} ({own}, rank {RANKS[own]}) imports {target} ({other}, rank {RANKS[other]})"
+                )
     return bad
 
 
@@ -122,7 +125,7 @@ def find_cycle(edges):
         stack.append(m)
         for t in edges.get(m, ()):
             if state.get(t) == "open":
-                return stack[stack.index(t):] + [t]
+                return stack[stack.index(t) :] + [t]
             if t not in state:
                 found = dfs(t)
                 if found:

@@ -1,5 +1,6 @@
 """The pure-PyTorch learned upsamplers (DySample, CARAFE, FADE, deconv, pixel shuffle): parameter
 counts, shapes, the mathematics against naive per-pixel loops, gradients, tracing and ONNX."""
+
 import inspect
 import io
 import itertools
@@ -70,7 +71,9 @@ def test_kinds_kwargs_and_guided():
     assert upsampler_kwargs("deconv") == upsampler_kwargs("pixelshuffle") == {}
     assert upsampler_kwargs("nearest") == upsampler_kwargs("bilinear") == {}
     afi_defaults = {
-        k: p.default for k, p in inspect.signature(AFInterpolator.__init__).parameters.items() if k not in ("self", "channels")
+        k: p.default
+        for k, p in inspect.signature(AFInterpolator.__init__).parameters.items()
+        if k not in ("self", "channels")
     }
     assert upsampler_kwargs("afi") == afi_defaults
     for kind in ALL:
@@ -85,8 +88,18 @@ def test_state_dict_names_are_the_authors():
     # parameters so; keeping the names lets their released state dicts load with strict=True.
     keys = {kind: sorted(build_upsampler(kind, 8).state_dict()) for kind in ("dysample", "carafe", "fade")}
     assert keys["dysample"] == ["init_pos", "offset.bias", "offset.weight"]
-    assert sorted(build_upsampler("dysample", 8, dyscope=True).state_dict()) == ["init_pos", "offset.bias", "offset.weight", "scope.weight"]
-    assert keys["carafe"] == ["channel_compressor.bias", "channel_compressor.weight", "content_encoder.bias", "content_encoder.weight"]
+    assert sorted(build_upsampler("dysample", 8, dyscope=True).state_dict()) == [
+        "init_pos",
+        "offset.bias",
+        "offset.weight",
+        "scope.weight",
+    ]
+    assert keys["carafe"] == [
+        "channel_compressor.bias",
+        "channel_compressor.weight",
+        "content_encoder.bias",
+        "content_encoder.weight",
+    ]
     assert keys["fade"] == [
         "gate_generator.conv.bias",
         "gate_generator.conv.weight",
@@ -119,8 +132,12 @@ def test_kwargs_reach_the_modules():
         ("carafe", dict(compressed_channels=0), r"compressed_channels must be a positive integer"),
         ("fade", dict(up_kernel=2), r"FADE up_kernel must be a positive odd integer"),
         ("fade", dict(embedding=-1), r"FADE embedding must be a positive integer"),
-        ("dysample", dict(scale=2), r"Unknown keyword argument\(s\) \['scale'\] for upsampler kind 'dysample'; "
-                                    r"accepted: \['dyscope', 'groups', 'style'\]"),
+        (
+            "dysample",
+            dict(scale=2),
+            r"Unknown keyword argument\(s\) \['scale'\] for upsampler kind 'dysample'; "
+            r"accepted: \['dyscope', 'groups', 'style'\]",
+        ),
         ("deconv", dict(up_kernel=3), r"accepted: \[\]"),
     ],
 )
@@ -139,8 +156,14 @@ def test_pl_needs_channels_divisible_by_four():
 
 
 def test_unknown_kind():
-    for call in (lambda: build_upsampler("bicubic", 8), lambda: upsampler_kwargs("bicubic"), lambda: is_guided("bicubic")):
-        with pytest.raises(ValueError, match=re.escape(f"Unknown upsampler kind 'bicubic'; expected one of {upsampler_kinds()}.")):
+    for call in (
+        lambda: build_upsampler("bicubic", 8),
+        lambda: upsampler_kwargs("bicubic"),
+        lambda: is_guided("bicubic"),
+    ):
+        with pytest.raises(
+            ValueError, match=re.escape(f"Unknown upsampler kind 'bicubic'; expected one of {upsampler_kinds()}.")
+        ):
             call()
 
 
@@ -150,7 +173,9 @@ def test_guided_kind_without_guide_is_a_one_sentence_error():
         up(torch.randn(1, 4, 3, 3))
     one_sentence(str(e.value))
     for size in [(4, 6), (6, 9), (1, 1)]:  # beyond 2h +- 1
-        with pytest.raises(ValueError, match=r"FADE guide must be \(N, C, H, W\) with N = 1, H in 5\.\.7 and W in 5\.\.7") as e:
+        with pytest.raises(
+            ValueError, match=r"FADE guide must be \(N, C, H, W\) with N = 1, H in 5\.\.7 and W in 5\.\.7"
+        ) as e:
             up(torch.randn(1, 4, 3, 3), guide=torch.randn(1, 4, *size))
         one_sentence(str(e.value))
     with pytest.raises(ValueError, match=r"FADE guide expects a 4-D tensor of shape \(N, 4, H, W\)"):
@@ -219,8 +244,8 @@ def test_dysample_matches_naive_bilinear_sampling(style):
         x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
         fx, fy = px - x0, py - y0
         src = x[b, gi * 4 : gi * 4 + 4]
-        expected[b, gi * 4 : gi * 4 + 4, i, j] = (
-            (1 - fy) * ((1 - fx) * src[:, y0, x0] + fx * src[:, y0, x1]) + fy * ((1 - fx) * src[:, y1, x0] + fx * src[:, y1, x1])
+        expected[b, gi * 4 : gi * 4 + 4, i, j] = (1 - fy) * ((1 - fx) * src[:, y0, x0] + fx * src[:, y0, x1]) + fy * (
+            (1 - fx) * src[:, y1, x0] + fx * src[:, y1, x1]
         )
     torch.testing.assert_close(up(x), expected)
 
@@ -250,7 +275,9 @@ def test_carafe_reassemble_matches_naive_loop():
     x = torch.randn(2, 4, 3, 4, dtype=torch.float64)
     for k_up, scale in [(5, 2), (3, 2), (3, 3)]:
         kernels = torch.randn(2, k_up * k_up, 3 * scale, 4 * scale, dtype=torch.float64)
-        torch.testing.assert_close(carafe_reassemble(x, kernels, k_up, scale), _naive_reassemble(x, kernels, k_up, scale))
+        torch.testing.assert_close(
+            carafe_reassemble(x, kernels, k_up, scale), _naive_reassemble(x, kernels, k_up, scale)
+        )
 
 
 def test_carafe_module_matches_naive_loop():
@@ -285,7 +312,9 @@ def test_fade_semi_shift_equals_the_authors_four_shift_form():
     parts = []  # the stride-2 conv over the four one-pixel paddings gives sub-pixel (a, b) = (0,0), (0,1), (1,0), (1,1)
     for pad in ([1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1]):
         parts.append(F.conv2d(F.pad(c, pad), gen.conv2_kernels, gen.conv2_bias, stride=2))
-    parts = torch.stack(parts, 1) + F.conv2d(gen.conv1_de(de), gen.conv2_kernels, gen.conv2_bias, padding=1).unsqueeze(1)
+    parts = torch.stack(parts, 1) + F.conv2d(gen.conv1_de(de), gen.conv2_kernels, gen.conv2_bias, padding=1).unsqueeze(
+        1
+    )
     expected = parts.view(2, 2, 2, 9, 3, 4).permute(0, 3, 4, 1, 5, 2).reshape(2, 9, 6, 8)
     torch.testing.assert_close(gen(en, de), expected)
 
@@ -336,7 +365,10 @@ def test_fresh_pixelshuffle_has_no_checkerboard():
 # -- gradients, tracing, ONNX ----------------------------------------------------------------------
 
 
-GRAD_CASES = [(k, {}) for k in LEARNED] + [("dysample", dict(dyscope=True)), ("dysample", dict(style="pl", dyscope=True))]
+GRAD_CASES = [(k, {}) for k in LEARNED] + [
+    ("dysample", dict(dyscope=True)),
+    ("dysample", dict(style="pl", dyscope=True)),
+]
 
 
 @pytest.mark.parametrize("kind, kwargs", GRAD_CASES)

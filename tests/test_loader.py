@@ -1,5 +1,6 @@
 """The resumable training loader: Detectron2's samplers per DATALOADER.SAMPLER_TRAIN, streams
 that resume exactly at start_iter, aspect-ratio grouping."""
+
 import collections
 import itertools
 
@@ -7,22 +8,31 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from afigan.data.loader import ResumableBatches, build_index_sampler  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
+
+from afigan.data.loader import ResumableBatches, build_index_sampler  # noqa: E402
 
 
 def _dataset(n_common=18, n_rare=2):
     """Images 0..n_common-1 hold only category 0; the last n_rare only the rare category 1."""
+
     def img(i, cat):
-        return {"file_name": f"{i}.png", "image_id": i, "height": 100, "width": 150 if i % 3 else 80,
-                "annotations": [{"category_id": cat, "bbox": [0, 0, 10, 10], "bbox_mode": 1, "iscrowd": 0}]}
+        return {
+            "file_name": f"{i}.png",
+            "image_id": i,
+            "height": 100,
+            "width": 150 if i % 3 else 80,
+            "annotations": [{"category_id": cat, "bbox": [0, 0, 10, 10], "bbox_mode": 1, "iscrowd": 0}],
+        }
+
     return [img(i, 0) for i in range(n_common)] + [img(n_common + i, 1) for i in range(n_rare)]
 
 
 def _stream(cfg, dataset, start_iter=0, batch=2, grouping=True):
     sampler = build_index_sampler(cfg, dataset, seed=3)
-    return ResumableBatches(dataset, lambda d: d["image_id"], sampler, batch, seed=3, aspect_ratio_grouping=grouping,
-                            start_iter=start_iter)
+    return ResumableBatches(
+        dataset, lambda d: d["image_id"], sampler, batch, seed=3, aspect_ratio_grouping=grouping, start_iter=start_iter
+    )
 
 
 def test_repeat_factor_sampler_is_honoured():
@@ -34,13 +44,20 @@ def test_repeat_factor_sampler_is_honoured():
     # Uniform: 2 of 20 images. Repeat factors (threshold 0.5, sqrt): rare category frequency 0.1 -> r = sqrt(5) ~ 2.24,
     # common 0.9 -> 1: expected share 2 * 2.24 / (18 + 2 * 2.24) ~ 0.199.
     assert abs(share(plain) - 0.1) < 0.02
-    assert abs(share(rfs) - 2 * 5 ** 0.5 / (18 + 2 * 5 ** 0.5)) < 0.02
+    assert abs(share(rfs) - 2 * 5**0.5 / (18 + 2 * 5**0.5)) < 0.02
 
 
 @pytest.mark.parametrize("sampler", ["TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler"])
 def test_stream_resumes_exactly_at_start_iter(sampler):
-    cfg = make_cfg(None, "DATALOADER.SAMPLER_TRAIN", sampler, "DATALOADER.REPEAT_THRESHOLD", 0.5,
-                   "DATALOADER.RANDOM_SUBSET_RATIO", 0.5)
+    cfg = make_cfg(
+        None,
+        "DATALOADER.SAMPLER_TRAIN",
+        sampler,
+        "DATALOADER.REPEAT_THRESHOLD",
+        0.5,
+        "DATALOADER.RANDOM_SUBSET_RATIO",
+        0.5,
+    )
     data = _dataset()
     full = list(itertools.islice(iter(_stream(cfg, data)), 40))
     resumed = list(itertools.islice(iter(_stream(cfg, data, start_iter=25)), 15))

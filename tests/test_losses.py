@@ -96,4 +96,6 @@ def test_crop_alignment_uses_top_left_window():
 
 def test_missing_level_is_named():
     with pytest.raises(KeyError, match="'p6'"):
-        generator_loss(ConstantD(), {"p2": torch.zeros(1, 1, 1, 1)}, {"p2": torch.zeros(1, 1, 1, 1)}, levels=["p2", "p6"])
+        generator_loss(
+            ConstantD(), {"p2": torch.zeros(1, 1, 1, 1)}, {"p2": torch.zeros(1, 1, 1, 1)}, levels=["p2", "p6"]
+        )

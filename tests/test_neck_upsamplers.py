@@ -1,5 +1,6 @@
 """Every upsampler kind in every afigan neck, shared or one per top-down step; stages 1-3 with the
 learned kinds; the kind and layout travelling through the checkpoints; bad input."""
+
 import os
 
 import pytest
@@ -7,15 +8,15 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
+from stage_helpers import save_teacher, stage_cfg  # noqa: E402
 
 from afigan.checkpoint import load_interpolator_weights  # noqa: E402
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa: E402
 from afigan.engine.stage1 import guided_levels  # noqa: E402
 from afigan.layers import build_upsampler, upsampler_kinds  # noqa: E402
 from afigan.modeling.necks import upsampler_options  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
-from stage_helpers import save_teacher, stage_cfg  # noqa: E402
 
 KINDS = upsampler_kinds()
 LEARNED = ["dysample", "carafe", "fade", "deconv", "pixelshuffle"]
@@ -82,8 +83,10 @@ def test_shared_layout_keeps_the_reference_keys():
 def test_a_guided_kind_is_given_the_finer_lateral(neck):
     _, net = _neck(neck, "MODEL.AFI.INTERP", "fade")
     seen = []
-    net.srf_module.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape, kwargs["guide"].shape, kwargs["output_size"])),
-                                             with_kwargs=True)
+    net.srf_module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0].shape, kwargs["guide"].shape, kwargs["output_size"])),
+        with_kwargs=True,
+    )
     with torch.no_grad():
         net(torch.randn(1, 3, 128, 160))
     assert seen and all(tuple(g[-2:]) == tuple(size) for _, g, size in seen)
@@ -110,8 +113,19 @@ def _chain(teacher, root, kind, *opts):
     s1.resume_or_load(resume=False)
     s1.train()
     g, d = str(root / "s1" / "G_0" / "model_final.pth"), str(root / "s1" / "D_0" / "model_final.pth")
-    s2 = Stage2Trainer(stage_cfg("toy/pipeline/stage2.yaml", str(root / "s2"), *common, "MODEL.WEIGHTS", teacher,
-                                 "MODEL.AFI_GEN_WEIGHTS", g, "MODEL.AFI_DIS_WEIGHTS", d))
+    s2 = Stage2Trainer(
+        stage_cfg(
+            "toy/pipeline/stage2.yaml",
+            str(root / "s2"),
+            *common,
+            "MODEL.WEIGHTS",
+            teacher,
+            "MODEL.AFI_GEN_WEIGHTS",
+            g,
+            "MODEL.AFI_DIS_WEIGHTS",
+            d,
+        )
+    )
     s2.resume_or_load(resume=False)
     sd = {k: v.clone() for k, v in s2.model.state_dict().items()}  # before training moves them
     g_state = torch.load(g, weights_only=False)
@@ -133,8 +147,18 @@ def test_stages_1_to_3_train_and_hand_over_a_learned_kind(teacher, tmp_path, kin
         assert torch.equal(s2_init["backbone.srf_module." + k], v), k
     # Stage 3 loads the stage-2 upsampler: every upsampler key, nothing else.
     torch.manual_seed(0)
-    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path / "s3"), "MODEL.AFI.INTERP", kind,
-                                  "MODEL.AF_EXTRACTOR_WEIGHTS", m, "SOLVER.MAX_ITER", 1))
+    t = DetectorTrainer(
+        stage_cfg(
+            "toy/pipeline/stage3.yaml",
+            str(tmp_path / "s3"),
+            "MODEL.AFI.INTERP",
+            kind,
+            "MODEL.AF_EXTRACTOR_WEIGHTS",
+            m,
+            "SOLVER.MAX_ITER",
+            1,
+        )
+    )
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.resume_or_load(resume=False)
     after, stage2 = t.model.state_dict(), torch.load(m, weights_only=False)["model"]
@@ -155,8 +179,18 @@ def test_per_level_chain_and_a_shared_g_initialising_every_step(teacher, tmp_pat
     # A shared stage-1 G initialises each per-level copy of a per-level detector.
     cfg = make_cfg("toy/fpn_toy.yaml", "MODEL.AFI.INTERP", "dysample", "MODEL.AFI.SHARED", "False")
     net = build_backbone(cfg)
-    s1 = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path / "shared"), "MODEL.AFI.INTERP", "dysample",
-                                 "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 1))
+    s1 = Stage1Trainer(
+        stage_cfg(
+            "toy/pipeline/stage1.yaml",
+            str(tmp_path / "shared"),
+            "MODEL.AFI.INTERP",
+            "dysample",
+            "MODEL.GUIDE_WEIGHTS",
+            teacher,
+            "SOLVER.MAX_ITER",
+            1,
+        )
+    )
     s1.resume_or_load(resume=False)
     s1.train()
     shared_g = str(tmp_path / "shared" / "G_0" / "model_final.pth")
@@ -184,19 +218,47 @@ def test_a_checkpoint_of_one_kind_into_another_names_both_and_the_key(teacher, t
         assert "holds a 'carafe' upsampler" in msg and "MODEL.AFI.INTERP" in msg and "'dysample'" in msg, msg
         assert msg.count(". ") == 0 and "\n" not in msg
     # Resuming stage 1 with another kind in the same OUTPUT_DIR stops too.
-    s1 = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path / "s1"), "MODEL.AFI.INTERP", "dysample",
-                                 "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 2))
-    with pytest.raises(ValueError, match=r"holds a shared 'carafe' upsampler but the config asks for a shared 'dysample'"):
+    s1 = Stage1Trainer(
+        stage_cfg(
+            "toy/pipeline/stage1.yaml",
+            str(tmp_path / "s1"),
+            "MODEL.AFI.INTERP",
+            "dysample",
+            "MODEL.GUIDE_WEIGHTS",
+            teacher,
+            "SOLVER.MAX_ITER",
+            2,
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"holds a shared 'carafe' upsampler but the config asks for a shared 'dysample'"
+    ):
         s1.resume_or_load(resume=True)
 
 
-@pytest.mark.parametrize("opts, match", [
-    (("MODEL.AFI.INTERP", "nearest"), r"MODEL.AFI.INTERP 'nearest' has no parameters, so stage 1 has nothing to train or show; set it to a learned kind \(afi, "),
-    (("MODEL.AFI.INTERP", "sapa"), r"MODEL.AFI.INTERP: Unknown upsampler kind 'sapa'; expected one of \['afi', "),
-    (("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.GROUPS", 3), r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*groups"),
-    (("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.STYLE", "xy"), r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*style"),
-    (("MODEL.AFI.INTERP", "carafe", "MODEL.AFI.CARAFE.UP_KERNEL", 4), r"MODEL.AFI.INTERP 'carafe' with MODEL.AFI.CARAFE: "),
-])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (
+            ("MODEL.AFI.INTERP", "nearest"),
+            r"MODEL.AFI.INTERP 'nearest' has no parameters, so stage 1 has nothing to train or show; "
+            r"set it to a learned kind \(afi, ",
+        ),
+        (("MODEL.AFI.INTERP", "sapa"), r"MODEL.AFI.INTERP: Unknown upsampler kind 'sapa'; expected one of \['afi', "),
+        (
+            ("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.GROUPS", 3),
+            r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*groups",
+        ),
+        (
+            ("MODEL.AFI.INTERP", "dysample", "MODEL.AFI.DYSAMPLE.STYLE", "xy"),
+            r"MODEL.AFI.INTERP 'dysample' with MODEL.AFI.DYSAMPLE: .*style",
+        ),
+        (
+            ("MODEL.AFI.INTERP", "carafe", "MODEL.AFI.CARAFE.UP_KERNEL", 4),
+            r"MODEL.AFI.INTERP 'carafe' with MODEL.AFI.CARAFE: ",
+        ),
+    ],
+)
 def test_bad_upsampler_settings_are_one_sentence(teacher, tmp_path, opts, match):
     with pytest.raises(ValueError, match=match):
         Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path), "MODEL.GUIDE_WEIGHTS", teacher, *opts))
@@ -225,7 +287,10 @@ def test_configs_of_each_kind_differ_from_the_baseline_only_in_the_upsampler():
     for name in names:
         cfg = make_cfg(f"upsamplers/{name}")
         diff = {k for k in _flat(cfg) if _flat(cfg)[k] != _flat(base)[k]}
-        assert diff <= {"OUTPUT_DIR", "MODEL.AFI.INTERP", "MODEL.AFI.SHARED", "MODEL.AFI.DYSAMPLE.DYSCOPE"}, (name, diff)
+        assert diff <= {"OUTPUT_DIR", "MODEL.AFI.INTERP", "MODEL.AFI.SHARED", "MODEL.AFI.DYSAMPLE.DYSCOPE"}, (
+            name,
+            diff,
+        )
 
 
 def _flat(node, prefix=""):

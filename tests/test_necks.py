@@ -4,15 +4,25 @@ from torch.nn import functional as F
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg, toy_batch  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from afigan.layers import AFInterpolator  # noqa: E402
-from d2_helpers import make_cfg, toy_batch  # noqa: E402
 
-SMALL = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.FPN.OUT_CHANNELS", 32,
-         "MODEL.AFI.NUM_BLOCKS", 1, "MODEL.AFI.GROWTH", 8]
+SMALL = [
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.FPN.OUT_CHANNELS",
+    32,
+    "MODEL.AFI.NUM_BLOCKS",
+    1,
+    "MODEL.AFI.GROWTH",
+    8,
+]
 
 
 def _count_calls(module):
@@ -50,8 +60,16 @@ def test_afi_interpolator_is_one_shared_module(name, calls):
 
 
 def test_pafpn_matches_its_definition():
-    neck = build_backbone(make_cfg("Base-RCNN-FPN-AFIGAN.yaml", *SMALL, "MODEL.BACKBONE.NAME", "build_resnet_pafpn_sr_backbone",
-                                   "MODEL.AFI.INTERP", "nearest")).eval()
+    neck = build_backbone(
+        make_cfg(
+            "Base-RCNN-FPN-AFIGAN.yaml",
+            *SMALL,
+            "MODEL.BACKBONE.NAME",
+            "build_resnet_pafpn_sr_backbone",
+            "MODEL.AFI.INTERP",
+            "nearest",
+        )
+    ).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         out = neck(x)

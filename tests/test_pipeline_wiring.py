@@ -1,5 +1,6 @@
 """What the pipeline passes to each stage, per the stage table: earlier outputs, the teacher, and
 the command line winning over both the table and the stage YAMLs."""
+
 import argparse
 import os
 import shutil
@@ -8,9 +9,10 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import CONFIGS, make_cfg  # noqa: E402
+
 from afigan.engine.pipeline import Pipeline, stage_final_files  # noqa: E402
 from afigan.engine.stages import STAGES, final_files  # noqa: E402
-from d2_helpers import CONFIGS, make_cfg  # noqa: E402
 
 
 def _config_set(tmp_path, stage1_weights="", stage2_weights=""):
@@ -34,16 +36,29 @@ def _stage_cfg(pipeline, stage, out):
 
 
 def _pipeline(config_dir, out, *opts):
-    args = argparse.Namespace(num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto", opts=[], config_file="",
-                              resume=True, eval_only=False)
+    args = argparse.Namespace(
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+        opts=[],
+        config_file="",
+        resume=True,
+        eval_only=False,
+    )
     return Pipeline(config_dir, out, args, list(opts))
 
 
 def test_stage_table_and_final_files():
     assert list(STAGES) == ["stage0", "stage1", "stage2", "stage3"]
-    assert final_files("stage1", "o") == [os.path.join("o", "G_0", "model_final.pth"), os.path.join("o", "D_0", "model_final.pth")]
-    assert final_files("stage2", "o") == [os.path.join("o", "AFExtractor", "model_final.pth"),
-                                          os.path.join("o", "Disc", "model_final.pth")]
+    assert final_files("stage1", "o") == [
+        os.path.join("o", "G_0", "model_final.pth"),
+        os.path.join("o", "D_0", "model_final.pth"),
+    ]
+    assert final_files("stage2", "o") == [
+        os.path.join("o", "AFExtractor", "model_final.pth"),
+        os.path.join("o", "Disc", "model_final.pth"),
+    ]
     assert final_files("stage3", "o") == [os.path.join("o", "model_final.pth")]
     assert [s for s in STAGES if STAGES[s].evaluates] == ["stage0", "stage3"]
 

@@ -1,5 +1,6 @@
 """tools/plot_metrics.py (afigan/analysis/metrics.py), its call at the end of the pipeline, and the
 TensorBoard event files of stages 1-2 (Detectron2's default writers, afigan/engine/adversarial.py)."""
+
 import argparse
 import glob
 import json
@@ -15,14 +16,14 @@ import torch
 pytest.importorskip("detectron2")
 pytest.importorskip("matplotlib")
 
+from d2_helpers import CONFIGS, REPO  # noqa: E402
 from PIL import Image  # noqa: E402
+from stage_helpers import save_teacher, stage_cfg  # noqa: E402
 
 from afigan.analysis.metrics import find_metrics, plot_metrics, read_metrics  # noqa: E402
 from afigan.engine import Stage1Trainer  # noqa: E402
 from afigan.engine import pipeline as pipeline_module  # noqa: E402
 from afigan.engine.pipeline import Pipeline  # noqa: E402
-from d2_helpers import CONFIGS, REPO  # noqa: E402
-from stage_helpers import save_teacher, stage_cfg  # noqa: E402
 
 PANEL_PX = 380  # figsize height per panel (3.8 in) x 100 dpi, afigan/analysis/metrics.py
 
@@ -36,8 +37,16 @@ def stage1_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        cfg = stage_cfg("toy/pipeline/stage1.yaml", str(out), "MODEL.GUIDE_WEIGHTS", teacher, "SOLVER.MAX_ITER", 21,
-                        "SOLVER.CHECKPOINT_PERIOD", 100)
+        cfg = stage_cfg(
+            "toy/pipeline/stage1.yaml",
+            str(out),
+            "MODEL.GUIDE_WEIGHTS",
+            teacher,
+            "SOLVER.MAX_ITER",
+            21,
+            "SOLVER.CHECKPOINT_PERIOD",
+            100,
+        )
         trainer = Stage1Trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
@@ -68,8 +77,10 @@ def _pipeline_layout(root, stage1_run):
     os.makedirs(os.path.join(root, "stage3"))
     os.makedirs(os.path.join(root, "eval"))  # no metrics.json: not a panel
     shutil.copy(os.path.join(stage1_run, "metrics.json"), os.path.join(root, "stage1", "metrics.json"))
-    lines = [{"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1), "lr": 0.01 * min(1, i / 20)}
-             for i in range(19, 60, 20)]
+    lines = [
+        {"iteration": i, "total_loss": 2.0 / (i + 1), "loss_cls": 1.0 / (i + 1), "lr": 0.01 * min(1, i / 20)}
+        for i in range(19, 60, 20)
+    ]
     lines.insert(2, {"iteration": 39, "total_loss": 99.0, "lr": 0.5})  # the resumed run's copy wins
     lines += [{"iteration": 40, "bbox/AP": 3.5, "segm/AP": 2.5}, {"iteration": 60, "bbox/AP": 7.0, "segm/AP": 6.0}]
     with open(os.path.join(root, "stage3", "metrics.json"), "w") as f:
@@ -82,8 +93,12 @@ def test_pipeline_layout_one_panel_per_stage(stage1_run, tmp_path):
     records = read_metrics(str(tmp_path / "stage3" / "metrics.json"))
     assert [r["iteration"] for r in records] == [19, 39, 40, 59, 60]
     assert records[1]["total_loss"] == 99.0 and records[1]["loss_cls"] == pytest.approx(1 / 40)
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     png = tmp_path / "metrics.png"
     assert out.stdout.strip() == f"wrote {png}"
@@ -92,12 +107,17 @@ def test_pipeline_layout_one_panel_per_stage(stage1_run, tmp_path):
 
 def test_folder_without_metrics_says_so(tmp_path):
     (tmp_path / "stage1").mkdir()
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [
         f"plot_metrics: No metrics.json in {str(tmp_path)!r} or its sub-folders: nothing to plot (give a stage's "
-        f"OUTPUT_DIR or a pipeline's --output-dir after training)."]
+        f"OUTPUT_DIR or a pipeline's --output-dir after training)."
+    ]
     assert not os.path.exists(tmp_path / "metrics.png")
 
 
@@ -135,4 +155,5 @@ def test_pipeline_without_matplotlib_logs_one_line_and_goes_on(finished_pipeline
     assert finished_pipeline.run() == {"bbox": {"AP": 7.0}}
     assert os.path.isfile(tmp_path / "results.json") and not os.path.exists(tmp_path / "metrics.png")
     assert [m for m in caplog.messages if m.startswith("metrics:")] == [
-        "metrics: no plot (ImportError: No module named 'matplotlib')"]
+        "metrics: no plot (ImportError: No module named 'matplotlib')"
+    ]

@@ -2,6 +2,7 @@
 labeled + pseudo-labeled images with per-source repeat factors, and the pipeline's
 stage3_pseudo.yaml step (afigan/analysis/pseudo_label.py, afigan/data/{toy_shapes,datasets,loader}.py,
 afigan/engine/pipeline.py). A random-weight toy Mask R-CNN at ~100 px plays the trained model."""
+
 import json
 import os
 
@@ -11,6 +12,7 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
+from d2_helpers import CONFIGS, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
@@ -18,9 +20,14 @@ from pycocotools.coco import COCO  # noqa: E402
 from afigan.analysis.pseudo_label import assign_image_ids, pseudo_label_main  # noqa: E402
 from afigan.data.datasets import register_toy_dataset  # noqa: E402
 from afigan.data.loader import build_index_sampler, load_train_dataset  # noqa: E402
-from afigan.data.toy_shapes import (TOY_CATEGORIES, UNLABELED_FIRST_ID, ensure_toy_unlabeled,  # noqa: E402
-                                    make_toy_dataset, toy_paths, toy_unlabeled_paths)
-from d2_helpers import CONFIGS, make_cfg  # noqa: E402
+from afigan.data.toy_shapes import (
+    TOY_CATEGORIES,
+    UNLABELED_FIRST_ID,
+    ensure_toy_unlabeled,  # noqa: E402
+    make_toy_dataset,
+    toy_paths,
+    toy_unlabeled_paths,
+)
 
 CONFIG = "toy/pipeline/stage3.yaml"
 SMALL = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 160]
@@ -42,10 +49,24 @@ def toy(tmp_path_factory):
 
 
 def _label(toy, out, threshold, images=None, *opts):
-    return pseudo_label_main(["--config-file", os.path.join(CONFIGS, CONFIG), "--images",
-                              images or toy_unlabeled_paths(toy["root"])[1], "--output", out, "--score-threshold",
-                              str(threshold), "MODEL.WEIGHTS", toy["weights"], "DATASETS.TRAIN", "('pl_toy_train',)",
-                              *map(str, SMALL), *opts])
+    return pseudo_label_main(
+        [
+            "--config-file",
+            os.path.join(CONFIGS, CONFIG),
+            "--images",
+            images or toy_unlabeled_paths(toy["root"])[1],
+            "--output",
+            out,
+            "--score-threshold",
+            str(threshold),
+            "MODEL.WEIGHTS",
+            toy["weights"],
+            "DATASETS.TRAIN",
+            "('pl_toy_train',)",
+            *map(str, SMALL),
+            *opts,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +127,27 @@ def test_pseudo_labels_are_a_valid_coco_file_of_the_unlabeled_split(toy, labels)
 def test_images_by_data_set_name_and_image_ids_without_image_info(toy, tmp_path):
     out = str(tmp_path / "by_name.json")
     _label(toy, out, 0.9, "pl_toy_unlabeled")
-    assert sorted(im["id"] for im in json.load(open(out))["images"]) == list(range(UNLABELED_FIRST_ID, UNLABELED_FIRST_ID + 5))
-    assert assign_image_ids(["d/000000000139.jpg", "d/000000000285.jpg"]) == {"d/000000000139.jpg": 139,
-                                                                               "d/000000000285.jpg": 285}
+    assert sorted(im["id"] for im in json.load(open(out))["images"]) == list(
+        range(UNLABELED_FIRST_ID, UNLABELED_FIRST_ID + 5)
+    )
+    assert assign_image_ids(["d/000000000139.jpg", "d/000000000285.jpg"]) == {
+        "d/000000000139.jpg": 139,
+        "d/000000000285.jpg": 285,
+    }
     assert assign_image_ids(["d/cat.jpg", "d/dog.jpg"]) == {"d/cat.jpg": 1, "d/dog.jpg": 2}
 
 
 def _train_cfg(labels, *factors, mask_format="bitmask"):
-    return make_cfg(CONFIG, *SMALL, "DATASETS.TRAIN", ("pl_toy_train", "pseudo:" + labels["file"]),
-                    "DATALOADER.SOURCE_REPEAT_FACTORS", list(factors), "INPUT.MASK_FORMAT", mask_format)
+    return make_cfg(
+        CONFIG,
+        *SMALL,
+        "DATASETS.TRAIN",
+        ("pl_toy_train", "pseudo:" + labels["file"]),
+        "DATALOADER.SOURCE_REPEAT_FACTORS",
+        list(factors),
+        "INPUT.MASK_FORMAT",
+        mask_format,
+    )
 
 
 @pytest.mark.parametrize("factors", [(1.0, 0.5), (1.0, 2.5)])
@@ -130,7 +163,9 @@ def test_source_repeat_factors_set_how_often_each_source_is_drawn(toy, labels, f
 
 
 def test_bad_source_inputs_are_one_sentence(toy, labels):
-    with pytest.raises(ValueError, match=r"SOURCE_REPEAT_FACTORS \(1\.0,\) needs one positive factor per DATASETS\.TRAIN"):
+    with pytest.raises(
+        ValueError, match=r"SOURCE_REPEAT_FACTORS \(1\.0,\) needs one positive factor per DATASETS\.TRAIN"
+    ):
         load_train_dataset(_train_cfg(labels, 1.0))
     with pytest.raises(ValueError, match="set INPUT.MASK_FORMAT bitmask"):
         load_train_dataset(_train_cfg(labels, 1.0, 1.0, mask_format="polygon"))
@@ -139,12 +174,26 @@ def test_bad_source_inputs_are_one_sentence(toy, labels):
 
 
 def test_training_on_labeled_and_pseudo_labeled_images_runs_a_step(toy, labels, tmp_path):
-    from afigan.engine.detector import DetectorTrainer
     from stage_helpers import stage_cfg
 
-    cfg = stage_cfg(CONFIG, str(tmp_path), "DATASETS.TRAIN", ("pl_toy_train", "pseudo:" + labels["file"]),
-                    "DATALOADER.SOURCE_REPEAT_FACTORS", [1.0, 4.0], "INPUT.MASK_FORMAT", "bitmask",
-                    "DATASETS.TEST", (), "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4)
+    from afigan.engine.detector import DetectorTrainer
+
+    cfg = stage_cfg(
+        CONFIG,
+        str(tmp_path),
+        "DATASETS.TRAIN",
+        ("pl_toy_train", "pseudo:" + labels["file"]),
+        "DATALOADER.SOURCE_REPEAT_FACTORS",
+        [1.0, 4.0],
+        "INPUT.MASK_FORMAT",
+        "bitmask",
+        "DATASETS.TEST",
+        (),
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.IMS_PER_BATCH",
+        4,
+    )
     trainer = DetectorTrainer(cfg)
     batch = next(iter(trainer.build_train_loader(cfg, 0, trainer.train_dataset)))
     assert any(d["train_source"] == 1 for d in batch)  # pseudo-labeled images (4x as likely) are in it
@@ -159,18 +208,40 @@ def test_pipeline_pseudo_labels_between_two_stage3_trainings(toy, tool, tmp_path
     """configs/toy/pipeline_self_training: stages 0-3 done (their files in place), so the run
     pseudo-labels with the stage-3 model, trains stage3_pseudo on labeled + pseudo and evaluates it."""
     out = tmp_path / "out"
-    for stage, files in (("stage0", ["model_final.pth"]), ("stage1", ["G_0/model_final.pth", "D_0/model_final.pth"]),
-                         ("stage2", ["AFExtractor/model_final.pth", "Disc/model_final.pth"]),
-                         ("stage3", ["model_final.pth"])):
+    for stage, files in (
+        ("stage0", ["model_final.pth"]),
+        ("stage1", ["G_0/model_final.pth", "D_0/model_final.pth"]),
+        ("stage2", ["AFExtractor/model_final.pth", "Disc/model_final.pth"]),
+        ("stage3", ["model_final.pth"]),
+    ):
         for f in files:
             os.makedirs(os.path.dirname(out / stage / f), exist_ok=True)
             # The saved toy Mask R-CNN: stage 3's model, and stage 2's file for its srf_module tensors.
             os.symlink(toy["weights"], out / stage / f)
-    code, err, output = tool("pipeline", "--config-dir", os.path.join(CONFIGS, "toy", "pipeline_self_training"),
-                             "--output-dir", out, "DATASETS.TRAIN", "('pl_toy_train',)", "DATASETS.TEST", "('pl_toy_val',)",
-                             "SELF_TRAINING.IMAGES", "('pl_toy_unlabeled',)", "SELF_TRAINING.SCORE_THRESHOLD", 0.3,
-                             "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(96,)",
-                             "INPUT.MAX_SIZE_TRAIN", 160, *SMALL)
+    code, err, output = tool(
+        "pipeline",
+        "--config-dir",
+        os.path.join(CONFIGS, "toy", "pipeline_self_training"),
+        "--output-dir",
+        out,
+        "DATASETS.TRAIN",
+        "('pl_toy_train',)",
+        "DATASETS.TEST",
+        "('pl_toy_val',)",
+        "SELF_TRAINING.IMAGES",
+        "('pl_toy_unlabeled',)",
+        "SELF_TRAINING.SCORE_THRESHOLD",
+        0.3,
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "INPUT.MIN_SIZE_TRAIN",
+        "(96,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        160,
+        *SMALL,
+    )
     assert code == 0, err
     assert "[pipeline] stage3: skipped, already done" in output
     assert "[pipeline] pseudo-labels: running: the stage-3 model" in output

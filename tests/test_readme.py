@@ -1,4 +1,5 @@
 """Every output path a README command reads was written by an earlier README command."""
+
 import os
 import re
 import shlex
@@ -42,7 +43,9 @@ def written_and_read(kind, command):
     if "--config-file" in tokens and "OUTPUT_DIR" not in tokens:
         config = tokens[tokens.index("--config-file") + 1]
         if config.endswith(".yaml") and os.path.isfile(os.path.join(REPO, config)):  # not a user's own file
-            writes.append(make_cfg(os.path.relpath(os.path.join(REPO, config), os.path.join(REPO, "configs"))).OUTPUT_DIR)
+            writes.append(
+                make_cfg(os.path.relpath(os.path.join(REPO, config), os.path.join(REPO, "configs"))).OUTPUT_DIR
+            )
     return writes, reads
 
 
@@ -60,6 +63,9 @@ def test_every_read_output_path_was_written_before():
 
 
 def test_the_check_can_fail():
-    writes, reads = written_and_read("bash", "python tools/run_net.py --eval-only --config-file configs/toy/fpn_toy.yaml "
-                                              "MODEL.WEIGHTS output/nowhere/model_final.pth")
+    writes, reads = written_and_read(
+        "bash",
+        "python tools/run_net.py --eval-only --config-file configs/toy/fpn_toy.yaml "
+        "MODEL.WEIGHTS output/nowhere/model_final.pth",
+    )
     assert writes == ["output/toy/fpn_toy"] and reads == ["output/nowhere/model_final.pth"]

@@ -1,5 +1,6 @@
 """ResNeSt backbone: exact reference key/shape layout, checkpoint round trip, a small forward/backward,
 split-attention properties and clear config errors."""
+
 import os
 
 import pytest
@@ -7,15 +8,14 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-import afigan  # noqa: E402,F401  (registers the builders)
+from conftest import load_listing, random_state_dict  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
+import afigan  # noqa: E402,F401  (registers the builders)
 from afigan.modeling.backbones.resnest import ResNeStBottleneckBlock, build_resnest_backbone  # noqa: E402
-from conftest import load_listing, random_state_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NECKS = ["FPN", "PAFPN"]
@@ -112,9 +112,16 @@ def test_small_resnest_forward_backward(neck):
     assert sorted(feats) == sorted(strides)
     for name, s in strides.items():
         assert tuple(feats[name].shape) == (1, 64, -(-96 // s), -(-128 // s)), name
-    assert {k: (v.channels, v.stride) for k, v in backbone.output_shape().items()} == {k: (64, s) for k, s in strides.items()}
+    assert {k: (v.channels, v.stride) for k, v in backbone.output_shape().items()} == {
+        k: (64, s) for k, s in strides.items()
+    }
     sum(f.square().mean() for f in feats.values()).backward()
-    for p in [bu.stem.conv1_1.weight, bu.res2[0].conv2.fc2.weight, bu.res5[2].conv2.conv.weight, bu.res3[0].shortcut.weight]:
+    for p in [
+        bu.stem.conv1_1.weight,
+        bu.res2[0].conv2.fc2.weight,
+        bu.res5[2].conv2.conv.weight,
+        bu.res3[0].shortcut.weight,
+    ]:
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.srf_module.parameters())
 
@@ -146,12 +153,14 @@ def split_attention(channels: int, radix: int, norm: str = "BN", groups: int = 1
     """The split-attention conv a ResNeSt block builds (its conv2); radix 1, which a block builds as a
     plain conv, from timm's SplitAttn the same way."""
     if radix > 1:
-        return ResNeStBottleneckBlock(channels, 4 * channels, bottleneck_channels=channels // groups,
-                                      num_groups=groups, norm=norm, radix=radix).conv2
+        return ResNeStBottleneckBlock(
+            channels, 4 * channels, bottleneck_channels=channels // groups, num_groups=groups, norm=norm, radix=radix
+        ).conv2
     from timm.layers import SplitAttn
 
-    return SplitAttn(channels, channels, 3, padding=1, groups=groups, radix=1,
-                     norm_layer=torch.nn.BatchNorm2d if norm else None)
+    return SplitAttn(
+        channels, channels, 3, padding=1, groups=groups, radix=1, norm_layer=torch.nn.BatchNorm2d if norm else None
+    )
 
 
 def test_radix_softmax_sums_to_one_across_radix():
@@ -174,7 +183,16 @@ def test_split_attention_parameter_counts():
     r2 = split_attention(64, 2)
     assert count(r2) == 128 * 32 * 9 + 256 + (32 * 64 + 32) + 64 + (128 * 32 + 128)
     assert [k for k in r2.state_dict() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))] == [
-        "conv.weight", "bn0.weight", "bn0.bias", "fc1.weight", "fc1.bias", "bn1.weight", "bn1.bias", "fc2.weight", "fc2.bias"]
+        "conv.weight",
+        "bn0.weight",
+        "bn0.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "bn1.weight",
+        "bn1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ]
     r1 = split_attention(64, 1)
     assert count(r1) == 64 * 64 * 9 + 128 + (32 * 64 + 32) + 64 + (64 * 32 + 64)
     assert count(r2) - count(r1) == 2240
@@ -182,13 +200,30 @@ def test_split_attention_parameter_counts():
     assert y.shape == (2, 64, 9, 9)
     # No norm: bn0/bn1 are parameter-free identities, so the keys are the reference's use_bn=False ones.
     assert sorted(split_attention(64, 2, norm="").state_dict()) == [
-        "conv.weight", "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+        "conv.weight",
+        "fc1.bias",
+        "fc1.weight",
+        "fc2.bias",
+        "fc2.weight",
+    ]
 
 
-@pytest.mark.parametrize("width, radix, groups", [
-    (64, 2, 1), (128, 2, 1), (256, 2, 1), (512, 2, 1),  # ResNeSt-50/101/200/269 (and the toy's 16, 32)
-    (16, 2, 1), (32, 2, 1), (66, 2, 1), (45, 3, 1), (48, 3, 2), (96, 4, 4), (100, 2, 2),
-])
+@pytest.mark.parametrize(
+    "width, radix, groups",
+    [
+        (64, 2, 1),
+        (128, 2, 1),
+        (256, 2, 1),
+        (512, 2, 1),  # ResNeSt-50/101/200/269 (and the toy's 16, 32)
+        (16, 2, 1),
+        (32, 2, 1),
+        (66, 2, 1),
+        (45, 3, 1),
+        (48, 3, 2),
+        (96, 4, 4),
+        (100, 2, 2),
+    ],
+)
 def test_split_attention_width_is_the_references(width, radix, groups):
     from timm.layers import make_divisible
 
@@ -208,13 +243,16 @@ def test_split_attention_conv_keeps_pytorch_default_init():
 def reference_split_attention(m, x, radix, groups, norm):
     """conv -> norm -> ReLU -> radix split -> GAP of the sum -> fc1 -> norm -> ReLU -> fc2 ->
     softmax over the splits (sigmoid for radix 1) -> attention-weighted sum of the splits."""
+
     def bn(t, mod):
-        return F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps) if norm else t
+        return (
+            F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps) if norm else t
+        )
 
     conv = m.conv
     y = F.relu(bn(F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups * radix), m.bn0))
     c = y.shape[1] // radix
-    splits = [y[:, r * c:(r + 1) * c] for r in range(radix)]
+    splits = [y[:, r * c : (r + 1) * c] for r in range(radix)]
     gap = sum(splits).mean(dim=(2, 3), keepdim=True)
     a = F.relu(bn(F.conv2d(gap, m.fc1.weight, m.fc1.bias, groups=groups), m.bn1))
     logits = F.conv2d(a, m.fc2.weight, m.fc2.bias, groups=groups)  # channels (group, split, c / groups)
@@ -226,7 +264,9 @@ def reference_split_attention(m, x, radix, groups, norm):
     return sum(att[:, r] * splits[r] for r in range(radix))
 
 
-@pytest.mark.parametrize("radix, groups, norm", [(1, 1, "BN"), (1, 2, ""), (2, 1, "BN"), (2, 2, "BN"), (2, 1, ""), (4, 2, "BN")])
+@pytest.mark.parametrize(
+    "radix, groups, norm", [(1, 1, "BN"), (1, 2, ""), (2, 1, "BN"), (2, 2, "BN"), (2, 1, ""), (4, 2, "BN")]
+)
 def test_split_attention_equals_reference_math(radix, groups, norm):
     m = split_attention(64, radix, norm=norm, groups=groups).eval()
     with torch.no_grad():

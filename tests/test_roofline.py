@@ -1,5 +1,6 @@
 """The roofline benchmark's arithmetic (afigan/benchmark/roofline.py): FLOP counts against fvcore and
 against the formula, the rows it builds, and the targets it checks. Timing itself is never tested."""
+
 import pytest
 import torch
 
@@ -45,8 +46,12 @@ def test_plain_conv_row_counts_forward_and_backward():
 
 def test_module_rows_of_one_variant():
     rows = module_rows(64, ["fp32", "fp32 D patch 64"], "cpu", repeats=1, channels=16)
-    assert [r["component"] for r in rows] == ["AF interpolator fwd", "discriminator fwd", "AF interpolator fwd+bwd",
-                                              "discriminator fwd+bwd"]  # D patches change steps only
+    assert [r["component"] for r in rows] == [
+        "AF interpolator fwd",
+        "discriminator fwd",
+        "AF interpolator fwd+bwd",
+        "discriminator fwd+bwd",
+    ]  # D patches change steps only
     fwd = rows[0]
     assert fwd["input"] == [1, 16, 8, 12]
     assert round(fwd["fvcore_gflops"] * 1e9 - fwd["gflops"] * 1e9) == 2 * 4 * 16 * 16 * 24  # + fvcore's bilinear skip
@@ -72,7 +77,9 @@ def test_targets_are_checked_against_the_issue_thresholds():
     got = {t["target"].split(" ")[0]: t for t in targets(rows)}
     assert not got["AF"]["met"] and got["AF"]["value"] == 0.69
     assert got["stage-3"]["met"] and got["stage-3"]["value"] == pytest.approx(2.1)  # <= 1.1 x 2.0
-    assert got["stage-1"]["met"] and got["stage-1"]["value"] == pytest.approx(0.7) and "(bf16)" in got["stage-1"]["target"]
+    assert (
+        got["stage-1"]["met"] and got["stage-1"]["value"] == pytest.approx(0.7) and "(bf16)" in got["stage-1"]["target"]
+    )
     rows[1]["seconds"] = 2.25  # above 1.1 x 2
     rows[4]["seconds"] = 7.01
     got = {t["target"].split(" ")[0]: t for t in targets(rows)}

@@ -1,6 +1,7 @@
 """The fast paths of afigan.layers (pure PyTorch, tested on every machine): each equals the plain
 one. The dense blocks' preallocated buffer (inference), channels_last G and D, and D on random
 patches of each level."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -47,8 +48,14 @@ def test_interpolator_inference_path_equals_training_path():
     assert torch.equal(fast, g(x).detach())
 
 
-@pytest.mark.parametrize("make", [lambda: AFInterpolator(channels=16, num_blocks=1, growth=8),
-                                  lambda: FeaturePatchDiscriminator(channels=16, base_width=8)], ids=["G", "D"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AFInterpolator(channels=16, num_blocks=1, growth=8),
+        lambda: FeaturePatchDiscriminator(channels=16, base_width=8),
+    ],
+    ids=["G", "D"],
+)
 def test_channels_last_gives_the_same_outputs_gradients_and_keys(make):
     torch.manual_seed(2)
     plain = make()
@@ -101,7 +108,7 @@ def test_patch_loss_is_the_loss_of_d_on_the_drawn_window():
     losses = discriminator_loss(d, real, fake, patch_size=4)
     for level, (top, left, h, w) in zip(("p2", "p3"), windows):
         assert (h, w) == (4, 4)
-        crop = lambda t: t[..., top:top + h, left:left + w]  # noqa: E731
+        crop = lambda t: t[..., top : top + h, left : left + w]  # noqa: E731
         want_real = F.binary_cross_entropy_with_logits(d(crop(real[level])), torch.ones(2, 1, 4, 4))
         want_fake = F.binary_cross_entropy_with_logits(d(crop(fake[level])), torch.zeros(2, 1, 4, 4))
         assert torch.allclose(losses[f"loss_d_real_{level}"], want_real, rtol=1e-6)

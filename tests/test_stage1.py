@@ -8,9 +8,10 @@ pytest.importorskip("detectron2")
 
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from stage_helpers import StopAt as _StopAt  # noqa: E402
+from stage_helpers import params, save_teacher, stage_cfg
 
 from afigan.engine import Stage1Trainer  # noqa: E402
-from stage_helpers import StopAt as _StopAt, params, save_teacher, stage_cfg  # noqa: E402
 
 CFG = "toy/pipeline/stage1.yaml"
 
@@ -64,8 +65,18 @@ def test_legacy_detached_adversarial_term_gives_g_no_gradient(tmp_path, teacher)
 def test_content_loss_falls_on_a_fixed_batch_and_teacher_never_changes(tmp_path, teacher):
     # SGD on an L1 loss through a x0.1-initialised branch moves slowly: a high G learning rate
     # (D kept at 1e-3, it diverges otherwise) makes the fall visible in 20 steps (measured ~3 %).
-    t = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 20, "SOLVER.BASE_LR", 0.3, "MODEL.AFI.DIS.BASE_LR", 0.001,
-                 "SOLVER.CHECKPOINT_PERIOD", 1000)
+    t = _trainer(
+        tmp_path,
+        teacher,
+        "SOLVER.MAX_ITER",
+        20,
+        "SOLVER.BASE_LR",
+        0.3,
+        "MODEL.AFI.DIS.BASE_LR",
+        0.001,
+        "SOLVER.CHECKPOINT_PERIOD",
+        1000,
+    )
     batch, _ = t.next_batch()
     t.data_loader = itertools.repeat(batch)
     teacher_before = params(t.teacher)
@@ -212,7 +223,9 @@ def test_annotations_without_usable_boxes_are_one_sentence(tmp_path, teacher):
     if name not in DatasetCatalog.list():
         register_coco_instances(name, {}, json_file, image_root)
     try:
-        with pytest.raises(ValueError, match=r"DATASETS.TRAIN \('afigan_test_all_crowd',\) gives no usable training image"):
+        with pytest.raises(
+            ValueError, match=r"DATASETS.TRAIN \('afigan_test_all_crowd',\) gives no usable training image"
+        ):
             _trainer(tmp_path / "out", teacher, "DATASETS.TRAIN", (name,))
     finally:
         DatasetCatalog.remove(name)

@@ -6,9 +6,11 @@ import torch
 pytest.importorskip("detectron2")
 
 
+from stage_helpers import TINY, params, stage1_chain, stage_args, stage_cfg
+from stage_helpers import StopAt as _StopAt  # noqa: E402
+
 from afigan.engine import DetectorTrainer, Stage2Trainer  # noqa: E402
 from afigan.engine.cli import eval_only, stage_main  # noqa: E402
-from stage_helpers import StopAt as _StopAt, TINY, params, stage1_chain, stage_args, stage_cfg  # noqa: E402
 
 SRF = "backbone.srf_module."
 
@@ -21,9 +23,21 @@ def chain(tmp_path_factory):
 
 def _stage2(chain, out, *opts):
     torch.manual_seed(0)
-    return Stage2Trainer(stage_cfg("toy/pipeline/stage2.yaml", str(out), "MODEL.GUIDE_WEIGHTS", chain["teacher"],
-                                   "MODEL.WEIGHTS", chain["teacher"], "MODEL.AFI_GEN_WEIGHTS", chain["G"],
-                                   "MODEL.AFI_DIS_WEIGHTS", chain["D"], *opts))
+    return Stage2Trainer(
+        stage_cfg(
+            "toy/pipeline/stage2.yaml",
+            str(out),
+            "MODEL.GUIDE_WEIGHTS",
+            chain["teacher"],
+            "MODEL.WEIGHTS",
+            chain["teacher"],
+            "MODEL.AFI_GEN_WEIGHTS",
+            chain["G"],
+            "MODEL.AFI_DIS_WEIGHTS",
+            chain["D"],
+            *opts,
+        )
+    )
 
 
 def test_stage1_generator_lands_in_stage2_srf_module(chain, tmp_path):
@@ -50,12 +64,22 @@ def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path
     t.train()
     assert len(calls) == 2  # one backbone pass of M per iteration
     keys = set(t.storage.histories())
-    assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_content_p2", "loss_adv_p6", "loss_d_real_p3", "M_total_loss", "D_total_loss"} <= keys
+    assert {
+        "loss_cls",
+        "loss_mask",
+        "loss_rpn_cls",
+        "loss_content_p2",
+        "loss_adv_p6",
+        "loss_d_real_p3",
+        "M_total_loss",
+        "D_total_loss",
+    } <= keys
     assert t.scheduler_D.last_epoch == 2  # D's schedule stepped every iteration
     assert t.optimizer_D.param_groups[0]["lr"] != lr_d  # and moved D's learning rate (warm-up)
     assert os.path.isfile(tmp_path / "AFExtractor" / "model_final.pth")
     assert os.path.isfile(tmp_path / "Disc" / "model_final.pth")
-    # Inference of the AF extractor on ordinary images works (B6 of docs/differences_from_reference.md of the reference).
+    # Inference of the AF extractor on ordinary images works (B6 of docs/differences_from_reference.md of the
+    # reference).
     t.model.eval()
     with torch.no_grad():
         out = t.model([{"image": torch.randint(0, 255, (3, 97, 131), dtype=torch.uint8), "height": 97, "width": 131}])
@@ -63,7 +87,9 @@ def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path
 
 
 def test_legacy_frozen_discriminator_lr(chain, tmp_path):
-    t = _stage2(chain, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 100, "MODEL.AFI.LEGACY.FROZEN_DIS_LR", True)
+    t = _stage2(
+        chain, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.WARMUP_ITERS", 100, "MODEL.AFI.LEGACY.FROZEN_DIS_LR", True
+    )
     t.resume_or_load(resume=False)
     lr_d = t.optimizer_D.param_groups[0]["lr"]
     t.train()
@@ -94,7 +120,9 @@ def test_stage2_srf_lands_in_stage3_and_nothing_else(chain, tmp_path):
 
 def _stage3(out):
     torch.manual_seed(0)
-    return DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(out), "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2))
+    return DetectorTrainer(
+        stage_cfg("toy/pipeline/stage3.yaml", str(out), "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2)
+    )
 
 
 def test_stage3_resume_equals_uninterrupted_run(tmp_path):
@@ -123,7 +151,9 @@ def test_stage3_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_stage3_missing_af_extractor_file_is_one_sentence(tmp_path):
-    t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "MODEL.AF_EXTRACTOR_WEIGHTS", str(tmp_path / "x.pth")))
+    t = DetectorTrainer(
+        stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "MODEL.AF_EXTRACTOR_WEIGHTS", str(tmp_path / "x.pth"))
+    )
     with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*x.pth' does not exist"):
         t.resume_or_load(resume=False)
 
@@ -132,8 +162,17 @@ def test_eval_only_prints_coco_ap(tmp_path):
     t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
     t.resume_or_load(resume=False)
     t.checkpointer.save("model_final")
-    res = eval_only(stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path),
-                               "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True))
+    res = eval_only(
+        stage_args(
+            "toy/pipeline/stage3.yaml",
+            *TINY,
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "MODEL.WEIGHTS",
+            str(tmp_path / "model_final.pth"),
+            eval_only=True,
+        )
+    )
     assert set(res) == {"bbox", "segm"}
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(res["bbox"])
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
@@ -144,16 +183,25 @@ def test_stage3_train_eval_only_evaluates_and_stages_1_2_refuse_it(tmp_path):
     t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 1))
     t.resume_or_load(resume=False)
     t.checkpointer.save("model_final")
-    args = stage_args("toy/pipeline/stage3.yaml", *TINY, "OUTPUT_DIR", str(tmp_path / "eval"),
-                      "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True)
+    args = stage_args(
+        "toy/pipeline/stage3.yaml",
+        *TINY,
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+        "MODEL.WEIGHTS",
+        str(tmp_path / "model_final.pth"),
+        eval_only=True,
+    )
     res = stage_main("stage3", args)
     assert set(res) == {"bbox", "segm"} and "AP" in res["bbox"]
     assert not os.path.exists(tmp_path / "eval" / "model_final.pth")  # evaluated, not trained
     assert os.path.isfile(tmp_path / "eval" / "inference" / "afigan_toy_val" / "coco_instances_results.json")
     for stage, what in (("stage1", "the AF interpolator G"), ("stage2", "the multi-scale AF extractor")):
-        with pytest.raises(ValueError, match=rf"--eval-only: {stage} trains {what}.*evaluate a detector with tools/run_net.py --eval-only"):
+        with pytest.raises(
+            ValueError,
+            match=rf"--eval-only: {stage} trains {what}.*evaluate a detector with tools/run_net.py --eval-only",
+        ):
             stage_main(stage, stage_args(f"toy/pipeline/{stage}.yaml", eval_only=True))
-
 
 
 def test_inputs_are_checked_before_anything_is_built(tmp_path):
@@ -161,12 +209,17 @@ def test_inputs_are_checked_before_anything_is_built(tmp_path):
 
     config = "stage3/AFI-GAN_maskrcnn_R_50_FPN_3x.yaml"  # COCO: no data set here
     missing = str(tmp_path / "AFExtractor.pth")
-    args = stage_args(config, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "", "MODEL.AF_EXTRACTOR_WEIGHTS", missing)
+    args = stage_args(
+        config, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "", "MODEL.AF_EXTRACTOR_WEIGHTS", missing
+    )
     with pytest.raises(FileNotFoundError, match=r"MODEL.AF_EXTRACTOR_WEIGHTS: file '.*AFExtractor.pth' does not exist"):
         train_stage("stage3", args)
     torch.save({"model": {}}, missing)
-    with pytest.raises(FileNotFoundError, match=r"DATASETS.TRAIN: data set 'coco_2017_train' reads '.*instances_train2017.json', "
-                                                r"which does not exist; lay the data out as datasets/README.md says"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"DATASETS.TRAIN: data set 'coco_2017_train' reads '.*instances_train2017.json', "
+        r"which does not exist; lay the data out as datasets/README.md says",
+    ):
         train_stage("stage3", args)
     with pytest.raises(ValueError, match="MODEL.GUIDE_WEIGHTS is empty"):
         train_stage("stage1", stage_args("toy/pipeline/stage1.yaml", "OUTPUT_DIR", str(tmp_path / "s1")))
@@ -175,8 +228,20 @@ def test_inputs_are_checked_before_anything_is_built(tmp_path):
 def test_checkpoints_keep_the_newest_no_periodic_copy_of_the_final_one_and_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        t = DetectorTrainer(stage_cfg("toy/pipeline/stage3.yaml", str(tmp_path), "SOLVER.MAX_ITER", 4,
-                                      "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.CHECKPOINT_KEEP", 2, "DATASETS.TEST", ()))
+        t = DetectorTrainer(
+            stage_cfg(
+                "toy/pipeline/stage3.yaml",
+                str(tmp_path),
+                "SOLVER.MAX_ITER",
+                4,
+                "SOLVER.CHECKPOINT_PERIOD",
+                1,
+                "SOLVER.CHECKPOINT_KEEP",
+                2,
+                "DATASETS.TEST",
+                (),
+            )
+        )
         t.resume_or_load(resume=False)
         t.train()
     finally:

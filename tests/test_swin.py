@@ -1,5 +1,6 @@
 """Swin Transformer backbone (spec §12.2): our thin subclass of Detectron2's SwinTransformer, and the
 released Swin-L BiFPN detector's key contract."""
+
 import os
 import subprocess
 import sys
@@ -9,17 +10,16 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
-
-import afigan  # noqa: E402
-from detectron2.config import LazyCall as L, get_cfg, instantiate  # noqa: E402
+from conftest import load_listing, random_state_dict  # noqa: E402
+from detectron2.config import LazyCall as L  # noqa: E402
+from detectron2.config import get_cfg, instantiate
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
-
 from detectron2.modeling.backbone.swin import SwinTransformer as D2SwinTransformer  # noqa: E402
 from detectron2.modeling.backbone.swin import WindowAttention, window_partition  # noqa: E402
 
+import afigan  # noqa: E402
 from afigan.modeling.backbones.swin import SwinTransformer  # noqa: E402
-from conftest import load_listing, random_state_dict  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWIN_CONFIG = os.path.join(REPO, "configs", "inference", "AFI-GAN_cascade_rcnn_swint_BiFPN_ST.yaml")
@@ -82,17 +82,26 @@ def test_outputs_names_channels_strides_and_odd_sizes():
     with torch.no_grad():
         out = m(torch.randn(1, 3, 70, 45))  # padded to the patch size, then ceil-halved per stage
     assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
-        "stage2": (18, 12), "stage3": (9, 6), "stage4": (5, 3), "stage5": (3, 2)}
-    assert [k for k in m.state_dict() if k.startswith("norm")] == [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+        "stage2": (18, 12),
+        "stage3": (9, 6),
+        "stage4": (5, 3),
+        "stage5": (3, 2),
+    }
+    assert [k for k in m.state_dict() if k.startswith("norm")] == [
+        f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")
+    ]
     assert sum(p.numel() for p in m.parameters()) == 574130 and len(m.state_dict()) == 133
     assert sum(v.numel() for v in m.state_dict().values()) == 574778  # + relative_position_index buffers
     assert m.size_divisibility == 32
 
 
-@pytest.mark.parametrize("kwargs, indices", [
-    (dict(), (0, 1, 2, 3)),
-    (dict(ape=True, pretrain_img_size=64, out_features=("stage5", "stage3")), (1, 3)),
-])
+@pytest.mark.parametrize(
+    "kwargs, indices",
+    [
+        (dict(), (0, 1, 2, 3)),
+        (dict(ape=True, pretrain_img_size=64, out_features=("stage5", "stage3")), (1, 3)),
+    ],
+)
 def test_outputs_equal_detectron2_swin_exactly(kwargs, indices):
     ours = SwinTransformer(**TINY, **kwargs).eval()
     d2_kwargs = {k: v for k, v in kwargs.items() if k != "out_features"}
@@ -121,7 +130,9 @@ def test_subset_of_outputs_has_only_their_norms():
 
 
 def test_bad_depths_heads_and_input_are_one_sentence_errors():
-    with pytest.raises(ValueError, match=r"MODEL.SWINT.DEPTHS \[2, 2, 2\] and NUM_HEADS \[1, 2, 2, 4\] must have equal length"):
+    with pytest.raises(
+        ValueError, match=r"MODEL.SWINT.DEPTHS \[2, 2, 2\] and NUM_HEADS \[1, 2, 2, 4\] must have equal length"
+    ):
         SwinTransformer(**dict(TINY, depths=(2, 2, 2)))
     with pytest.raises(ValueError, match="Swin stage width 32 is not divisible by its 3 attention heads"):
         SwinTransformer(**dict(TINY, num_heads=(1, 3, 2, 4)))
@@ -137,7 +148,7 @@ def test_window_attention_equals_explicit_formula():
     assert set(mask.unique().tolist()) == {0.0, -100.0}
     n, h, d = 9, 3, 4
     q, k, v = attn.qkv(x).reshape(8, n, 3, h, d).permute(2, 0, 3, 1, 4)
-    logits = (q * d ** -0.5) @ k.transpose(-2, -1)
+    logits = (q * d**-0.5) @ k.transpose(-2, -1)
     bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(n, n, h).permute(2, 0, 1)
     logits = (logits + bias).view(2, 4, h, n, n) + mask[None, :, None]
     expected = attn.proj((logits.view(8, h, n, n).softmax(-1) @ v).transpose(1, 2).reshape(8, n, 12))
@@ -154,10 +165,16 @@ def test_shifted_blocks_alternate_and_drop_path_rises_linearly():
     assert rates == pytest.approx(torch.linspace(0, 0.7, 8).tolist())
 
 
-@pytest.mark.parametrize("freeze_at, frozen", [
-    (-1, []), (0, ["patch_embed"]), (1, ["patch_embed"]), (2, ["patch_embed", "layers.0"]),
-    (3, ["patch_embed", "layers.0", "layers.1"]),
-])
+@pytest.mark.parametrize(
+    "freeze_at, frozen",
+    [
+        (-1, []),
+        (0, ["patch_embed"]),
+        (1, ["patch_embed"]),
+        (2, ["patch_embed", "layers.0"]),
+        (3, ["patch_embed", "layers.0", "layers.1"]),
+    ],
+)
 def test_freeze_at_semantics(freeze_at, frozen):
     m = SwinTransformer(**TINY, frozen_stages=freeze_at).eval().train()
     no_grad = {n for n, p in m.named_parameters() if not p.requires_grad}
@@ -207,14 +224,17 @@ def test_builder_registered_and_reads_config():
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     m = BACKBONE_REGISTRY.get("build_swint_backbone")(cfg, ShapeSpec(channels=4))
     assert m.patch_embed.proj.in_channels == 4 and m.frozen_stages == 2
-    assert not m.layers[0].blocks[0].attn.qkv.weight.requires_grad and m.layers[1].blocks[0].attn.qkv.weight.requires_grad
+    assert (
+        not m.layers[0].blocks[0].attn.qkv.weight.requires_grad and m.layers[1].blocks[0].attn.qkv.weight.requires_grad
+    )
 
 
 def test_lazy_config_and_plain_python_construction():
     m = instantiate(L(SwinTransformer)(**TINY, out_features=["stage4"]))
     assert isinstance(m, SwinTransformer) and list(m.output_shape()) == ["stage4"]
     assert {k: v.shape for k, v in m.state_dict().items()} == {
-        k: v.shape for k, v in SwinTransformer(**TINY, out_features=("stage4",)).state_dict().items()}
+        k: v.shape for k, v in SwinTransformer(**TINY, out_features=("stage4",)).state_dict().items()
+    }
 
 
 def test_importing_afigan_does_not_import_timm():

@@ -5,8 +5,9 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from afigan.modeling.meta_arch.teacher import build_guide_model  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
+
+from afigan.modeling.meta_arch.teacher import build_guide_model  # noqa: E402
 
 CFG = "toy/pipeline/stage1.yaml"
 
@@ -47,8 +48,12 @@ def test_teacher_checkpoint_that_does_not_fit_is_one_sentence(tmp_path, referenc
 
 def test_teacher_returns_pyramid_for_a_named_image_key(reference_state):
     teacher = build_guide_model(make_cfg(CFG), load_weights=False)
-    batch = [{"image": torch.randint(0, 255, (3, 100, 130), dtype=torch.uint8),
-              "image_x0.5": torch.randint(0, 255, (3, 50, 65), dtype=torch.uint8)}]
+    batch = [
+        {
+            "image": torch.randint(0, 255, (3, 100, 130), dtype=torch.uint8),
+            "image_x0.5": torch.randint(0, 255, (3, 50, 65), dtype=torch.uint8),
+        }
+    ]
     hr, lr = teacher(batch, "image"), teacher(batch, "image_x0.5")
     assert list(hr) == ["p2", "p3", "p4", "p5", "p6"]
     assert hr["p2"].shape[-2:] == (32, 40) and lr["p2"].shape[-2:] == (16, 24)  # padded to /32

@@ -1,6 +1,7 @@
 """Test-dev submissions: ``run_net --eval-only`` on a data set without annotations (COCO test-dev's
 ``image_info_test-dev2017.json`` layout) writes ``coco_instances_results.json`` and the COCO
 server's zips instead of failing, and says where they are."""
+
 import json
 import os
 import zipfile
@@ -12,19 +13,19 @@ import torch
 pytest.importorskip("detectron2")
 
 import pycocotools.mask as mask_util  # noqa: E402
+from d2_helpers import CONFIGS  # noqa: E402
+from detector_helpers import one_thread  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
+from stage_helpers import TINY, stage_cfg  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
 from afigan.checkpoint import AFICheckpointer  # noqa: E402
 from afigan.data.toy_shapes import ensure_toy_dataset, toy_paths  # noqa: E402
 from afigan.engine.detector import DetectorTrainer  # noqa: E402
 from afigan.engine.evaluation import AFICOCOEvaluator, submission_name  # noqa: E402
-from d2_helpers import CONFIGS  # noqa: E402
-from detector_helpers import one_thread  # noqa: E402
-from stage_helpers import TINY, stage_cfg  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -64,9 +65,21 @@ def test_run_net_eval_only_writes_the_results_and_the_server_zips(tool, testdev,
     out = tmp_path / "mask_rcnn_toy"
     cfg = stage_cfg("toy/pipeline/stage3.yaml", str(out))
     AFICheckpointer(DetectorTrainer.build_model(cfg), str(out)).save("model_final")  # an untrained Mask R-CNN
-    code, err, log = tool("run_net", "--eval-only", "--config-file", os.path.join(CONFIGS, "toy/pipeline/stage3.yaml"), *TINY,
-                          "OUTPUT_DIR", out, "DATASETS.TEST", f"('{SPLIT}',)", "MODEL.WEIGHTS", out / "model_final.pth",
-                          "TEST.DETECTIONS_PER_IMAGE", 20)
+    code, err, log = tool(
+        "run_net",
+        "--eval-only",
+        "--config-file",
+        os.path.join(CONFIGS, "toy/pipeline/stage3.yaml"),
+        *TINY,
+        "OUTPUT_DIR",
+        out,
+        "DATASETS.TEST",
+        f"('{SPLIT}',)",
+        "MODEL.WEIGHTS",
+        out / "model_final.pth",
+        "TEST.DETECTIONS_PER_IMAGE",
+        20,
+    )
     assert code == 0, err[-3000:]
     folder = out / "inference" / SPLIT
     results = json.load(open(folder / "coco_instances_results.json"))
@@ -92,8 +105,14 @@ def test_run_net_eval_only_writes_the_results_and_the_server_zips(tool, testdev,
 @pytest.fixture
 def annotation_free_square(tmp_path):
     path = tmp_path / "image_info_test-dev2017.json"
-    path.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 20}],
-                                "categories": [{"id": 5, "name": "square"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 20}],
+                "categories": [{"id": 5, "name": "square"}],
+            }
+        )
+    )
     name = f"afigan_test_square_{abs(hash(str(tmp_path)))}"
     register_coco_instances(name, {}, str(path), str(tmp_path))
     DatasetCatalog.get(name)  # sets the category id mapping, as the test loader does
@@ -109,8 +128,13 @@ def test_centermask_submission_ranks_masks_by_mask_score(annotation_free_square,
     mask = np.zeros((1, 20, 20), dtype=bool)
     mask[0, 2:12, 2:12] = True
     inst.pred_masks = torch.from_numpy(mask)
-    ev = AFICOCOEvaluator(annotation_free_square, output_dir=str(tmp_path / "eval"), distributed=False,
-                          use_mask_scores=True, submission_alg="centermask_R_50_BiFPN")
+    ev = AFICOCOEvaluator(
+        annotation_free_square,
+        output_dir=str(tmp_path / "eval"),
+        distributed=False,
+        use_mask_scores=True,
+        submission_alg="centermask_R_50_BiFPN",
+    )
     ev.reset()
     ev.process([{"image_id": 7}], [{"instances": inst}])
     assert ev.evaluate() == {}  # nothing to score here
@@ -125,8 +149,14 @@ def test_centermask_submission_ranks_masks_by_mask_score(annotation_free_square,
 
 def test_submission_names_follow_the_server():
     # [type]_[testset]_[alg]_results: "_" separates the fields, so the algorithm name has none.
-    assert submission_name("datasets/coco/annotations/image_info_test-dev2017.json", "coco_2017_test-dev",
-                           "AFI-GAN_cascade_mask_rcnn_S101") == "detections_test-dev2017_AFI-GAN-cascade-mask-rcnn-S101_results"
+    assert (
+        submission_name(
+            "datasets/coco/annotations/image_info_test-dev2017.json",
+            "coco_2017_test-dev",
+            "AFI-GAN_cascade_mask_rcnn_S101",
+        )
+        == "detections_test-dev2017_AFI-GAN-cascade-mask-rcnn-S101_results"
+    )
     assert submission_name("x/unlabeled.json", "my_set", "a.b") == "detections_my-set_a-b_results"
     # Detectron2 registers COCO test-dev with its image-info file: the submission says test-dev2017.
     meta = MetadataCatalog.get("coco_2017_test-dev")

@@ -40,15 +40,18 @@ def test_polygons_inside_images_and_boxes_match_masks(toy_root):
         # mask box can be up to ~1 px inside the polygon extent on each side (1.5 px bound).
         mx, my, mw, mh = mask_utils.toBbox(rle)
         bx, by, bw, bh = ann["bbox"]
-        assert np.allclose([mx, my, mx + mw, my + mh], [bx, by, bx + bw, by + bh], atol=1.5), (ann["bbox"], (mx, my, mw, mh))
+        assert np.allclose([mx, my, mx + mw, my + mh], [bx, by, bx + bw, by + bh], atol=1.5), (
+            ann["bbox"],
+            (mx, my, mw, mh),
+        )
         assert ann["area"] == pytest.approx(float(mask_utils.area(rle)), rel=0.25)
 
 
 def test_all_scales_present(toy_root):
     coco = COCO(toy_paths(toy_root, "train")[0])
     areas = [a["area"] for a in coco.loadAnns(coco.getAnnIds())]
-    assert min(areas) < 32 ** 2 and max(areas) > 96 ** 2
-    assert any(32 ** 2 <= a <= 96 ** 2 for a in areas)
+    assert min(areas) < 32**2 and max(areas) > 96**2
+    assert any(32**2 <= a <= 96**2 for a in areas)
 
 
 def test_deterministic_from_seed(tmp_path):
@@ -58,7 +61,9 @@ def test_deterministic_from_seed(tmp_path):
     load = lambda root: json.load(open(toy_paths(root, "train")[0]))["annotations"]  # noqa: E731
     assert load(a) == load(b)
     assert load(a) != load(c)
-    with open(os.path.join(a, "train", "000001.png"), "rb") as fa, open(os.path.join(b, "train", "000001.png"), "rb") as fb:
+    with open(os.path.join(a, "train", "000001.png"), "rb") as fa, open(
+        os.path.join(b, "train", "000001.png"), "rb"
+    ) as fb:
         assert fa.read() == fb.read()
 
 

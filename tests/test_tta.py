@@ -2,20 +2,29 @@
 detectors with every afigan neck, afigan's OneStageWithTTA for FCOS and CenterMask
 (afigan/modeling/test_time_augmentation.py), and the trainer's TTA evaluation
 (afigan/engine/detector.py). Random-weight toy models at ~100 px."""
+
 import numpy as np
 import pytest
 
 pytest.importorskip("detectron2")
 
-import torch  # noqa: E402
 import detectron2.data.transforms as T  # noqa: E402
+import torch  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.modeling import GeneralizedRCNNWithTTA, build_model  # noqa: E402
 
 from afigan.modeling.test_time_augmentation import OneStageWithTTA, build_tta_model  # noqa: E402
-from d2_helpers import make_cfg  # noqa: E402
 
-SMALL = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 160, "MODEL.FCOS.INFERENCE_TH_TEST", 0.005,
-         "TEST.DETECTIONS_PER_IMAGE", 50]
+SMALL = [
+    "INPUT.MIN_SIZE_TEST",
+    96,
+    "INPUT.MAX_SIZE_TEST",
+    160,
+    "MODEL.FCOS.INFERENCE_TH_TEST",
+    0.005,
+    "TEST.DETECTIONS_PER_IMAGE",
+    50,
+]
 CASES = {
     "mask_rcnn_fpn": "toy/fpn_toy.yaml",
     "mask_rcnn_pafpn": "toy/pafpn_toy.yaml",
@@ -34,7 +43,7 @@ def _image(seed=0, h=131, w=197):
     g = np.random.RandomState(seed)
     img = g.randint(0, 80, size=(h, w, 3)).astype(np.uint8)
     for y, x, s in ((20, 30, 40), (70, 120, 50), (10, 150, 25)):
-        img[y:y + s, x:x + s] = g.randint(150, 256, size=3)
+        img[y : y + s, x : x + s] = g.randint(150, 256, size=3)
     return img
 
 
@@ -63,8 +72,9 @@ def _sorted(inst):
 
 def _run(cfg, model, inputs, sizes, flip):
     cfg = cfg.clone()
-    cfg.merge_from_list(["TEST.AUG.MIN_SIZES", tuple(sizes), "TEST.AUG.MAX_SIZE", cfg.INPUT.MAX_SIZE_TEST,
-                         "TEST.AUG.FLIP", flip])
+    cfg.merge_from_list(
+        ["TEST.AUG.MIN_SIZES", tuple(sizes), "TEST.AUG.MAX_SIZE", cfg.INPUT.MAX_SIZE_TEST, "TEST.AUG.FLIP", flip]
+    )
     with torch.no_grad():
         return [o["instances"] for o in build_tta_model(cfg, model)(inputs)]
 
@@ -119,8 +129,13 @@ def test_flips_and_scales_merge_to_at_most_the_sum_of_the_parts(case):
             (one,) = _run(cfg, model, [_hflip(x) if f else x], [s], False)
             parts.append(len(one))
     (multi,) = _run(cfg, model, [x], [size, size + 32], True)
-    assert 0 < len(multi) <= min(sum(parts), cfg.TEST.DETECTIONS_PER_IMAGE if case not in ONE_STAGE
-                                 else cfg.MODEL.FCOS.POST_NMS_TOPK_TEST)
+    assert (
+        0
+        < len(multi)
+        <= min(
+            sum(parts), cfg.TEST.DETECTIONS_PER_IMAGE if case not in ONE_STAGE else cfg.MODEL.FCOS.POST_NMS_TOPK_TEST
+        )
+    )
     boxes = multi.pred_boxes.tensor
     assert boxes[:, 0].min() >= 0 and boxes[:, 2].max() <= x["width"] and boxes[:, 3].max() <= x["height"]
     if case == "centermask_bifpn":
@@ -139,8 +154,9 @@ def test_flipped_image_alone_gives_the_plain_model_on_the_mirror_image():
     def flip_only(d):
         d = dict(d, image=d["image"].flip(dims=[2]))
         # As DatasetMapperTTA: the input is already resized, so the inverse also undoes that resize.
-        d["transforms"] = TransformList([T.ResizeTransform(x["height"], w, *x["image"].shape[1:3]),
-                                         HFlipTransform(x["image"].shape[2])])
+        d["transforms"] = TransformList(
+            [T.ResizeTransform(x["height"], w, *x["image"].shape[1:3]), HFlipTransform(x["image"].shape[2])]
+        )
         return [d]
 
     with torch.no_grad():
@@ -164,21 +180,42 @@ def tta_toy(tmp_path_factory):
     from afigan.data.datasets import register_toy_dataset
     from afigan.data.toy_shapes import make_toy_dataset
 
-    root = make_toy_dataset(str(tmp_path_factory.mktemp("toy") / "afigan_toy"), num_train=2, num_val=2, seed=1,
-                            num_unlabeled=0)
+    root = make_toy_dataset(
+        str(tmp_path_factory.mktemp("toy") / "afigan_toy"), num_train=2, num_val=2, seed=1, num_unlabeled=0
+    )
     register_toy_dataset(root, prefix="tta_toy")
-    return ["DATASETS.TRAIN", ("tta_toy_train",), "DATASETS.TEST", ("tta_toy_val",), "TEST.AUG.ENABLED", True,
-            "TEST.AUG.MIN_SIZES", (96, 128), "TEST.AUG.MAX_SIZE", 160, "TEST.AUG.FLIP", True]
+    return [
+        "DATASETS.TRAIN",
+        ("tta_toy_train",),
+        "DATASETS.TEST",
+        ("tta_toy_val",),
+        "TEST.AUG.ENABLED",
+        True,
+        "TEST.AUG.MIN_SIZES",
+        (96, 128),
+        "TEST.AUG.MAX_SIZE",
+        160,
+        "TEST.AUG.FLIP",
+        True,
+    ]
 
 
 def test_training_ends_with_a_tta_evaluation_under_its_own_names(tta_toy, tmp_path):
     import os
 
-    from afigan.engine.detector import DetectorTrainer
     from stage_helpers import stage_cfg
 
-    cfg = stage_cfg("toy/detectors/fcos_R_50_FPN_toy_afi.yaml", str(tmp_path), *tta_toy, "SOLVER.MAX_ITER", 1,
-                    "MODEL.FCOS.INFERENCE_TH_TEST", 0.005)
+    from afigan.engine.detector import DetectorTrainer
+
+    cfg = stage_cfg(
+        "toy/detectors/fcos_R_50_FPN_toy_afi.yaml",
+        str(tmp_path),
+        *tta_toy,
+        "SOLVER.MAX_ITER",
+        1,
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.005,
+    )
     trainer = DetectorTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -187,8 +224,9 @@ def test_training_ends_with_a_tta_evaluation_under_its_own_names(tta_toy, tmp_pa
 
 
 def test_eval_of_a_mask_model_adds_tta_results_for_boxes_and_masks(tta_toy, tmp_path):
-    from afigan.engine.detector import DetectorTrainer
     from stage_helpers import stage_cfg
+
+    from afigan.engine.detector import DetectorTrainer
 
     cfg = stage_cfg("toy/detectors/cascade_mask_rcnn_S_101_PAFPN_toy_afi.yaml", str(tmp_path), *tta_toy)
     res = DetectorTrainer.evaluate(cfg, build_model(cfg).eval())
@@ -197,8 +235,9 @@ def test_eval_of_a_mask_model_adds_tta_results_for_boxes_and_masks(tta_toy, tmp_
 
 
 def test_a_detector_without_tta_stops_before_training(tta_toy, tmp_path):
-    from afigan.engine.detector import DetectorTrainer
     from stage_helpers import stage_cfg
+
+    from afigan.engine.detector import DetectorTrainer
 
     cfg = stage_cfg("toy/detectors/retinanet_R_50_FPN_toy_afi.yaml", str(tmp_path), *tta_toy)
     with pytest.raises(ValueError, match="TEST.AUG.ENABLED"):

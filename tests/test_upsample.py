@@ -7,7 +7,9 @@ from afigan.layers import AFInterpolator, build_upsampler, is_guided, upsampler_
 
 def test_kinds_and_what_they_build():
     assert {"nearest", "bilinear", "afi"} <= set(upsampler_kinds())
-    counts = {kind: sum(p.numel() for p in build_upsampler(kind, 256).parameters()) for kind in ("nearest", "bilinear", "afi")}
+    counts = {
+        kind: sum(p.numel() for p in build_upsampler(kind, 256).parameters()) for kind in ("nearest", "bilinear", "afi")
+    }
     assert counts == {"nearest": 0, "bilinear": 0, "afi": 7_834_624}  # afi: the reference interpolator
 
 
@@ -41,7 +43,10 @@ def test_afi_factory_passes_hyper_parameters():
 
 
 def test_unknown_kind_is_a_clear_error():
-    expected = r"Unknown upsampler kind 'bicubic'; expected one of \['afi', 'bilinear', 'carafe', 'deconv', 'dysample', 'fade', "
+    expected = (
+        r"Unknown upsampler kind 'bicubic'; expected one of "
+        r"\['afi', 'bilinear', 'carafe', 'deconv', 'dysample', 'fade', "
+    )
     with pytest.raises(ValueError, match=expected + r"'nearest', 'pixelshuffle'\]\.$"):
         build_upsampler("bicubic", 8)
 
@@ -52,4 +57,3 @@ def test_guide_is_accepted_and_ignored(kind):
     x = torch.randn(1, 8, 5, 3)
     assert not is_guided(kind) and not is_guided(up)
     assert torch.equal(up(x, (9, 7), guide=torch.randn(1, 8, 9, 7)), up(x, (9, 7)))
-

@@ -1,5 +1,6 @@
 """tools/visualize_features.py and the Grad-CAM behind it (afigan/analysis/gradcam.py,
 feature_figures.py): toy models with random weights on a ~100 px image."""
+
 import ast
 import os
 import runpy
@@ -14,7 +15,9 @@ from d2_helpers import CONFIGS, REPO  # noqa: E402
 from detector_helpers import one_thread  # noqa: E402
 
 TOOL = os.path.join(REPO, "tools", "visualize_features.py")
-NN, AFI = (os.path.join(CONFIGS, "toy", "pipeline", f"stage{i}.yaml") for i in (0, 3))  # the quick start's teacher and stage 3
+NN, AFI = (
+    os.path.join(CONFIGS, "toy", "pipeline", f"stage{i}.yaml") for i in (0, 3)
+)  # the quick start's teacher and stage 3
 SMALL = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -52,8 +55,9 @@ def test_features_figure_has_one_row_per_model_and_two_columns_per_level(image, 
     from afigan.analysis.feature_figures import grid_size_px
 
     out = tmp_path / "features.png"
-    assert _tool("--input", image, "--output", out, "--model", NN, "", "--model", AFI, "", "--levels", "p2,p3,p4,p5",
-                 *SMALL) == str(out)
+    assert _tool(
+        "--input", image, "--output", out, "--model", NN, "", "--model", AFI, "", "--levels", "p2,p3,p4,p5", *SMALL
+    ) == str(out)
     # 2 models x (input + 4 levels x (|F|, Grad-CAM)) cells
     assert Image.open(out).size == grid_size_px(2, 1 + 2 * 4) == (9 * 160, 2 * 160 + 70)
 
@@ -108,11 +112,16 @@ def test_one_stage_without_detection_uses_the_best_location_and_says_so(image, t
     from afigan.analysis.feature_figures import features_title, model_rows
 
     fcos = os.path.join(CONFIGS, "toy", "detectors", "fcos_R_50_FPN_toy_afi.yaml")
-    rows = model_rows(image, [(fcos, ""), (NN, "")], [*SMALL, "MODEL.FCOS.INFERENCE_TH_TEST", "1.0",
-                                                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"])
+    rows = model_rows(
+        image,
+        [(fcos, ""), (NN, "")],
+        [*SMALL, "MODEL.FCOS.INFERENCE_TH_TEST", "1.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"],
+    )
     one, two = rows[0].cam, rows[1].cam
     assert one.head == "one-stage" and two.head == "two-stage"
-    assert not one.target.detected and one.target.source.startswith("no detection: highest class score over all locations")
+    assert not one.target.detected and one.target.source.startswith(
+        "no detection: highest class score over all locations"
+    )
     assert not two.target.detected and "RPN proposals" in two.target.source
     assert list(one.features) == ["p3", "p4", "p5", "p6"]  # p7 (stride 128) is left out
     assert all(c is not None and bool((c >= 0).all()) for c in one.cams.values())
@@ -122,11 +131,11 @@ def test_one_stage_without_detection_uses_the_best_location_and_says_so(image, t
 
 def test_interpolation_mode_writes_its_figure_with_the_loaded_interpolator(image, tmp_path):
     from PIL import Image
+    from stage_helpers import save_teacher
 
     from afigan.analysis.feature_figures import grid_size_px, interpolation_maps, load_interpolator
     from afigan.analysis.report import load_config
     from afigan.layers import AFInterpolator
-    from stage_helpers import save_teacher
 
     teacher = save_teacher(str(tmp_path / "teacher.pth"))
     g = AFInterpolator(channels=32, num_blocks=1, growth=16)  # the toy stage-1 G (configs/toy/Base-toy.yaml)
@@ -170,15 +179,25 @@ def test_help_and_argument_errors(capsys):
 def test_interpolation_mode_loads_what_stage_1_writes(image, tmp_path):
     """A stage-1 G_0 file of a per-level learned kind (CARAFE, MODEL.AFI.SHARED False), written by
     the stage-1 trainer, is loaded tensor for tensor and drawn."""
+    from stage_helpers import save_teacher, stage_cfg
+
     from afigan.analysis.feature_figures import load_interpolator
     from afigan.analysis.report import load_config
     from afigan.engine import Stage1Trainer
-    from stage_helpers import save_teacher, stage_cfg
 
     teacher = save_teacher(str(tmp_path / "teacher.pth"))
     kind = ["MODEL.AFI.SHARED", "False", "MODEL.AFI.INTERP", "carafe"]
-    trainer = Stage1Trainer(stage_cfg("toy/pipeline/stage1.yaml", str(tmp_path / "s1"), "MODEL.GUIDE_WEIGHTS", teacher,
-                                      "SOLVER.MAX_ITER", 1, *kind))
+    trainer = Stage1Trainer(
+        stage_cfg(
+            "toy/pipeline/stage1.yaml",
+            str(tmp_path / "s1"),
+            "MODEL.GUIDE_WEIGHTS",
+            teacher,
+            "SOLVER.MAX_ITER",
+            1,
+            *kind,
+        )
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
     g_file = str(tmp_path / "s1" / "G_0" / "model_final.pth")

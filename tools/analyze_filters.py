@@ -10,6 +10,7 @@ checkpoint or two (baseline first), as a Markdown table, JSON and a PNG plot.
   python tools/analyze_filters.py base.pth fe.pth --config-file configs/toy/fe_retinanet_R_18_FPN.yaml \
       --images datasets/afigan_toy/val -o report/ [--opts KEY VALUE ...]
 """
+
 import argparse
 import logging
 import os
@@ -29,12 +30,20 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=8, help="images used at most (default 8)")
     p.add_argument("--image-size", type=int, help="shortest image edge (default INPUT.MIN_SIZE_TEST)")
     p.add_argument("--stages", nargs="+", help="stages to report (default: every stem/resN found)")
-    p.add_argument("--sharp-stages", nargs="+", help="stages claimed to become edge-like (default MODEL.FE.SHARP_STAGES or res3)")
-    p.add_argument("--smooth-stages", nargs="+", help="stages claimed to become blur-like (default MODEL.FE.SMOOTH_STAGES or res5)")
+    p.add_argument(
+        "--sharp-stages", nargs="+", help="stages claimed to become edge-like (default MODEL.FE.SHARP_STAGES or res3)"
+    )
+    p.add_argument(
+        "--smooth-stages", nargs="+", help="stages claimed to become blur-like (default MODEL.FE.SMOOTH_STAGES or res5)"
+    )
     p.add_argument("--cut", type=float, default=DEFAULT_CUT, help="radial frequency cut in cycles/pixel (default 0.25)")
     p.add_argument("-o", "--output-dir", default="filter_report", help="where filters.md/.json/.png go")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="KEY VALUE config overrides; everything after --opts (so put it last)")
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE config overrides; everything after --opts (so put it last)",
+    )
     args = p.parse_args(argv)
     if len(args.checkpoints) > 2:
         p.error("give one checkpoint, or two to compare")
@@ -60,14 +69,19 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     images = list(args.images)
     if args.dataset:
-        import afigan  # noqa: F401  (registers afigan's data sets)
         from detectron2.data import DatasetCatalog
+
+        import afigan  # noqa: F401  (registers afigan's data sets)
 
         images += [d["file_name"] for d in DatasetCatalog.get(args.dataset)[: args.num_images]]
     names = [os.path.basename(c) for c in args.checkpoints]
     labels = args.labels or (names if len(set(names)) == len(names) else list(args.checkpoints))
-    results = [analyze_checkpoint(c, args.config_file, args.opts, images, args.stages, args.cut, args.image_size,
-                                  args.num_images, label) for c, label in zip(args.checkpoints, labels)]
+    results = [
+        analyze_checkpoint(
+            c, args.config_file, args.opts, images, args.stages, args.cut, args.image_size, args.num_images, label
+        )
+        for c, label in zip(args.checkpoints, labels)
+    ]
     sharp, smooth = _fe_stages(args)
     paths = write_report(results, args.output_dir, sharp, smooth, args.cut)
     print(format_table(results))

@@ -4,6 +4,7 @@ parameters, FLOPs and median latency of the neck alone and of a Mask R-CNN R-50 
 
     python tools/benchmark_necks.py --size 512 768 --device cpu --repeats 3 --out output/bench_necks.json
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = benchmark(args.necks, args.kinds, tuple(args.size), args.device, args.repeats, full=not args.neck_only)
-    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"device: {args.device} ({machine}); image {args.size[0]}x{args.size[1]}; median of {args.repeats}")
     print(format_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

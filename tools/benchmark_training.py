@@ -7,6 +7,7 @@ the same detector with a nearest-neighbour FPN, on the toy data set.
 
 Each stage runs in its own process so its peak memory is its own.
 """
+
 import argparse
 import json
 import os
@@ -34,21 +35,47 @@ def main():
         import afigan  # noqa: F401
         from afigan.benchmark.training import measure
 
-        row = measure(args.single, os.path.join(REPO, "configs"), args.size, args.batch, args.iters, args.device,
-                      args.reference_sizes, args.amp)
+        row = measure(
+            args.single,
+            os.path.join(REPO, "configs"),
+            args.size,
+            args.batch,
+            args.iters,
+            args.device,
+            args.reference_sizes,
+            args.amp,
+        )
         print("RESULT " + json.dumps(row))
         return
     rows = []
     for stage in args.stages:
-        cmd = [sys.executable, os.path.abspath(__file__), "--single", stage, "--size", str(args.size), "--batch", str(args.batch),
-               "--iters", str(args.iters), "--device", args.device] + (["--reference-sizes"] if args.reference_sizes else []) + (["--amp"] if args.amp else [])
+        cmd = (
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--single",
+                stage,
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+                "--iters",
+                str(args.iters),
+                "--device",
+                args.device,
+            ]
+            + (["--reference-sizes"] if args.reference_sizes else [])
+            + (["--amp"] if args.amp else [])
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.exit(f"benchmark of {stage} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
-    print(f"device {args.device}, image short side {args.size}, batch {args.batch}, {args.iters} iterations, "
-          f"{'reference' if args.reference_sizes else 'toy'} sizes, AMP {args.amp}")
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+    print(
+        f"device {args.device}, image short side {args.size}, batch {args.batch}, {args.iters} iterations, "
+        f"{'reference' if args.reference_sizes else 'toy'} sizes, AMP {args.amp}"
+    )
     print("| stage | s/iter (median) | peak memory (MiB) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['s_per_iter']:.3f} | {r['peak_mem_mib']:.0f} ({r['memory_kind']}) |")

@@ -5,6 +5,7 @@ training step of the x2 call keeps for backward. Prints a table, writes JSON and
 
     python tools/benchmark_upsamplers.py --repeats 5 --out output/benchmark_upsamplers.json
 """
+
 import argparse
 import json
 import os
@@ -28,16 +29,33 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = benchmark(p2=tuple(args.p2), device=args.device, repeats=args.repeats, neck=not args.no_neck, labels=args.only)
-    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rows = benchmark(
+        p2=tuple(args.p2), device=args.device, repeats=args.repeats, neck=not args.no_neck, labels=args.only
+    )
+    machine = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device: {args.device} ({machine}); P2 {args.p2[0]}x{args.p2[1]}; median of {args.repeats}; load average {load:.2f}")
+    print(
+        f"device: {args.device} ({machine}); P2 {args.p2[0]}x{args.p2[1]}; median of {args.repeats}; load "
+        f"average {load:.2f}"
+    )
     print(format_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": machine, "torch": torch.__version__, "load_average_1min": load, "args": vars(args),
-                   "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "machine": machine,
+                "torch": torch.__version__,
+                "load_average_1min": load,
+                "args": vars(args),
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     png = os.path.splitext(args.out)[0] + ".png"
     plot(rows, png, f"x2 upsampling onto P2 {args.p2[0]}x{args.p2[1]}, 256 channels, {args.device} ({machine})")
     print(f"wrote {args.out} and {png}")

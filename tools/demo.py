@@ -8,6 +8,7 @@ demo/demo.py conventions; any afigan detector config). See afigan/analysis/predi
 writes OUT/<image stem>.png per image and OUT/predictions.json (image_id, file_name,
 category_id, bbox XYWH, score, segmentation RLE) for all of them.
 """
+
 import sys
 
 import afigan  # noqa: F401  (registers afigan's components)

@@ -6,6 +6,7 @@ trailing key=value overrides. See afigan/engine/lazy.py.
     python tools/lazy_train_net.py --config-file configs/toy/fe_fcos_R_18_FPN_lazy.py [--resume] [train.max_iter=20]
     python tools/lazy_train_net.py --eval-only --config-file CONFIG train.init_checkpoint=path/to/model_final.pth
 """
+
 import afigan  # noqa: F401  (registers afigan's components and data sets)
 from afigan.engine.cli import launch_lazy
 

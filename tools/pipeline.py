@@ -7,6 +7,7 @@ continues where it stopped. Trailing KEY VALUE pairs apply to every stage. See a
     python tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline --make-toy-data
     python tools/pipeline.py --config-dir DIR --output-dir OUT [--num-gpus N] [KEY VALUE ...]
 """
+
 import argparse
 import os
 
@@ -34,8 +35,12 @@ def run(args):
 
 def main(argv=None):
     parser = tool_parser(__doc__, hide=("--config-file", "--resume", "--eval-only"))
-    parser.add_argument("--config-dir", required=True, help="directory with stage1.yaml, stage2.yaml, stage3.yaml (and stage0.yaml)")
-    parser.add_argument("--output-dir", default="output/pipeline", help="root of the stages' outputs (default output/pipeline)")
+    parser.add_argument(
+        "--config-dir", required=True, help="directory with stage1.yaml, stage2.yaml, stage3.yaml (and stage0.yaml)"
+    )
+    parser.add_argument(
+        "--output-dir", default="output/pipeline", help="root of the stages' outputs (default output/pipeline)"
+    )
     parser.add_argument("--make-toy-data", action="store_true", help="(re)generate the toy data set first")
     args = parser.parse_args(argv)
     return run_tool(run, args, args)

@@ -6,6 +6,7 @@ rates on a twin axis and the COCO bbox/segm AP of each evaluation. See afigan/an
     python tools/plot_metrics.py output/toy_pipeline                 # -> output/toy_pipeline/metrics.png
     python tools/plot_metrics.py output/toy_pipeline/stage1 --output stage1.png
 """
+
 import argparse
 import sys
 

@@ -9,6 +9,7 @@ score >= the threshold written as a COCO annotation file with the training set's
 Train on labeled + pseudo-labeled images by naming both in DATASETS.TRAIN, e.g.
     DATASETS.TRAIN '("coco_2017_train", "pseudo:P.json")' DATALOADER.SOURCE_REPEAT_FACTORS '(1.0, 0.5)'
 """
+
 import sys
 
 import afigan  # noqa: F401  (registers afigan's components)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Evaluate (``--eval-only``) or train any afigan / Detectron2 detector config (as stage 3 does).
 
-    python tools/run_net.py --eval-only --config-file CONFIG MODEL.WEIGHTS path/to/model.pth [TEST.AUG.ENABLED True]
-    python tools/run_net.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALUE ...]
+python tools/run_net.py --eval-only --config-file CONFIG MODEL.WEIGHTS path/to/model.pth [TEST.AUG.ENABLED True]
+python tools/run_net.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALUE ...]
 """
+
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
 

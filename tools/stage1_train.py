@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """AFI-GAN stage 1: the AF interpolator G and the feature patch discriminator D. See afigan/engine/stage1.py.
 
-    python tools/stage1_train.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALUE ...]
+python tools/stage1_train.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALUE ...]
 """
+
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
 

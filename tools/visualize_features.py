@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Draw what the necks of two or more detectors see in one image: per model (rows) and neck level (columns) the channel-mean |feature| map and a Grad-CAM map of the top detection's class score; or, with --interpolation, how a stage-1/2 interpolator upsamples the teacher's features. See afigan/analysis/feature_figures.py and gradcam.py.
+"""Draw what the necks of two or more detectors see in one image: per model (rows) and neck level
+(columns) the channel-mean |feature| map and a Grad-CAM map of the top detection's class score; or,
+with --interpolation, how a stage-1/2 interpolator upsamples the teacher's features. See
+afigan/analysis/feature_figures.py and gradcam.py.
 
-    python tools/visualize_features.py --input IMAGE --output PNG --model CONFIG WEIGHTS --model CONFIG WEIGHTS [...] [KEY VALUE ...]
+    python tools/visualize_features.py --input IMAGE --output PNG \
+        --model CONFIG WEIGHTS --model CONFIG WEIGHTS [...] [KEY VALUE ...]
     python tools/visualize_features.py --input IMAGE --output PNG --interpolation CONFIG WEIGHTS [KEY VALUE ...]
 
 WEIGHTS may be "" (an empty string): the model (or interpolator) keeps its random
@@ -16,6 +20,7 @@ does); per level of MODEL.AFI.LEVELS it shows the teacher's full-resolution feat
 bilinear and AFI x2 of its half-resolution features and their |error| maps with their L1.
 Trailing KEY VALUE overrides apply to every model; the models run on the CPU unless MODEL.DEVICE is given.
 """
+
 import argparse
 import logging
 import sys
@@ -29,12 +34,25 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, metavar="IMAGE", help="the image")
     p.add_argument("--output", required=True, metavar="PNG", help="the figure to write")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--model", nargs=2, action="append", metavar=("CONFIG", "WEIGHTS"),
-                      help="a detector config and its weights (\"\" = random init); give two or more")
-    mode.add_argument("--interpolation", nargs=2, metavar=("CONFIG", "WEIGHTS"),
-                      help="a stage-1/2 config naming the teacher and a G_0 / AFExtractor checkpoint (\"\" = random init)")
-    p.add_argument("--levels", type=lambda v: [l for l in v.split(",") if l], metavar="P2,P3,...",
-                   help="comma-separated neck levels to show, e.g. p2,p3,p4,p5 (default every level up to p6)")
+    mode.add_argument(
+        "--model",
+        nargs=2,
+        action="append",
+        metavar=("CONFIG", "WEIGHTS"),
+        help='a detector config and its weights ("" = random init); give two or more',
+    )
+    mode.add_argument(
+        "--interpolation",
+        nargs=2,
+        metavar=("CONFIG", "WEIGHTS"),
+        help='a stage-1/2 config naming the teacher and a G_0 / AFExtractor checkpoint ("" = random init)',
+    )
+    p.add_argument(
+        "--levels",
+        type=lambda v: [l for l in v.split(",") if l],
+        metavar="P2,P3,...",
+        help="comma-separated neck levels to show, e.g. p2,p3,p4,p5 (default every level up to p6)",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides for every model")
     args = p.parse_args(argv)
     if args.model is not None and len(args.model) < 2:

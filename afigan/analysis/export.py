@@ -11,6 +11,7 @@ so boxes are in the input image's coordinates and masks are the per-box ``M x M`
 probabilities, not pasted; one-stage detectors ``model(inputs)`` with the input's own size as the
 output size). Tracing records one execution: the graph is checked at the sample image's size only.
 """
+
 import json
 import logging
 import os
@@ -19,10 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
-
-import detectron2.data.transforms as T
 from detectron2.export import TracingAdapter
 from detectron2.export.flatten import DictSchema, InstancesSchema, ListSchema, TensorWrapSchema
 from detectron2.modeling import GeneralizedRCNN, build_model
@@ -33,8 +33,18 @@ from afigan.data.image_io import read_image_or_raise
 from .gradcam import quiet_inference
 from .report import load_config
 
-__all__ = ["FORMATS", "ONNX_OPSET", "NOT_EXPORTABLE", "ExportError", "ExportResult", "sample_image",
-           "upsampler_kind", "export_model", "export_detector", "quiet_export"]
+__all__ = [
+    "FORMATS",
+    "ONNX_OPSET",
+    "NOT_EXPORTABLE",
+    "ExportError",
+    "ExportResult",
+    "sample_image",
+    "upsampler_kind",
+    "export_model",
+    "export_detector",
+    "quiet_export",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +84,16 @@ class ExportResult:
 
     def summary(self) -> str:
         """One line: the largest difference per output, and whether all are within tolerance."""
-        diffs = ", ".join(f"{k} {v:.3g}" + (f" (relative {self.relative[k]:.3g})" if self.relative.get(k, v) != v else "")
-                          for k, v in self.differences.items())
+        diffs = ", ".join(
+            f"{k} {v:.3g}" + (f" (relative {self.relative[k]:.3g})" if self.relative.get(k, v) != v else "")
+            for k, v in self.differences.items()
+        )
         worst = max(self.relative.values(), default=0.0)
         verdict = "within" if self.ok else "EXCEEDS"
-        return (f"{self.format}: {self.detections} detections; largest difference to PyTorch: {diffs or 'none'}; "
-                f"worst {worst:.3g} {verdict} tolerance {self.tolerance:g}")
+        return (
+            f"{self.format}: {self.detections} detections; largest difference to PyTorch: {diffs or 'none'}; "
+            f"worst {worst:.3g} {verdict} tolerance {self.tolerance:g}"
+        )
 
 
 @contextmanager
@@ -92,14 +106,18 @@ def quiet_export():
     with quiet_inference(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
-                                category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning,
-                                module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing",
-                                category=UserWarning)
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="The feature will be removed", category=DeprecationWarning, module=r"torch\.onnx"
+        )
+        warnings.filterwarnings(
+            "ignore", message="Exporting aten::index operator of advanced indexing", category=UserWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="Constant folding - Only steps=1 can be constant folded", category=UserWarning
+        )
         yield
 
 
@@ -153,8 +171,11 @@ def output_names(schema, prefix: str = "") -> List[str]:
         names = [n for key, sub in zip(schema.keys, schema.schemas) for n in output_names(sub, prefix + key)]
         return names + [prefix + "image_size"]
     if isinstance(schema, DictSchema):
-        return [n for key, sub in zip(schema.keys, schema.schemas)
-                for n in output_names(sub, prefix if key == "instances" else prefix + key + ".")]
+        return [
+            n
+            for key, sub in zip(schema.keys, schema.schemas)
+            for n in output_names(sub, prefix if key == "instances" else prefix + key + ".")
+        ]
     if isinstance(schema, ListSchema):
         if len(schema.schemas) == 1:
             return output_names(schema.schemas[0], prefix)
@@ -173,8 +194,9 @@ def _export_onnx(adapter, image: torch.Tensor, path: str, names: List[str]):
     # dynamo=False: torch 2.14's default torch.export-based exporter stops at data-dependent
     # sizes (GuardOnDataDependentSymNode, first at the x2 map's crop/pad in afigan/layers/shape.py
     # for a Mask R-CNN); the TorchScript-based exporter traces TracingAdapter as torch.jit.trace does.
-    torch.onnx.export(adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False,
-                      input_names=["image"], output_names=names)
+    torch.onnx.export(
+        adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"], output_names=names
+    )
 
 
 def _run_onnx(path: str, image: torch.Tensor) -> List[torch.Tensor]:
@@ -186,8 +208,9 @@ def _run_onnx(path: str, image: torch.Tensor) -> List[torch.Tensor]:
     return [torch.as_tensor(x) for x in session.run(None, {session.get_inputs()[0].name: image.cpu().numpy()})]
 
 
-def compare(names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]
-            ) -> Tuple[Dict[str, float], Dict[str, float]]:
+def compare(
+    names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]
+) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per output: largest absolute difference and largest difference relative to
     ``max(1, |expected|)`` (absolute below 1, relative above: box coordinates are pixels)."""
     if len(expected) != len(actual):
@@ -196,8 +219,9 @@ def compare(names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequ
     for name, e, a in zip(names, expected, actual):
         e, a = e.detach().cpu(), a.detach().cpu()
         if tuple(e.shape) != tuple(a.shape):
-            raise ExportError(f"Output {name!r} of the exported model has shape {list(a.shape)}, "
-                              f"the PyTorch model's {list(e.shape)}.")
+            raise ExportError(
+                f"Output {name!r} of the exported model has shape {list(a.shape)}, the PyTorch model's {list(e.shape)}."
+            )
         if not e.numel():
             absolute[name] = relative[name] = 0.0
             continue
@@ -207,8 +231,15 @@ def compare(names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequ
     return absolute, relative
 
 
-def export_detector(cfg, model: torch.nn.Module, image: torch.Tensor, fmt: str, output_dir: str,
-                    sample: str = "", tolerance: float = 1e-4) -> ExportResult:
+def export_detector(
+    cfg,
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    fmt: str,
+    output_dir: str,
+    sample: str = "",
+    tolerance: float = 1e-4,
+) -> ExportResult:
     """Trace ``model`` (eval mode) on ``image``, write ``output_dir/model.ts`` or ``model.onnx``
     and ``output_dir/export.json``, run the written file on ``image`` and compare its outputs with
     the PyTorch model's. Raises :class:`ExportError` (one sentence) when the model cannot be
@@ -243,7 +274,11 @@ def export_detector(cfg, model: torch.nn.Module, image: torch.Tensor, fmt: str, 
     absolute, relative = compare(names, expected, actual)
     boxes = [n for n in names if n.endswith("pred_boxes")]
     result = ExportResult(
-        format=fmt, path=path, sample=sample, input_size=(int(image.shape[1]), int(image.shape[2])), outputs=names,
+        format=fmt,
+        path=path,
+        sample=sample,
+        input_size=(int(image.shape[1]), int(image.shape[2])),
+        outputs=names,
         detections=int(expected[names.index(boxes[0])].shape[0]) if boxes else 0,
         differences={k: v for k, v in absolute.items() if not k.endswith("image_size")},
         relative={k: v for k, v in relative.items() if not k.endswith("image_size")},
@@ -251,9 +286,16 @@ def export_detector(cfg, model: torch.nn.Module, image: torch.Tensor, fmt: str, 
     )
     result.ok = all(v <= tolerance for v in result.relative.values())
     with open(os.path.join(output_dir, "export.json"), "w") as f:
-        json.dump({**asdict(result), "model": what, "input": "image: float32 (3, H, W), INPUT.FORMAT "
-                   f"{cfg.INPUT.FORMAT}, resized, not normalised", "onnx_opset": ONNX_OPSET if fmt == "onnx" else None},
-                  f, indent=2)
+        json.dump(
+            {
+                **asdict(result),
+                "model": what,
+                "input": f"image: float32 (3, H, W), INPUT.FORMAT {cfg.INPUT.FORMAT}, resized, not normalised",
+                "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
+            },
+            f,
+            indent=2,
+        )
     return result
 
 
@@ -267,8 +309,14 @@ def build_detector(cfg) -> torch.nn.Module:
     return model.eval()
 
 
-def export_model(config_file: str, output_dir: str, fmt: str = "torchscript", sample: Optional[str] = None,
-                 opts: Sequence[str] = (), tolerance: float = 1e-4) -> ExportResult:
+def export_model(
+    config_file: str,
+    output_dir: str,
+    fmt: str = "torchscript",
+    sample: Optional[str] = None,
+    opts: Sequence[str] = (),
+    tolerance: float = 1e-4,
+) -> ExportResult:
     """``tools/export_model.py``: the config's detector (see :func:`build_detector`, on the CPU
     unless ``opts`` set ``MODEL.DEVICE``) exported by :func:`export_detector` on
     :func:`sample_image`."""

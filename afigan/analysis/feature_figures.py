@@ -17,18 +17,18 @@
 Both are drawn with matplotlib's Agg canvas (no pyplot, no global backend) at a fixed size:
 ``CELL_PX`` pixels per cell plus ``TITLE_PX`` for the figure title (:func:`grid_size_px`).
 """
+
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
-
-import detectron2.data.transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
+from torch import nn
+from torch.nn import functional as F
 
 from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpolator_weights
 from afigan.data.image_io import read_image_or_raise
@@ -39,9 +39,22 @@ from afigan.modeling.necks import standalone_upsampler_from_config
 from .gradcam import GradCAM, grad_cam, quiet_inference
 from .report import load_config
 
-__all__ = ["CELL_PX", "TITLE_PX", "DPI", "grid_size_px", "ModelRow", "load_detector", "upsampler_label",
-           "resized_image", "features_figure", "model_rows", "visualize_features", "interpolation_maps",
-           "interpolation_figure", "visualize_interpolation"]
+__all__ = [
+    "CELL_PX",
+    "TITLE_PX",
+    "DPI",
+    "grid_size_px",
+    "ModelRow",
+    "load_detector",
+    "upsampler_label",
+    "resized_image",
+    "features_figure",
+    "model_rows",
+    "visualize_features",
+    "interpolation_maps",
+    "interpolation_figure",
+    "visualize_interpolation",
+]
 
 DPI = 100
 CELL_PX = 160
@@ -106,8 +119,12 @@ def _figure(rows: int, columns: int):
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     top = 1 - TITLE_PX / height
-    axes = fig.subplots(rows, columns, squeeze=False,
-                        gridspec_kw=dict(left=0.005, right=0.995, bottom=0.01, top=top, wspace=0.06, hspace=0.35))
+    axes = fig.subplots(
+        rows,
+        columns,
+        squeeze=False,
+        gridspec_kw=dict(left=0.005, right=0.995, bottom=0.01, top=top, wspace=0.06, hspace=0.35),
+    )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -155,8 +172,15 @@ def features_figure(rows: Sequence[ModelRow], output: str, title: str = "") -> s
                 continue
             peak = float(c.max())
             ax_c.imshow(_grey(row.image), cmap="gray", extent=(0, w, h, 0))
-            ax_c.imshow((c / peak if peak > 0 else c).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1,
-                        interpolation="bilinear", extent=extent)
+            ax_c.imshow(
+                (c / peak if peak > 0 else c).numpy(),
+                cmap="jet",
+                alpha=0.5,
+                vmin=0,
+                vmax=1,
+                interpolation="bilinear",
+                extent=extent,
+            )
             ax_c.set_xlim(0, w)
             ax_c.set_ylim(h, 0)
             mark = " (pooled here)" if cam.assigned == level else ""
@@ -172,8 +196,9 @@ def _rectangle(x0, y0, x1, y1):
     return Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1)
 
 
-def model_rows(image_path: str, models: Sequence[Tuple[str, str]], opts: Sequence[str] = (),
-               levels: Optional[Sequence[str]] = None) -> List[ModelRow]:
+def model_rows(
+    image_path: str, models: Sequence[Tuple[str, str]], opts: Sequence[str] = (), levels: Optional[Sequence[str]] = None
+) -> List[ModelRow]:
     """One :class:`ModelRow` per ``(config, weights)`` pair (weights ``""``: random init)."""
     rows = []
     for config_file, weights in models:
@@ -187,18 +212,29 @@ def features_title(rows: Sequence[ModelRow], image_path: str) -> str:
     """The figure title: the image, what is shown, what the Grad-CAM score is, and which rows had
     no detection."""
     heads = sorted({r.cam.head for r in rows})
-    score = {"two-stage": "box-head logit of the top detection's class for its box pooled from each level",
-             "one-stage": "dense-head logit of the top detection's class at its centre on each level"}
-    text = f"{os.path.basename(image_path)}: channel-mean |feature| and Grad-CAM per neck level; score = " + \
-           "; ".join(f"{h}: {score[h]}" for h in heads)
+    score = {
+        "two-stage": "box-head logit of the top detection's class for its box pooled from each level",
+        "one-stage": "dense-head logit of the top detection's class at its centre on each level",
+    }
+    text = f"{os.path.basename(image_path)}: channel-mean |feature| and Grad-CAM per neck level; score = " + "; ".join(
+        f"{h}: {score[h]}" for h in heads
+    )
     missing = [str(i + 1) for i, r in enumerate(rows) if not r.cam.target.detected]
     if missing:
-        text += f"\nrow {', '.join(missing)}: NO DETECTION, the target is the highest class score over all proposals/locations"
+        text += (
+            f"\nrow {', '.join(missing)}: NO DETECTION, "
+            "the target is the highest class score over all proposals/locations"
+        )
     return text
 
 
-def visualize_features(image_path: str, output: str, models: Sequence[Tuple[str, str]], opts: Sequence[str] = (),
-                       levels: Optional[Sequence[str]] = None) -> str:
+def visualize_features(
+    image_path: str,
+    output: str,
+    models: Sequence[Tuple[str, str]],
+    opts: Sequence[str] = (),
+    levels: Optional[Sequence[str]] = None,
+) -> str:
     """``tools/visualize_features.py --model ...``: :func:`model_rows` drawn by :func:`features_figure`."""
     if len(models) < 2:
         raise ValueError("Give two or more --model CONFIG WEIGHTS pairs to compare.")
@@ -264,9 +300,11 @@ def interpolation_maps(cfg, weights: str, image_path: str) -> Dict[str, Dict[str
             if level not in real:
                 raise ValueError(f"MODEL.AFI.LEVELS names {level!r}, but the teacher returns only {sorted(real)}.")
             x = half[level]
-            preds = {"nearest": F.interpolate(x, scale_factor=2.0, mode="nearest"),
-                     "bilinear": F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False),
-                     "learned": _learned_x2(g, level, x, half)}
+            preds = {
+                "nearest": F.interpolate(x, scale_factor=2.0, mode="nearest"),
+                "bilinear": F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False),
+                "learned": _learned_x2(g, level, x, half),
+            }
             maps = {}
             for name, p in preds.items():
                 if p is not None:
@@ -276,14 +314,19 @@ def interpolation_maps(cfg, weights: str, image_path: str) -> Dict[str, Dict[str
     return out
 
 
-def interpolation_figure(maps: Dict[str, Dict[str, torch.Tensor]], output: str, title: str = "",
-                         learned: str = "afi") -> str:
+def interpolation_figure(
+    maps: Dict[str, Dict[str, torch.Tensor]], output: str, title: str = "", learned: str = "afi"
+) -> str:
     """Write the interpolation figure (see the module docstring) of :func:`interpolation_maps`;
     ``learned`` names G's kind in the column titles."""
     columns = ["target"] + list(INTERP_COLUMNS) + [f"|err| {k}" for k in INTERP_COLUMNS]
     fig, axes = _figure(len(maps), len(columns))
-    names = {"target": "teacher full-res", "nearest": "nearest", "bilinear": "bilinear",
-             "learned": "AFI" if learned == "afi" else learned}
+    names = {
+        "target": "teacher full-res",
+        "nearest": "nearest",
+        "bilinear": "bilinear",
+        "learned": "AFI" if learned == "afi" else learned,
+    }
     for i, (level, m) in enumerate(maps.items()):
         target = m["target"]
         shown = [k for k in INTERP_COLUMNS if k in m]
@@ -294,7 +337,7 @@ def interpolation_figure(maps: Dict[str, Dict[str, torch.Tensor]], output: str, 
         emax = max(float(e.mean(0).max()) for e in errors.values()) or 1.0
         for j, col in enumerate(columns):
             ax = axes[i, j]
-            k = col[len("|err| "):] if col.startswith("|err| ") else col
+            k = col[len("|err| ") :] if col.startswith("|err| ") else col
             if k not in m:
                 _blank(ax, f"{level}: no finer level\nto guide {names[k]}")
             elif col.startswith("|err| "):
@@ -311,12 +354,16 @@ def interpolation_figure(maps: Dict[str, Dict[str, torch.Tensor]], output: str, 
     return output
 
 
-def visualize_interpolation(image_path: str, output: str, config_file: str, weights: str, opts: Sequence[str] = ()) -> str:
+def visualize_interpolation(
+    image_path: str, output: str, config_file: str, weights: str, opts: Sequence[str] = ()
+) -> str:
     """``tools/visualize_features.py --interpolation CONFIG WEIGHTS``."""
     cfg = load_config(config_file, opts)
     maps = interpolation_maps(cfg, weights, image_path)
-    title = (f"{os.path.basename(image_path)}: channel-mean |teacher features| and x2 interpolations of the half-size "
-             f"image's features, |error| maps (L1 = stage 1's content term)\nG: {weights or 'random init'} "
-             f"({os.path.basename(config_file)}); teacher: {cfg.MODEL.GUIDE_WEIGHTS}")
+    title = (
+        f"{os.path.basename(image_path)}: channel-mean |teacher features| and x2 interpolations of the half-size "
+        f"image's features, |error| maps (L1 = stage 1's content term)\nG: {weights or 'random init'} "
+        f"({os.path.basename(config_file)}); teacher: {cfg.MODEL.GUIDE_WEIGHTS}"
+    )
     _makedirs_for(output)
     return interpolation_figure(maps, output, title, cfg.MODEL.AFI.INTERP)

@@ -8,6 +8,7 @@ stage's resolution, is the *image HF share*; their ratio, the *edge gain*, is > 
 keeps more fine detail than the image has at that scale (edge-detector-like) and < 1 when it
 smooths (blur-like). Maps smaller than :data:`MIN_MAP` pixels on a side give no value.
 """
+
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -29,12 +30,14 @@ def spectral_energies(maps: torch.Tensor, cut: float = DEFAULT_CUT) -> Optional[
         return None
     x = maps.detach().to(torch.float64).reshape(-1, h, w)
     x = x - x.mean(dim=(-2, -1), keepdim=True)
-    window = torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None] * torch.hann_window(
-        w, periodic=False, dtype=torch.float64)[None, :]
+    window = (
+        torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None]
+        * torch.hann_window(w, periodic=False, dtype=torch.float64)[None, :]
+    )
     energy = torch.fft.fft2(x * window).abs().pow(2).sum(0)  # (h, w)
     fy = torch.fft.fftfreq(h, dtype=torch.float64)[:, None]
     fx = torch.fft.fftfreq(w, dtype=torch.float64)[None, :]
-    high = torch.sqrt(fy ** 2 + fx ** 2) > cut
+    high = torch.sqrt(fy**2 + fx**2) > cut
     return float(energy[high].sum()), float(energy.sum())
 
 
@@ -55,8 +58,9 @@ def stage_outputs(root: nn.Module, stages: Iterable[str], image: torch.Tensor) -
     return caught
 
 
-def stage_responses(root: nn.Module, stages: List[str], images: Iterable[torch.Tensor],
-                    cut: float = DEFAULT_CUT) -> Dict[str, Dict[str, Optional[float]]]:
+def stage_responses(
+    root: nn.Module, stages: List[str], images: Iterable[torch.Tensor], cut: float = DEFAULT_CUT
+) -> Dict[str, Dict[str, Optional[float]]]:
     """Per stage: ``feat_hf``, ``image_hf``, ``edge_gain`` (see the module docstring) and the
     mean map size ``map_h`` / ``map_w``, accumulated over ``images`` -- each a normalised
     (3, H, W) tensor as the bottom-up network expects it."""

@@ -10,6 +10,7 @@ over all its kernels (spatially 1 x 1 kernels have a flat spectrum and are left 
 kernel has the share :func:`white_noise_hf_share` (≈ 0.81 at cut 0.25): above it is edge-like
 (the 3 x 3 Laplacian is ≈ 0.98), below it blur-like (a 3 x 3 Gaussian with σ = 1 is ≈ 0.18).
 """
+
 import re
 from collections import defaultdict
 from functools import lru_cache
@@ -36,7 +37,7 @@ _STAGE_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)(?P<stage>stem|res\d)\.(?P<rest>
 def _frequencies(grid: int, cut: float) -> Tuple[torch.Tensor, torch.Tensor]:
     f = torch.fft.fftfreq(grid, dtype=torch.float64)
     fy, fx = torch.meshgrid(f, f, indexing="ij")
-    radius = torch.sqrt(fx ** 2 + fy ** 2)
+    radius = torch.sqrt(fx**2 + fy**2)
     return torch.stack([fy, fx], -1)[radius <= cut], radius
 
 
@@ -50,13 +51,13 @@ def lowpass_matrix(kh: int, kw: int, cut: float = DEFAULT_CUT, grid: int = _GRID
     ys, xs = torch.meshgrid(torch.arange(kh, dtype=torch.float64), torch.arange(kw, dtype=torch.float64), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], -1)  # (K, 2)
     diff = pos[:, None, :] - pos[None, :, :]  # (K, K, 2)
-    return torch.cos(2 * torch.pi * diff @ low.T).sum(-1) / grid ** 2
+    return torch.cos(2 * torch.pi * diff @ low.T).sum(-1) / grid**2
 
 
 def white_noise_hf_share(cut: float = DEFAULT_CUT, grid: int = _GRID) -> float:
     """Expected high-frequency share of a kernel with i.i.d. entries: the lattice fraction above ``cut``."""
     low, _ = _frequencies(grid, cut)
-    return 1.0 - low.shape[0] / grid ** 2
+    return 1.0 - low.shape[0] / grid**2
 
 
 def kernel_energies(weight: torch.Tensor, cut: float = DEFAULT_CUT) -> Tuple[float, float]:
@@ -86,8 +87,9 @@ def kernel_hf_share(weights, cut: float = DEFAULT_CUT) -> Optional[float]:
     return None if total <= 0 else 1.0 - low / total
 
 
-def stage_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], stages: Optional[Iterable[str]] = None
-                                  ) -> Dict[str, List[Tuple[str, torch.Tensor]]]:
+def stage_weights_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], stages: Optional[Iterable[str]] = None
+) -> Dict[str, List[Tuple[str, torch.Tensor]]]:
     """Conv weights (4-D ``*.weight`` tensors) of each ResNet stage (``stem``, ``res2`` ... ``res5``).
 
     A detector state dict may hold a stage under several prefixes (the detector's backbone, a
@@ -102,8 +104,11 @@ def stage_weights_from_state_dict(state_dict: Mapping[str, torch.Tensor], stages
     wanted = list(stages) if stages is not None else sorted(found, key=lambda s: (s != "stem", s))
     missing = [s for s in wanted if s not in found]
     if missing:
-        raise KeyError(f"No conv weights of stage(s) {missing} in the checkpoint (keys like 'backbone.bottom_up.res3.0.conv1.weight'); "
-                       f"stages present: {sorted(found)}. Pass the config file so the checkpoint is loaded into the model first.")
+        raise KeyError(
+            f"No conv weights of stage(s) {missing} in the checkpoint (keys like "
+            "'backbone.bottom_up.res3.0.conv1.weight'); "
+            f"stages present: {sorted(found)}. Pass the config file so the checkpoint is loaded into the model first."
+        )
 
     def rank(prefix: str):
         return (prefix != "backbone.bottom_up.", prefix != "backbone.", len(prefix), prefix)
@@ -130,12 +135,16 @@ def stage_weight_stats(weights: Sequence[torch.Tensor], cut: float = DEFAULT_CUT
 
 
 @lru_cache(maxsize=64)  # two checkpoints of one architecture share their stages' shapes
-def kernel_hf_noise(shapes: Tuple[Tuple[int, ...], ...], cut: float = DEFAULT_CUT, draws: int = 16, seed: int = 0) -> Optional[float]:
+def kernel_hf_noise(
+    shapes: Tuple[Tuple[int, ...], ...], cut: float = DEFAULT_CUT, draws: int = 16, seed: int = 0
+) -> Optional[float]:
     """Standard deviation of :func:`kernel_hf_share` over ``draws`` white-noise stages of the given
     tensor shapes: how much the measure moves for a stage of this size by chance alone, the noise
     floor a change between two checkpoints must clear. ``None`` without k x k kernels."""
     if not any(len(s) >= 2 and s[-1] * s[-2] > 1 for s in shapes):
         return None
     g = torch.Generator().manual_seed(seed)
-    shares = [kernel_hf_share([torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes], cut) for _ in range(draws)]
+    shares = [
+        kernel_hf_share([torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes], cut) for _ in range(draws)
+    ]
     return float(torch.tensor(shares).std())

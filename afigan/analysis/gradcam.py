@@ -24,6 +24,7 @@ Without any detection the target is the highest class score over all proposals (
 box head's softmax over the RPN proposals, background excluded) or all locations (one-stage:
 sigmoid of the class logits), and the result says so.
 """
+
 import logging
 import math
 import warnings
@@ -32,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.modeling.poolers import assign_boxes_to_levels, convert_boxes_to_pooler_format
 from detectron2.structures import Boxes, ImageList
+from torch import Tensor, nn
 
 __all__ = ["Target", "GradCAM", "neck_levels", "grad_cam", "cam_from_gradient", "quiet_inference"]
 
@@ -112,8 +112,10 @@ def _head_kind(model: nn.Module) -> str:
         return "fcos"
     if isinstance(model, RetinaNet):
         return "retinanet"
-    raise ValueError(f"Grad-CAM supports detectors with a box head, an FCOS head or a RetinaNet head; "
-                     f"{type(model).__name__} has none of them.")
+    raise ValueError(
+        f"Grad-CAM supports detectors with a box head, an FCOS head or a RetinaNet head; "
+        f"{type(model).__name__} has none of them."
+    )
 
 
 def _detections(model: nn.Module, inputs) -> Optional[Target]:
@@ -134,14 +136,17 @@ def _preprocess(model: nn.Module, inputs) -> ImageList:
     if hasattr(model, "preprocess_image"):
         return model.preprocess_image(inputs)
     images = [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std for x in inputs]
-    return ImageList.from_tensors(images, model.backbone.size_divisibility,
-                                  padding_constraints=model.backbone.padding_constraints)
+    return ImageList.from_tensors(
+        images, model.backbone.size_divisibility, padding_constraints=model.backbone.padding_constraints
+    )
 
 
 def _roi_logits(roi_heads: nn.Module, pooled: Tensor) -> Tensor:
     """(B, C, S, S) pooled box features -> (B, K + 1) class logits (Cascade: mean over stages)."""
     if isinstance(roi_heads.box_head, nn.ModuleList):
-        return torch.stack([pred(head(pooled))[0] for head, pred in zip(roi_heads.box_head, roi_heads.box_predictor)]).mean(0)
+        return torch.stack(
+            [pred(head(pooled))[0] for head, pred in zip(roi_heads.box_head, roi_heads.box_predictor)]
+        ).mean(0)
     return roi_heads.box_predictor(roi_heads.box_head(pooled))[0]
 
 
@@ -155,15 +160,20 @@ def _two_stage_scores(model, images, leaves: Dict[str, Tensor], target: Optional
             probs = logits.softmax(dim=1)[:, :-1]  # the last column is background
         best = int(probs.argmax())
         i, k = divmod(best, probs.shape[1])
-        target = Target(tuple(float(v) for v in proposals.tensor[i]), k, float(probs[i, k]),
-                        f"no detection: highest class score over the {len(proposals)} RPN proposals")
+        target = Target(
+            tuple(float(v) for v in proposals.tensor[i]),
+            k,
+            float(probs[i, k]),
+            f"no detection: highest class score over the {len(proposals)} RPN proposals",
+        )
     box = Boxes(torch.tensor([target.box], device=images.tensor.device))
     rois = convert_boxes_to_pooler_format([box])
     pooler = roi.box_pooler
     pooled = torch.cat([pooler.level_poolers[j](leaves[f], rois) for j, f in enumerate(in_features)])
     logits = _roi_logits(roi, pooled)[:, target.cls]
-    level = assign_boxes_to_levels([box], pooler.min_level, pooler.max_level, pooler.canonical_box_size,
-                                   pooler.canonical_level)
+    level = assign_boxes_to_levels(
+        [box], pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
+    )
     assigned = in_features[int(level[0])] if len(in_features) > 1 else in_features[0]
     return dict(zip(in_features, logits)), target, assigned
 
@@ -234,7 +244,11 @@ def _grad_cam(model: nn.Module, image: Tensor, levels: Optional[Sequence[str]]) 
         else:
             scores, target = _one_stage_scores(model, kind, leaves, strides, target)
         used = [l for l in levels if l in scores]
-        grads = torch.autograd.grad(sum(scores[l] for l in used), [leaves[l] for l in used], allow_unused=True) if used else []
+        grads = (
+            torch.autograd.grad(sum(scores[l] for l in used), [leaves[l] for l in used], allow_unused=True)
+            if used
+            else []
+        )
     h, w = images.image_sizes[0]
     h, w = int(h), int(w)
     crop = {l: (math.ceil(h / strides[l]), math.ceil(w / strides[l])) for l in levels}
@@ -245,5 +259,13 @@ def _grad_cam(model: nn.Module, image: Tensor, levels: Optional[Sequence[str]]) 
         cams[l] = cam_from_gradient(features[l], g)[: crop[l][0], : crop[l][1]].detach().cpu()
     reader = "the box head" if kind == "roi" else "the dense head"
     notes = {l: f"not read by\n{reader}" for l in levels if cams[l] is None}
-    return GradCAM(feats, cams, {l: strides[l] for l in levels}, target, "two-stage" if kind == "roi" else "one-stage",
-                   (h, w), assigned, notes)
+    return GradCAM(
+        feats,
+        cams,
+        {l: strides[l] for l in levels},
+        target,
+        "two-stage" if kind == "roi" else "one-stage",
+        (h, w),
+        assigned,
+        notes,
+    )

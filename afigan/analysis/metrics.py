@@ -9,6 +9,7 @@ the COCO ``bbox/AP`` / ``segm/AP`` points of the evaluations.
 
 Pure Python until a plot is drawn; matplotlib is imported then (Agg, no display needed).
 """
+
 import json
 import os
 import re
@@ -35,8 +36,10 @@ def find_metrics(output_dir: str) -> List[Tuple[str, str]]:
         if os.path.isfile(path):
             found.append((name, path))
     if not found:
-        raise FileNotFoundError(f"No metrics.json in {output_dir!r} or its sub-folders: nothing to plot "
-                                f"(give a stage's OUTPUT_DIR or a pipeline's --output-dir after training).")
+        raise FileNotFoundError(
+            f"No metrics.json in {output_dir!r} or its sub-folders: nothing to plot "
+            f"(give a stage's OUTPUT_DIR or a pipeline's --output-dir after training)."
+        )
     return found
 
 
@@ -85,8 +88,9 @@ def plot_metrics(output_dir: str, output: str = "") -> str:
     for ax, (name, records) in zip(axes[:, 0], panels):
         _panel(ax, name, records)
     # The right quarter holds the learning-rate and AP axes and the legends.
-    fig.subplots_adjust(left=0.06, right=0.7, top=1 - 0.4 / (3.8 * len(panels)), bottom=0.5 / (3.8 * len(panels)),
-                        hspace=0.45)
+    fig.subplots_adjust(
+        left=0.06, right=0.7, top=1 - 0.4 / (3.8 * len(panels)), bottom=0.5 / (3.8 * len(panels)), hspace=0.45
+    )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
@@ -127,13 +131,21 @@ def _panel(ax, name: str, records: List[Dict]) -> None:
             x, y = _series(records, key)
             ax_ap.plot(x, y, marker, linestyle="none", markersize=6, label=key)
             for xi, yi in zip(x, y):
-                ax_ap.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(-4, 6), ha="right",
-                               fontsize=7)
+                ax_ap.annotate(
+                    f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=7
+                )
             top = max([top] + y)
         ax_ap.set_ylim(0, max(1.0, top * 1.25))  # from 0, so one evaluation is not a point at mid-height
         ax_ap.set_ylabel("COCO AP")
         h, l = ax_ap.get_legend_handles_labels()
         handles, labels = handles + h, labels + l
     if handles:
-        ax.legend(handles, labels, fontsize=6, ncol=max(1, (len(labels) + 17) // 18), loc="upper left",
-                  bbox_to_anchor=(1.2, 1.0), borderaxespad=0.0)
+        ax.legend(
+            handles,
+            labels,
+            fontsize=6,
+            ncol=max(1, (len(labels) + 17) // 18),
+            loc="upper left",
+            bbox_to_anchor=(1.2, 1.0),
+            borderaxespad=0.0,
+        )

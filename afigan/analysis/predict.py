@@ -18,6 +18,7 @@ for all images one ``OUTPUT/predictions.json`` in the COCO results format (what
 Class names come from the metadata of ``DATASETS.TRAIN[0]`` (the classes the model was trained
 on), else of ``DATASETS.TEST[0]``.
 """
+
 import argparse
 import glob
 import json
@@ -27,10 +28,9 @@ import re
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import detectron2.data.transforms as T
 import torch
 import tqdm
-
-import detectron2.data.transforms as T
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
@@ -43,9 +43,19 @@ from afigan.checkpoint import AFICheckpointer
 from afigan.config import add_afigan_config, fallback_syncbn
 from afigan.data.image_io import read_image_or_raise
 
-__all__ = ["IMAGE_EXTENSIONS", "SCORE_THRESHOLD_KEYS", "setup_predict_cfg", "expand_inputs", "Predictor",
-           "readable_predictions",
-           "DatasetIndex", "predict_images", "split_overrides", "demo_parser", "demo_main"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SCORE_THRESHOLD_KEYS",
+    "setup_predict_cfg",
+    "expand_inputs",
+    "Predictor",
+    "readable_predictions",
+    "DatasetIndex",
+    "predict_images",
+    "split_overrides",
+    "demo_parser",
+    "demo_main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +101,11 @@ def expand_inputs(inputs: Iterable[str]) -> Tuple[List[str], List[str]]:
     for entry in inputs:
         entry = os.path.expanduser(entry)
         if os.path.isdir(entry):
-            found = sorted(os.path.join(entry, f) for f in os.listdir(entry)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(entry, f)))
+            found = sorted(
+                os.path.join(entry, f)
+                for f in os.listdir(entry)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(entry, f))
+            )
         elif os.path.isfile(entry):
             found = [entry]
         else:
@@ -180,8 +193,9 @@ def class_metadata(cfg, index: DatasetIndex):
     return meta
 
 
-def readable_predictions(predictor: "Predictor", paths: Sequence[str], threshold: float, unreadable: List[str], log,
-                         desc: str):
+def readable_predictions(
+    predictor: "Predictor", paths: Sequence[str], threshold: float, unreadable: List[str], log, desc: str
+):
     """``(position, path, rgb, instances)`` for every readable image of ``paths`` (a tqdm bar over
     them), its CPU instances scoring at least ``threshold``; an unreadable file is logged in one
     line, appended to ``unreadable`` and left out."""
@@ -247,15 +261,33 @@ def split_overrides(inputs: Sequence[str], opts: Sequence[str]) -> Tuple[List[st
 def demo_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE", help="the detector's YAML config")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="image files, folders (their image files) or glob patterns such as 'dir/*.jpg'")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, folders (their image files) or glob patterns such as 'dir/*.jpg'",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the drawings and predictions.json")
-    p.add_argument("--confidence-threshold", type=float, default=0.5,
-                   help="minimum score of a detection (default 0.5), set for every detector kind")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides, last on the line, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu")
-    p.add_argument("--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                   help="the same, the way Detectron2's demo/demo.py takes them")
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of a detection (default 0.5), set for every detector kind",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, last on the line, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu",
+    )
+    p.add_argument(
+        "--opts",
+        dest="more_opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="the same, the way Detectron2's demo/demo.py takes them",
+    )
     return p
 
 
@@ -274,7 +306,10 @@ def demo_main(argv=None, description: str = __doc__) -> Dict:
     result = predict_images(cfg, paths, args.output)
     if not result["images"]:
         raise SystemExit(f"demo: none of the {len(paths)} input file(s) could be read as an image.")
-    print(f"demo: {len(result['images'])} image(s) drawn in {args.output}, {result['detections']} detection(s) "
-          f"with score >= {args.confidence_threshold} in {result['predictions']}"
-          + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result["unreadable"] else "") + ".")
+    print(
+        f"demo: {len(result['images'])} image(s) drawn in {args.output}, {result['detections']} detection(s) "
+        f"with score >= {args.confidence_threshold} in {result['predictions']}"
+        + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result["unreadable"] else "")
+        + "."
+    )
     return result

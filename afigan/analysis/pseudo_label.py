@@ -20,6 +20,7 @@ naming), else the 1-based position in the list of inputs.
 Image reading, the model, the score thresholds of every detector kind and the category mapping
 are :mod:`afigan.analysis.predict`'s (``tools/demo.py``).
 """
+
 import argparse
 import json
 import logging
@@ -30,18 +31,32 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import tqdm
-from pycocotools import mask as mask_utils
-
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from pycocotools import mask as mask_utils
 
 from afigan.data.datasets import PSEUDO_INFO_KEY, PSEUDO_PREFIX
 
-from .predict import (DatasetIndex, Predictor, class_metadata, expand_inputs, readable_predictions, setup_predict_cfg,
-                      split_overrides)
+from .predict import (
+    DatasetIndex,
+    Predictor,
+    class_metadata,
+    expand_inputs,
+    readable_predictions,
+    setup_predict_cfg,
+    split_overrides,
+)
 
-__all__ = ["head_threshold", "resolve_images", "find_image_info", "assign_image_ids", "training_categories", "pseudo_label_images", "pseudo_label_parser",
-           "pseudo_label_main"]
+__all__ = [
+    "head_threshold",
+    "resolve_images",
+    "find_image_info",
+    "assign_image_ids",
+    "training_categories",
+    "pseudo_label_images",
+    "pseudo_label_parser",
+    "pseudo_label_main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +75,10 @@ def resolve_images(entries: Sequence[str]):
     later). A data set and files cannot be mixed (their ids could collide)."""
     names = [e for e in entries if not os.path.exists(e) and e in DatasetCatalog.list()]
     if names and len(names) != len(entries):
-        raise ValueError(f"--images mixes the data set {names[0]!r} with files or folders; give either data sets or "
-                         f"image files, so that the image ids cannot collide.")
+        raise ValueError(
+            f"--images mixes the data set {names[0]!r} with files or folders; give either data sets or "
+            f"image files, so that the image ids cannot collide."
+        )
     if not names:
         paths, unmatched = expand_inputs(entries)
         return paths, None, unmatched
@@ -91,9 +108,11 @@ def assign_image_ids(paths: Sequence[str], image_info: Optional[str] = None) -> 
             by_name = {os.path.basename(im["file_name"]): im["id"] for im in json.load(f).get("images", [])}
         missing = [p for p in paths if os.path.basename(p) not in by_name]
         if missing:
-            raise ValueError(f"--image-info {image_info!r} lists no image named {os.path.basename(missing[0])!r} "
-                             f"({len(missing)} of the {len(paths)} inputs are missing there); give the matching image-info "
-                             f"file, or none to number the images.")
+            raise ValueError(
+                f"--image-info {image_info!r} lists no image named {os.path.basename(missing[0])!r} "
+                f"({len(missing)} of the {len(paths)} inputs are missing there); give the matching image-info "
+                f"file, or none to number the images."
+            )
         return {p: by_name[os.path.basename(p)] for p in paths}
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
@@ -112,8 +131,10 @@ def training_categories(cfg, meta) -> List[Dict]:
             return sorted(cats, key=lambda c: c["id"])
     classes = meta.get("thing_classes", None)
     if not classes:
-        raise ValueError(f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} gives no class names (thing_classes); the "
-                         "pseudo-labels need the training set's categories: name the labeled set in DATASETS.TRAIN.")
+        raise ValueError(
+            f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} gives no class names (thing_classes); the "
+            "pseudo-labels need the training set's categories: name the labeled set in DATASETS.TRAIN."
+        )
     to_dataset_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}
     return [{"id": to_dataset_id.get(i, i + 1), "name": name} for i, name in enumerate(classes)]
 
@@ -125,9 +146,15 @@ def _image_root(paths: Sequence[str]) -> str:
     return os.path.commonpath([os.path.abspath(d) for d in dirs])
 
 
-def pseudo_label_images(cfg, paths: Sequence[str], output: str, score_threshold: float,
-                        image_info: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
-                        ids: Optional[Dict[str, int]] = None) -> Dict:
+def pseudo_label_images(
+    cfg,
+    paths: Sequence[str],
+    output: str,
+    score_threshold: float,
+    image_info: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
+    ids: Optional[Dict[str, int]] = None,
+) -> Dict:
     """Run ``cfg``'s model (``MODEL.WEIGHTS``) over ``paths`` and write the pseudo-label file
     ``output`` (see the module docstring); ``ids``: the image ids (default: from ``image_info``,
     found or given, else the file names). An unreadable file gets one line (``log``) and is left
@@ -144,14 +171,27 @@ def pseudo_label_images(cfg, paths: Sequence[str], output: str, score_threshold:
     to_dataset_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}
     categories = training_categories(cfg, meta)
     images, annotations, unreadable = [], [], []
-    for _, path, rgb, instances in readable_predictions(predictor, paths, score_threshold, unreadable, log, "pseudo-labels"):
+    for _, path, rgb, instances in readable_predictions(
+        predictor, paths, score_threshold, unreadable, log, "pseudo-labels"
+    ):
         image_id = ids[path]
-        images.append({"id": image_id, "file_name": os.path.relpath(path, root), "height": int(rgb.shape[0]),
-                       "width": int(rgb.shape[1])})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": os.path.relpath(path, root),
+                "height": int(rgb.shape[0]),
+                "width": int(rgb.shape[1]),
+            }
+        )
         for r in instances_to_coco_json(instances, image_id):
-            ann = {"id": len(annotations) + 1, "image_id": image_id,
-                   "category_id": to_dataset_id.get(r["category_id"], r["category_id"]),
-                   "bbox": [float(v) for v in r["bbox"]], "iscrowd": 0, "score": float(r["score"])}
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": to_dataset_id.get(r["category_id"], r["category_id"]),
+                "bbox": [float(v) for v in r["bbox"]],
+                "iscrowd": 0,
+                "score": float(r["score"]),
+            }
             if "segmentation" in r:
                 area = float(mask_utils.area(r["segmentation"]))
                 if area <= 0:
@@ -164,10 +204,16 @@ def pseudo_label_images(cfg, paths: Sequence[str], output: str, score_threshold:
     if not images:
         raise ValueError(f"none of the {len(paths)} --images files could be read as an image.")
     coco = {
-        "info": {"description": "afigan pseudo-labels (tools/pseudo_label.py)",
-                 PSEUDO_INFO_KEY: {"image_root": root, "like": (list(cfg.DATASETS.TRAIN) or [""])[0],
-                                   "weights": cfg.MODEL.WEIGHTS, "score_threshold": score_threshold,
-                                   "image_info": image_info or ""}},
+        "info": {
+            "description": "afigan pseudo-labels (tools/pseudo_label.py)",
+            PSEUDO_INFO_KEY: {
+                "image_root": root,
+                "like": (list(cfg.DATASETS.TRAIN) or [""])[0],
+                "weights": cfg.MODEL.WEIGHTS,
+                "score_threshold": score_threshold,
+                "image_info": image_info or "",
+            },
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -184,23 +230,45 @@ def pseudo_label_images(cfg, paths: Sequence[str], output: str, score_threshold:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return {"output": output, "images": len(images), "annotations": len(annotations), "unreadable": unreadable,
-            "image_root": root}
+    return {
+        "output": output,
+        "images": len(images),
+        "annotations": len(annotations),
+        "unreadable": unreadable,
+        "image_root": root,
+    }
 
 
 def pseudo_label_parser(description: str = __doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE", help="the trained detector's YAML config")
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_GLOB",
-                   help="unlabeled images: folders (their image files), files, glob patterns such as 'dir/*.jpg', or a "
-                        "registered data set (e.g. afigan_toy_unlabeled)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_GLOB",
+        help="unlabeled images: folders (their image files), files, glob patterns such as 'dir/*.jpg', or a "
+        "registered data set (e.g. afigan_toy_unlabeled)",
+    )
     p.add_argument("--output", required=True, metavar="JSON", help="the pseudo-label file to write (COCO format)")
-    p.add_argument("--score-threshold", type=float, default=0.5,
-                   help="keep detections with score >= this (default 0.5), set for every detector kind")
-    p.add_argument("--image-info", default="", metavar="JSON",
-                   help="COCO image-info file giving the image ids (default: found next to COCO's unlabeled2017)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                   help="config overrides, last on the line, e.g. MODEL.WEIGHTS model_final.pth")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="keep detections with score >= this (default 0.5), set for every detector kind",
+    )
+    p.add_argument(
+        "--image-info",
+        default="",
+        metavar="JSON",
+        help="COCO image-info file giving the image ids (default: found next to COCO's unlabeled2017)",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, last on the line, e.g. MODEL.WEIGHTS model_final.pth",
+    )
     return p
 
 
@@ -215,8 +283,10 @@ def pseudo_label_main(argv=None, description: str = __doc__) -> Dict:
     for entry in unmatched:
         print(f"pseudo_label: --images {entry!r} matches no image file; going on with the others.", file=sys.stderr)
     result = pseudo_label_images(cfg, paths, args.output, args.score_threshold, args.image_info or None, ids=ids)
-    print(f"pseudo_label: {result['annotations']} pseudo-label(s) with score >= {args.score_threshold} on "
-          f"{result['images']} image(s) written to {result['output']}"
-          + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result["unreadable"] else "")
-          + f". Train on them with DATASETS.TRAIN naming {PSEUDO_PREFIX}{result['output']} next to the labeled set.")
+    print(
+        f"pseudo_label: {result['annotations']} pseudo-label(s) with score >= {args.score_threshold} on "
+        f"{result['images']} image(s) written to {result['output']}"
+        + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result["unreadable"] else "")
+        + f". Train on them with DATASETS.TRAIN naming {PSEUDO_PREFIX}{result['output']} next to the labeled set."
+    )
     return result

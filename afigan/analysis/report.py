@@ -3,15 +3,15 @@ Enhancement regulariser targets (Σ‖W‖_F, ΣVar(W)) and what its README clai
 stage, blur-like late stage: kernel and feature-map high-frequency shares), for one checkpoint or
 two to compare; written as a Markdown table, JSON and a PNG plot.
 """
+
 import json
 import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
-
-import detectron2.data.transforms as T
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
@@ -24,8 +24,17 @@ from afigan.modeling.feature_enhancement import find_stage_root
 from .features import stage_responses
 from .filters import DEFAULT_CUT, stage_weight_stats, stage_weights_from_state_dict, white_noise_hf_share
 
-__all__ = ["read_state_dict", "load_config", "load_model", "load_images", "analyze_checkpoint", "verdicts", "format_table",
-           "plot_report", "write_report"]
+__all__ = [
+    "read_state_dict",
+    "load_config",
+    "load_model",
+    "load_images",
+    "analyze_checkpoint",
+    "verdicts",
+    "format_table",
+    "plot_report",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +78,20 @@ def load_model(config_file: str, checkpoint: str, opts: Sequence[str] = ()):
     return cfg, model.eval()
 
 
-def load_images(paths: Iterable[str], cfg, model, short_edge: Optional[int] = None, max_images: int = 8) -> List[torch.Tensor]:
+def load_images(
+    paths: Iterable[str], cfg, model, short_edge: Optional[int] = None, max_images: int = 8
+) -> List[torch.Tensor]:
     """Normalised (3, H, W) float tensors, as the model's bottom-up network sees them: read in
     ``cfg.INPUT.FORMAT``, shortest edge resized to ``short_edge`` (default ``INPUT.MIN_SIZE_TEST``,
     longest ≤ ``INPUT.MAX_SIZE_TEST``), minus pixel mean, over pixel std. Directories are listed."""
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += [os.path.join(p, f) for f in sorted(os.listdir(p))
-                      if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))]
+            files += [
+                os.path.join(p, f)
+                for f in sorted(os.listdir(p))
+                if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))
+            ]
         elif os.path.isfile(p):
             files.append(p)
         else:
@@ -98,10 +112,17 @@ def load_images(paths: Iterable[str], cfg, model, short_edge: Optional[int] = No
     return out
 
 
-def analyze_checkpoint(checkpoint: str, config_file: Optional[str] = None, opts: Sequence[str] = (),
-                       images: Sequence[str] = (), stages: Optional[Sequence[str]] = None,
-                       cut: float = DEFAULT_CUT, short_edge: Optional[int] = None, max_images: int = 8,
-                       label: Optional[str] = None) -> Dict:
+def analyze_checkpoint(
+    checkpoint: str,
+    config_file: Optional[str] = None,
+    opts: Sequence[str] = (),
+    images: Sequence[str] = (),
+    stages: Optional[Sequence[str]] = None,
+    cut: float = DEFAULT_CUT,
+    short_edge: Optional[int] = None,
+    max_images: int = 8,
+    label: Optional[str] = None,
+) -> Dict:
     """``{"label", "checkpoint", "stages": {stage: {column: value}}}`` for one checkpoint.
 
     Without ``config_file`` the weights are read from the file (names as in a Detectron2 ResNet);
@@ -139,8 +160,7 @@ def _fmt(value, fmt: str) -> str:
 def format_table(results: Sequence[Dict]) -> str:
     """One Markdown row per (checkpoint, stage); feature columns only when some result has them."""
     cols = [c for c in COLUMNS if any(c[0] in s for r in results for s in r["stages"].values())]
-    lines = ["| checkpoint | stage | " + " | ".join(h for _, h, _ in cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]
+    lines = ["| checkpoint | stage | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for r in results:
         for stage, values in r["stages"].items():
             lines.append(f"| {r['label']} | {stage} | " + " | ".join(_fmt(values.get(k), f) for k, _, f in cols) + " |")
@@ -167,8 +187,12 @@ def _change(a, b, want: str, floor: Optional[float] = None) -> str:
     return f"{a:.4g} -> {b:.4g} ({went}{', as intended' if went == want else ', NOT as intended'})"
 
 
-def verdicts(results: Sequence[Dict], sharp_stages: Sequence[str] = ("res3",), smooth_stages: Sequence[str] = ("res5",),
-             cut: float = DEFAULT_CUT) -> List[str]:
+def verdicts(
+    results: Sequence[Dict],
+    sharp_stages: Sequence[str] = ("res3",),
+    smooth_stages: Sequence[str] = ("res5",),
+    cut: float = DEFAULT_CUT,
+) -> List[str]:
     """Plain-language lines: with one result, is each sharp stage edge-like and each smooth stage
     blur-like (kernels vs white noise, features vs the image)? With two (baseline first), did the
     regulariser's targets and the claimed properties move the intended way from the first to the second?"""
@@ -184,11 +208,16 @@ def verdicts(results: Sequence[Dict], sharp_stages: Sequence[str] = ("res3",), s
             claim = "edge-like" if role == "sharp" else "blur-like"
             if v.get("kernel_hf") is not None:
                 got = "edge-like" if v["kernel_hf"] > ref else "blur-like"
-                lines.append(f"{stage} kernels ({role} stage, claimed {claim}): HF share {v['kernel_hf']:.4f} vs white noise "
-                             f"{ref:.4f} -> {got}{'' if got == claim else ' (claim not met)'}")
+                lines.append(
+                    f"{stage} kernels ({role} stage, claimed {claim}): HF share {v['kernel_hf']:.4f} vs white noise "
+                    f"{ref:.4f} -> {got}{'' if got == claim else ' (claim not met)'}"
+                )
             if v.get("edge_gain") is not None:
                 got = "edge-like" if v["edge_gain"] > 1 else "blur-like"
-                lines.append(f"{stage} features: edge gain {v['edge_gain']:.3f} -> {got}{'' if got == claim else ' (claim not met)'}")
+                lines.append(
+                    f"{stage} features: edge gain {v['edge_gain']:.3f} -> "
+                    f"{got}{'' if got == claim else ' (claim not met)'}"
+                )
         return lines
     first = results[0]["stages"]
     a_label, b_label = results[0]["label"], results[-1]["label"]
@@ -204,9 +233,14 @@ def verdicts(results: Sequence[Dict], sharp_stages: Sequence[str] = ("res3",), s
         want = "up" if role == "sharp" else "down"
         noise = b.get("kernel_hf_noise")
         floor = NOISE_SIGMAS * noise if noise is not None else None
-        lines.append(f"  {stage} kernel HF share (claimed {want}): {_change(a.get('kernel_hf'), b.get('kernel_hf'), want, floor)}")
+        lines.append(
+            f"  {stage} kernel HF share (claimed {want}): "
+            f"{_change(a.get('kernel_hf'), b.get('kernel_hf'), want, floor)}"
+        )
         if a.get("edge_gain") is not None and b.get("edge_gain") is not None:
-            lines.append(f"  {stage} feature edge gain (claimed {want}): {_change(a['edge_gain'], b['edge_gain'], want)}")
+            lines.append(
+                f"  {stage} feature edge gain (claimed {want}): {_change(a['edge_gain'], b['edge_gain'], want)}"
+            )
     return lines
 
 
@@ -221,10 +255,12 @@ def plot_report(results: Sequence[Dict], path: str, cut: float = DEFAULT_CUT) ->
     stages = list(dict.fromkeys(s for r in results for s in r["stages"]))
     x = np.arange(len(stages))
     width = 0.8 / len(results)
-    panels = [("kernel_hf", "kernel HF share", white_noise_hf_share(cut), False),
-              ("var_sum", "ΣVar(W)  (sharp target)", None, True),
-              ("fro_sum", "Σ‖W‖_F  (smooth target)", None, False),
-              ("edge_gain", "feature edge gain", 1.0, False)]
+    panels = [
+        ("kernel_hf", "kernel HF share", white_noise_hf_share(cut), False),
+        ("var_sum", "ΣVar(W)  (sharp target)", None, True),
+        ("fro_sum", "Σ‖W‖_F  (smooth target)", None, False),
+        ("edge_gain", "feature edge gain", 1.0, False),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, title, line, log) in zip(axes.flat, panels):
         plotted = False
@@ -240,7 +276,14 @@ def plot_report(results: Sequence[Dict], path: str, cut: float = DEFAULT_CUT) ->
         if log and plotted:
             ax.set_yscale("log")
         if not plotted:
-            ax.text(0.5, 0.5, "not measured\n(needs --config-file and images)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "not measured\n(needs --config-file and images)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.set_title(title)
         ax.set_xticks(x)
         ax.set_xticklabels(stages)
@@ -252,8 +295,9 @@ def plot_report(results: Sequence[Dict], path: str, cut: float = DEFAULT_CUT) ->
     return path
 
 
-def write_report(results: Sequence[Dict], output_dir: str, sharp_stages=("res3",), smooth_stages=("res5",),
-                 cut: float = DEFAULT_CUT) -> Dict[str, str]:
+def write_report(
+    results: Sequence[Dict], output_dir: str, sharp_stages=("res3",), smooth_stages=("res5",), cut: float = DEFAULT_CUT
+) -> Dict[str, str]:
     """Write ``filters.md`` (table + verdicts), ``filters.json`` and ``filters.png`` into
     ``output_dir``; returns their paths by kind ("md", "json", "png")."""
     os.makedirs(output_dir, exist_ok=True)
@@ -264,7 +308,17 @@ def write_report(results: Sequence[Dict], output_dir: str, sharp_stages=("res3",
         f.write(f"White-noise kernel HF share at cut {cut}: {white_noise_hf_share(cut):.4f}\n\n")
         f.write("\n".join(lines) + "\n")
     with open(paths["json"], "w") as f:
-        json.dump({"cut": cut, "white_noise_hf": white_noise_hf_share(cut), "sharp_stages": list(sharp_stages),
-                   "smooth_stages": list(smooth_stages), "results": list(results), "verdicts": lines}, f, indent=2)
+        json.dump(
+            {
+                "cut": cut,
+                "white_noise_hf": white_noise_hf_share(cut),
+                "sharp_stages": list(sharp_stages),
+                "smooth_stages": list(smooth_stages),
+                "results": list(results),
+                "verdicts": lines,
+            },
+            f,
+            indent=2,
+        )
     plot_report(results, paths["png"], cut)
     return paths

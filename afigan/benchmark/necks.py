@@ -1,15 +1,15 @@
 """Inference cost of the necks with each upsampler: parameters, FLOPs (fvcore) and median latency
 of the neck alone and of a whole Mask R-CNN R-50 forward. Used by tools/benchmark_necks.py."""
+
 import statistics
 import time
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
+from torch import nn
 
 from afigan.config import add_afigan_config
 
@@ -18,8 +18,12 @@ __all__ = ["NECKS", "neck_cfg", "benchmark", "format_table", "ConstantFeatures",
 # Backbone builder and the RPN / ROI feature names each neck needs in a Mask R-CNN.
 NECKS = {
     "FPN": dict(name="build_resnet_fpn_sr_backbone", rpn=["p2", "p3", "p4", "p5", "p6"], roi=["p2", "p3", "p4", "p5"]),
-    "PAFPN": dict(name="build_resnet_pafpn_sr_backbone", rpn=["p2", "p3", "p4", "p5", "p6"], roi=["p2", "p3", "p4", "p5"]),
-    "BiFPN": dict(name="build_resnet_bifpn_sr_backbone", rpn=["p3", "p4", "p5", "p6", "p7"], roi=["p3", "p4", "p5", "p6"]),
+    "PAFPN": dict(
+        name="build_resnet_pafpn_sr_backbone", rpn=["p2", "p3", "p4", "p5", "p6"], roi=["p2", "p3", "p4", "p5"]
+    ),
+    "BiFPN": dict(
+        name="build_resnet_bifpn_sr_backbone", rpn=["p3", "p4", "p5", "p6", "p7"], roi=["p3", "p4", "p5", "p6"]
+    ),
 }
 
 
@@ -73,8 +77,9 @@ def median_seconds(fn, repeats: int, device: str) -> float:
 
 
 @torch.no_grad()
-def benchmark(necks: List[str], kinds: List[str], size=(800, 1216), device: str = "cpu", repeats: int = 5,
-              full: bool = True) -> List[Dict]:
+def benchmark(
+    necks: List[str], kinds: List[str], size=(800, 1216), device: str = "cpu", repeats: int = 5, full: bool = True
+) -> List[Dict]:
     """One row per (neck, kind): neck parameters, neck GFLOPs and ms, full-model GFLOPs and ms."""
     rows = []
     h, w = size
@@ -87,29 +92,58 @@ def benchmark(necks: List[str], kinds: List[str], size=(800, 1216), device: str 
             bottom_up = backbone.bottom_up
             feats = bottom_up(images)
             neck_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("bottom_up."))
-            srf_params = sum(p.numel() for p in backbone.srf_module.parameters()) if hasattr(backbone, "srf_module") else 0
+            srf_params = (
+                sum(p.numel() for p in backbone.srf_module.parameters()) if hasattr(backbone, "srf_module") else 0
+            )
             backbone.bottom_up = ConstantFeatures(feats)
             try:
-                neck_flops = FlopCountAnalysis(backbone, images).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+                neck_flops = (
+                    FlopCountAnalysis(backbone, images)
+                    .unsupported_ops_warnings(False)
+                    .uncalled_modules_warnings(False)
+                    .total()
+                )
                 neck_s = median_seconds(lambda: backbone(images), repeats, device)
             finally:
                 backbone.bottom_up = bottom_up
-            row = dict(neck=neck, kind=kind, neck_params=neck_params, interpolator_params=srf_params,
-                       neck_gflops=neck_flops / 1e9, neck_ms=neck_s * 1e3, image=f"{h}x{w}", device=device)
+            row = dict(
+                neck=neck,
+                kind=kind,
+                neck_params=neck_params,
+                interpolator_params=srf_params,
+                neck_gflops=neck_flops / 1e9,
+                neck_ms=neck_s * 1e3,
+                image=f"{h}x{w}",
+                device=device,
+            )
             if full:
                 inputs = [{"image": image, "height": h, "width": w}]
-                flops = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-                row.update(model_params=sum(p.numel() for p in model.parameters()), model_gflops=flops / 1e9,
-                           model_ms=median_seconds(lambda: model(inputs), repeats, device) * 1e3)
+                flops = (
+                    FlopCountAnalysis(model, inputs)
+                    .unsupported_ops_warnings(False)
+                    .uncalled_modules_warnings(False)
+                    .total()
+                )
+                row.update(
+                    model_params=sum(p.numel() for p in model.parameters()),
+                    model_gflops=flops / 1e9,
+                    model_ms=median_seconds(lambda: model(inputs), repeats, device) * 1e3,
+                )
             rows.append(row)
-            del model
+            model = None  # free it before the next one is built
     return rows
 
 
 def format_table(rows: List[Dict]) -> str:
-    cols = [("neck", "neck", "{}"), ("kind", "upsampler", "{}"), ("neck_params", "neck params (M)", "{:.2f}"),
-            ("neck_gflops", "neck GFLOPs", "{:.1f}"), ("neck_ms", "neck ms", "{:.1f}"),
-            ("model_gflops", "Mask R-CNN GFLOPs", "{:.1f}"), ("model_ms", "Mask R-CNN ms", "{:.1f}")]
+    cols = [
+        ("neck", "neck", "{}"),
+        ("kind", "upsampler", "{}"),
+        ("neck_params", "neck params (M)", "{:.2f}"),
+        ("neck_gflops", "neck GFLOPs", "{:.1f}"),
+        ("neck_ms", "neck ms", "{:.1f}"),
+        ("model_gflops", "Mask R-CNN GFLOPs", "{:.1f}"),
+        ("model_ms", "Mask R-CNN ms", "{:.1f}"),
+    ]
     cols = [c for c in cols if c[0] in rows[0]]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

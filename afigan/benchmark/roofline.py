@@ -8,6 +8,7 @@ FLOPs: one multiply-add is 2 FLOPs. Every row's FLOPs, and so its GFLOP/s, are c
 included (a whole training step); forward rows also give fvcore's ``FlopCountAnalysis`` count
 (x 2), which agrees on convolutions and adds norms and interpolation (tests/test_roofline.py).
 """
+
 import argparse
 import contextlib
 import itertools
@@ -18,12 +19,11 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from detectron2.engine import DefaultTrainer
-from detectron2.utils.events import EventStorage
-from detectron2.utils.analysis import FlopCountAnalysis
 
 from afigan.config import fallback_syncbn
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
@@ -33,8 +33,23 @@ from afigan.modeling.meta_arch import build_guide_model
 
 from .training import random_stage_inputs
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "STEP_CONFIGS", "fvcore_flops", "counted_flops", "timed", "plain_conv", "conv_layers_alone",
-           "module_rows", "step_rows", "top_ops", "format_table", "targets", "plot", "patch_ablation"]
+__all__ = [
+    "VARIANTS",
+    "DEFAULT_VARIANTS",
+    "STEP_CONFIGS",
+    "fvcore_flops",
+    "counted_flops",
+    "timed",
+    "plain_conv",
+    "conv_layers_alone",
+    "module_rows",
+    "step_rows",
+    "top_ops",
+    "format_table",
+    "targets",
+    "plot",
+    "patch_ablation",
+]
 
 # name -> (dtype, channels_last, D patch size); the switches a user can turn on (README "Performance").
 VARIANTS: Dict[str, Dict] = {
@@ -52,13 +67,19 @@ DEFAULT_VARIANTS = [k for k, v in VARIANTS.items() if not v.get("compile")]
 
 # measured step -> its toy config ("plain" is Detectron2's own DefaultTrainer on the stage-3
 # detector with a nearest-neighbour FPN: the stage-0 teacher config).
-STEP_CONFIGS = {"stage1": "toy/pipeline/stage1.yaml", "stage2": "toy/pipeline/stage2.yaml",
-                "stage3": "toy/pipeline/stage3.yaml", "plain": "toy/pipeline/stage0.yaml"}
+STEP_CONFIGS = {
+    "stage1": "toy/pipeline/stage1.yaml",
+    "stage2": "toy/pipeline/stage2.yaml",
+    "stage3": "toy/pipeline/stage3.yaml",
+    "plain": "toy/pipeline/stage0.yaml",
+}
 
 
 def fvcore_flops(module: nn.Module, inputs) -> float:
     """Forward FLOPs of ``module(*inputs)`` by fvcore (its multiply-adds x 2)."""
-    return 2.0 * FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+    return (
+        2.0 * FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
+    )
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
@@ -106,11 +127,13 @@ def _run(module: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], obj
         else:
             with torch.no_grad():
                 module(x)
+
     return call
 
 
-def plain_conv(channels: int, hw, device: str, dtype: torch.dtype, channels_last: bool, backward: bool,
-               repeats: int) -> Dict:
+def plain_conv(
+    channels: int, hw, device: str, dtype: torch.dtype, channels_last: bool, backward: bool, repeats: int
+) -> Dict:
     """GFLOP/s of one 3x3 ``channels -> channels`` convolution on a (1, channels, h, w) map: the
     machine's dense-convolution throughput the other rows are compared with."""
     conv = nn.Conv2d(channels, channels, 3, 1, 1).to(device)
@@ -128,8 +151,11 @@ def conv_layers_alone(module: nn.Module, x: torch.Tensor, device: str, dtype: to
     """Forward time and FLOPs of each convolution of ``module`` run alone on the input it gets inside
     ``module(x)``: the throughput of the module's own layers, against which its overheads show."""
     inputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach().clone())))
-             for m in module.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach().clone())))
+        for m in module.modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     try:
         with torch.no_grad(), _autocast(device, dtype):
             module(x)
@@ -156,8 +182,17 @@ def _eager(module: nn.Module):
         module._compiled_call_impl = compiled
 
 
-def _module_row(name: str, module: nn.Module, x: torch.Tensor, backward: bool, variant: str, device: str,
-                repeats: int, conv_hw, with_layers: bool) -> Dict:
+def _module_row(
+    name: str,
+    module: nn.Module,
+    x: torch.Tensor,
+    backward: bool,
+    variant: str,
+    device: str,
+    repeats: int,
+    conv_hw,
+    with_layers: bool,
+) -> Dict:
     v = VARIANTS[variant]
     x = _format(x, v["channels_last"]).requires_grad_(backward)
     with _autocast(device, v["dtype"]):
@@ -169,9 +204,16 @@ def _module_row(name: str, module: nn.Module, x: torch.Tensor, backward: bool, v
         # fvcore's tracer cannot run under autocast (its cached weight casts need grad); the count is the same.
         fv = None if backward else fvcore_flops(module, (x,))
     ref = plain_conv(module.channels, conv_hw, device, v["dtype"], v["channels_last"], backward, repeats)
-    row = dict(component=name, variant=variant, seconds=seconds, gflops=flops / 1e9,
-               fvcore_gflops=None if fv is None else fv / 1e9, gflops_per_s=flops / seconds / 1e9,
-               plain_conv_gflops_per_s=ref["gflops_per_s"], input=list(x.shape))
+    row = dict(
+        component=name,
+        variant=variant,
+        seconds=seconds,
+        gflops=flops / 1e9,
+        fvcore_gflops=None if fv is None else fv / 1e9,
+        gflops_per_s=flops / seconds / 1e9,
+        plain_conv_gflops_per_s=ref["gflops_per_s"],
+        input=list(x.shape),
+    )
     row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
     if with_layers:
         with _eager(module):
@@ -202,10 +244,32 @@ def module_rows(short_side: int, variants: List[str], device: str, repeats: int,
         for backward in (False, True):
             suffix = " fwd+bwd" if backward else " fwd"
             g.train(backward), d.train(backward)
-            rows.append(_module_row("AF interpolator" + suffix, g, x3, backward, variant, device, repeats, (h3, w3),
-                                    with_layers=not backward))
-            rows.append(_module_row("discriminator" + suffix, d, x2, backward, variant, device, repeats, (2 * h3, 2 * w3),
-                                    with_layers=False))
+            rows.append(
+                _module_row(
+                    "AF interpolator" + suffix,
+                    g,
+                    x3,
+                    backward,
+                    variant,
+                    device,
+                    repeats,
+                    (h3, w3),
+                    with_layers=not backward,
+                )
+            )
+            rows.append(
+                _module_row(
+                    "discriminator" + suffix,
+                    d,
+                    x2,
+                    backward,
+                    variant,
+                    device,
+                    repeats,
+                    (2 * h3, 2 * w3),
+                    with_layers=False,
+                )
+            )
     for r in rows:
         r["short_side"] = short_side
     return rows
@@ -227,30 +291,79 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
     teacher, G and D."""
     v = VARIANTS[variant]
     out = tempfile.mkdtemp(prefix=f"roofline_{stage}_")
-    opts = ["OUTPUT_DIR", out, "MODEL.DEVICE", device, "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", "1000",
-            "INPUT.MIN_SIZE_TRAIN", f"({short_side},)", "INPUT.MAX_SIZE_TRAIN", str(2 * short_side),
-            "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0",
-            "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.AFI.NUM_BLOCKS", "3", "MODEL.AFI.GROWTH", "32",
-            "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
-            # Detectron2's Mask R-CNN heads and sampling (the toy configs shrink them)
-            "MODEL.ROI_BOX_HEAD.FC_DIM", "1024", "MODEL.ROI_MASK_HEAD.NUM_CONV", "4", "MODEL.ROI_MASK_HEAD.CONV_DIM", "256",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "256",
-            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "2000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "1000",
-            "SOLVER.AMP.ENABLED", str(v["dtype"] != torch.float32), "SOLVER.AMP.PRECISION",
-            "bfloat16" if v["dtype"] == torch.bfloat16 else "float16",
-            "MODEL.AFI.CHANNELS_LAST", str(v["channels_last"]), "MODEL.AFI.DIS.PATCH_SIZE", str(v["patch"]),
-            "MODEL.AFI.COMPILE", str(bool(v.get("compile")))]
+    opts = [
+        "OUTPUT_DIR",
+        out,
+        "MODEL.DEVICE",
+        device,
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.MAX_ITER",
+        "1000",
+        "INPUT.MIN_SIZE_TRAIN",
+        f"({short_side},)",
+        "INPUT.MAX_SIZE_TRAIN",
+        str(2 * short_side),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100000",
+        "DATASETS.TEST",
+        "()",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "MODEL.FPN.OUT_CHANNELS",
+        "256",
+        "MODEL.AFI.NUM_BLOCKS",
+        "3",
+        "MODEL.AFI.GROWTH",
+        "32",
+        "MODEL.AFI.DIS.BASE_WIDTH",
+        "0",
+        "MODEL.RESNETS.DEPTH",
+        "50",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        "256",
+        # Detectron2's Mask R-CNN heads and sampling (the toy configs shrink them)
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        "1024",
+        "MODEL.ROI_MASK_HEAD.NUM_CONV",
+        "4",
+        "MODEL.ROI_MASK_HEAD.CONV_DIM",
+        "256",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "512",
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+        "256",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+        "2000",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "1000",
+        "SOLVER.AMP.ENABLED",
+        str(v["dtype"] != torch.float32),
+        "SOLVER.AMP.PRECISION",
+        "bfloat16" if v["dtype"] == torch.bfloat16 else "float16",
+        "MODEL.AFI.CHANNELS_LAST",
+        str(v["channels_last"]),
+        "MODEL.AFI.DIS.PATCH_SIZE",
+        str(v["patch"]),
+        "MODEL.AFI.COMPILE",
+        str(bool(v.get("compile"))),
+    ]
     config = os.path.join(configs_dir, STEP_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
         opts += random_stage_inputs(_cfg(config, opts, stage), stage, out)
     cfg = _cfg(config, opts, stage)
-    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain": DefaultTrainer}[stage](cfg)
+    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain": DefaultTrainer}[
+        stage
+    ](cfg)
     if stage != "plain":
         trainer.resume_or_load(resume=False)
     # Every timed step sees the same batch, the one whose FLOPs are counted (the toy images'
     # aspect ratios differ, so successive batches differ in size).
-    loader = trainer._trainer.data_loader if stage == "plain" else (
-        trainer.build_train_loader(cfg) if stage == "stage3" else trainer.data_loader)
+    loader = (
+        trainer._trainer.data_loader
+        if stage == "plain"
+        else (trainer.build_train_loader(cfg) if stage == "stage3" else trainer.data_loader)
+    )
     batch = next(iter(loader))
     same = itertools.repeat(batch)
     if stage in ("stage3", "plain"):
@@ -263,8 +376,16 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
     return trainer
 
 
-def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str], configs_dir: str, device: str,
-              repeats: int, profile=()) -> List[Dict]:
+def step_rows(
+    stages: List[str],
+    short_side: int,
+    batch: int,
+    variants: List[str],
+    configs_dir: str,
+    device: str,
+    repeats: int,
+    profile=(),
+) -> List[Dict]:
     """One training step of each stage (and of plain Detectron2) per variant: seconds, FLOPs (forward
     and backward) and the ratio to the plain 3x3 conv fwd+bwd at P2 of the image; for the variants
     in ``profile`` also the step's top-10 operators."""
@@ -284,9 +405,18 @@ def step_rows(stages: List[str], short_side: int, batch: int, variants: List[str
                 flops = counted_flops(trainer.run_step)  # also the warm-up call
                 seconds = timed(trainer.run_step, repeats, device, warmup=0)
                 ops = top_ops(trainer.run_step, device=device) if variant in profile else None
-            row = dict(component=f"{stage} step", variant=variant, seconds=seconds, gflops=flops / 1e9,
-                       fvcore_gflops=None, gflops_per_s=flops / seconds / 1e9, plain_conv_gflops_per_s=ref["gflops_per_s"],
-                       short_side=short_side, batch=batch, image=trainer.image_size)
+            row = dict(
+                component=f"{stage} step",
+                variant=variant,
+                seconds=seconds,
+                gflops=flops / 1e9,
+                fvcore_gflops=None,
+                gflops_per_s=flops / seconds / 1e9,
+                plain_conv_gflops_per_s=ref["gflops_per_s"],
+                short_side=short_side,
+                batch=batch,
+                image=trainer.image_size,
+            )
             row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
             if ops is not None:
                 row["top_ops"] = ops
@@ -306,18 +436,25 @@ def top_ops(fn: Callable[[], object], n: int = 10, device: str = "cpu") -> List[
     self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
     averages = prof.key_averages()
     total = sum(self_time(e) for e in averages) or 1.0
-    return [dict(op=e.key, calls=e.count, self_ms=self_time(e) / 1e3, share=self_time(e) / total)
-            for e in sorted(averages, key=self_time, reverse=True)[:n]]
+    return [
+        dict(op=e.key, calls=e.count, self_ms=self_time(e) / 1e3, share=self_time(e) / total)
+        for e in sorted(averages, key=self_time, reverse=True)[:n]
+    ]
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = ["| component | variant | short side | ms | GFLOPs | GFLOP/s | plain 3x3 conv GFLOP/s | ratio | own layers ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| component | variant | short side | ms | GFLOPs | GFLOP/s | plain 3x3 conv GFLOP/s | ratio | own "
+        "layers ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         own = f"{r['ratio_to_own_layers']:.2f}" if "ratio_to_own_layers" in r else ""
         name = f"{r['component']} ({r['image'][0]}x{r['image'][1]})" if "image" in r else r["component"]
-        lines.append(f"| {name} | {r['variant']} | {r['short_side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} | "
-                     f"{r['gflops_per_s']:.0f} | {r['plain_conv_gflops_per_s']:.0f} | {r['ratio_to_plain_conv']:.2f} | {own} |")
+        lines.append(
+            f"| {name} | {r['variant']} | {r['short_side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} | "
+            f"{r['gflops_per_s']:.0f} | {r['plain_conv_gflops_per_s']:.0f} | {r['ratio_to_plain_conv']:.2f} | {own} |"
+        )
     return "\n".join(lines)
 
 
@@ -331,21 +468,39 @@ def targets(rows: List[Dict]) -> List[Dict]:
         at = {(r["component"], r["variant"]): r for r in rows if r["short_side"] == side}
         afi = at.get(("AF interpolator fwd", "fp32"))
         if afi and "ratio_to_own_layers" in afi:
-            out.append(dict(short_side=side, target="AF interpolator fwd >= 0.70 x own layers' GFLOP/s (fp32)",
-                            value=afi["ratio_to_own_layers"], met=afi["ratio_to_own_layers"] >= 0.70))
+            out.append(
+                dict(
+                    short_side=side,
+                    target="AF interpolator fwd >= 0.70 x own layers' GFLOP/s (fp32)",
+                    value=afi["ratio_to_own_layers"],
+                    met=afi["ratio_to_own_layers"] >= 0.70,
+                )
+            )
         s3, plain = at.get(("stage3 step", "fp32")), at.get(("plain step", "fp32"))
         if s3 and plain:
             allowed = 1.1 * s3["gflops"] / plain["gflops"]
             value = s3["seconds"] / plain["seconds"]
-            out.append(dict(short_side=side, target=f"stage-3 step time / plain step <= 1.1 x FLOP ratio = {allowed:.2f}",
-                            value=value, met=value <= allowed))
+            out.append(
+                dict(
+                    short_side=side,
+                    target=f"stage-3 step time / plain step <= 1.1 x FLOP ratio = {allowed:.2f}",
+                    value=value,
+                    met=value <= allowed,
+                )
+            )
         s1 = [r for (c, v), r in at.items() if c == "stage1 step"]
         base = at.get(("stage1 step", "fp32"))
         if base and len(s1) > 1:
             best = min(s1, key=lambda r: r["seconds"])
             value = best["seconds"] / base["seconds"]
-            out.append(dict(short_side=side, target=f"stage-1 step ({best['variant']}) / fp32 default <= 0.70",
-                            value=value, met=value <= 0.70))
+            out.append(
+                dict(
+                    short_side=side,
+                    target=f"stage-1 step ({best['variant']}) / fp32 default <= 0.70",
+                    value=value,
+                    met=value <= 0.70,
+                )
+            )
     return out
 
 
@@ -379,8 +534,9 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def patch_ablation(configs_dir: str, patch_sizes: List[int], iters: int, teacher: str, device: str,
-                   tail: int = 20) -> List[Dict]:
+def patch_ablation(
+    configs_dir: str, patch_sizes: List[int], iters: int, teacher: str, device: str, tail: int = 20
+) -> List[Dict]:
     """``MODEL.AFI.DIS.PATCH_SIZE``'s effect: the toy stage 1 (configs/toy/pipeline/stage1.yaml)
     trained ``iters`` iterations from the same seed with each patch size; median seconds per
     iteration and the stage-1 content loss (sum over levels, mean of the last ``tail``
@@ -396,17 +552,43 @@ def patch_ablation(configs_dir: str, patch_sizes: List[int], iters: int, teacher
         teacher = os.path.join(out, "teacher.pth")
         torch.save({"model": {k: v * 0.05 if "fpn_output" in k else v for k, v in state.items()}}, teacher)
     for size in patch_sizes:
-        cfg = _cfg(config, ["OUTPUT_DIR", os.path.join(out, f"patch{size}"), "MODEL.DEVICE", device, "SOLVER.MAX_ITER", str(iters),
-                            "SOLVER.CHECKPOINT_PERIOD", "1000000", "MODEL.GUIDE_WEIGHTS", teacher, "SEED", "0",
-                            "MODEL.AFI.DIS.PATCH_SIZE", str(size)], "stage1")
+        cfg = _cfg(
+            config,
+            [
+                "OUTPUT_DIR",
+                os.path.join(out, f"patch{size}"),
+                "MODEL.DEVICE",
+                device,
+                "SOLVER.MAX_ITER",
+                str(iters),
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1000000",
+                "MODEL.GUIDE_WEIGHTS",
+                teacher,
+                "SEED",
+                "0",
+                "MODEL.AFI.DIS.PATCH_SIZE",
+                str(size),
+            ],
+            "stage1",
+        )
         torch.manual_seed(0)
         trainer = Stage1Trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
         hist = trainer.storage.histories()
-        content = [sum(v) for v in zip(*[[x for x, _ in hist[k].values()] for k in hist if k.startswith("loss_content_")])]
+        content = [
+            sum(v) for v in zip(*[[x for x, _ in hist[k].values()] for k in hist if k.startswith("loss_content_")])
+        ]
         times = [x for x, _ in hist["time"].values()]
-        rows.append(dict(patch_size=size, iters=iters, s_per_iter=statistics.median(times[2:] or times),
-                         content_loss=statistics.mean(content[-tail:]), content_loss_first=content[0],
-                         teacher=teacher))
+        rows.append(
+            dict(
+                patch_size=size,
+                iters=iters,
+                s_per_iter=statistics.median(times[2:] or times),
+                content_loss=statistics.mean(content[-tail:]),
+                content_loss_first=content[0],
+                teacher=teacher,
+            )
+        )
     return rows

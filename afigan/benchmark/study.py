@@ -23,6 +23,7 @@ finished (stages 0-2: their final checkpoints; stage 3: its ``results.json``) an
 last checkpoint when interrupted. ``study.json`` records every run's config, overrides, seed and
 wall time as it goes; ``study.md``, ``fidelity.png`` and ``detection.png`` are written at the end.
 """
+
 import argparse
 import contextlib
 import io
@@ -37,12 +38,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
-from torch import nn
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import nn
 from torch.nn import functional as F
-
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 
 from afigan.analysis.feature_figures import load_interpolator
 from afigan.analysis.metrics import read_metrics
@@ -58,9 +58,24 @@ from afigan.engine.stages import final_files
 from afigan.layers import crop_to_common, is_guided
 from afigan.modeling.meta_arch import build_guide_model
 
-__all__ = ["ErrorSums", "fixed_x2", "interpolation_fidelity", "mean_std", "paired", "Arm", "ARMS", "ABLATIONS",
-           "StudySettings", "QUICK", "FULL", "STUDY_TOY", "ensure_study_toy", "run_study", "write_outputs",
-           "format_markdown"]
+__all__ = [
+    "ErrorSums",
+    "fixed_x2",
+    "interpolation_fidelity",
+    "mean_std",
+    "paired",
+    "Arm",
+    "ARMS",
+    "ABLATIONS",
+    "StudySettings",
+    "QUICK",
+    "FULL",
+    "STUDY_TOY",
+    "ensure_study_toy",
+    "run_study",
+    "write_outputs",
+    "format_markdown",
+]
 
 # --------------------------------------------------------------------------------------------
 # Fidelity: pure PyTorch, no Detectron2 needed below this line until the teacher is built.
@@ -93,9 +108,11 @@ class ErrorSums:
         ``psnr`` = 10 log10(range^2 / MSE) in dB with ``feature_range`` = max - min of the level's
         target values over the set (inf for an exact prediction)."""
         mse = self.sq_err / self.count
-        return {"l1": self.abs_err / self.count,
-                "rel_l2": math.sqrt(self.sq_err / self.sq_target) if self.sq_target > 0 else math.nan,
-                "psnr": math.inf if mse == 0 else 10.0 * math.log10(feature_range ** 2 / mse)}
+        return {
+            "l1": self.abs_err / self.count,
+            "rel_l2": math.sqrt(self.sq_err / self.sq_target) if self.sq_target > 0 else math.nan,
+            "psnr": math.inf if mse == 0 else 10.0 * math.log10(feature_range**2 / mse),
+        }
 
 
 def fixed_x2(mode: str, levels: Sequence[str]) -> Interpolator:
@@ -105,8 +122,9 @@ def fixed_x2(mode: str, levels: Sequence[str]) -> Interpolator:
     return lambda low: {l: F.interpolate(low[l], scale_factor=2.0, mode=mode, **kwargs) for l in levels}
 
 
-def interpolation_fidelity(pyramids: Iterable[Tuple[Pyramid, Pyramid]], interpolators: Dict[str, Interpolator],
-                           levels: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def interpolation_fidelity(
+    pyramids: Iterable[Tuple[Pyramid, Pyramid]], interpolators: Dict[str, Interpolator], levels: Sequence[str]
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{interpolator: {level: {"l1", "rel_l2", "psnr", "values"}}}`` over ``pyramids``, pairs of
     (full-resolution target pyramid, half-resolution pyramid). The PSNR peak of a level is the
     range of its target values over all pairs, one for every interpolator. A level an
@@ -158,13 +176,17 @@ def teacher_pyramids(cfg, dataset: str, max_images: int = 0) -> Iterable[Tuple[P
 # Statistics over seeds
 # --------------------------------------------------------------------------------------------
 
+
 def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
     """``{"mean", "std", "n"}``; ``std`` is the sample standard deviation (n - 1), None for n < 2."""
     values = [float(v) for v in values]
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict:
@@ -178,6 +200,7 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict:
 # --------------------------------------------------------------------------------------------
 # What is run
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -231,8 +254,11 @@ class StudySettings:
 
 
 QUICK = StudySettings(kinds=("nearest", "bilinear", "afi", "afi_stage3_only"), seeds=(0,), ablations=("adv",))
-FULL = StudySettings(kinds=("nearest", "bilinear", "afi", "afi_stage3_only", "dysample", "carafe"), seeds=(0, 1, 2),
-                     ablations=("adv", "shared"))
+FULL = StudySettings(
+    kinds=("nearest", "bilinear", "afi", "afi_stage3_only", "dysample", "carafe"),
+    seeds=(0, 1, 2),
+    ablations=("adv", "shared"),
+)
 
 
 def ensure_study_toy() -> str:
@@ -256,8 +282,14 @@ def _budget(config_file: str, iters: int, opts: Sequence[str]) -> List[str]:
     scale = iters / solver.MAX_ITER
     # fvcore's schedule wants every step before the last iteration; a budget that short keeps none.
     steps = tuple(sorted({max(1, round(s * scale)) for s in solver.STEPS if round(s * scale) < iters}))
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps),
-            "SOLVER.WARMUP_ITERS", str(max(1, round(solver.WARMUP_ITERS * scale)))]
+    return [
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        str(steps),
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, round(solver.WARMUP_ITERS * scale))),
+    ]
 
 
 class _Chain(Pipeline):
@@ -290,13 +322,17 @@ class StudyRunner:
             raise ValueError("--seeds: give at least one seed.")
         for kind in self._chains(settings):
             if not os.path.isdir(_config_set(settings, kind)):
-                raise FileNotFoundError(f"The {kind} chain needs the config set {_config_set(settings, kind)!r} "
-                                        f"(stage1.yaml, stage2.yaml, stage3.yaml); make it, or leave {kind} out of "
-                                        f"--kinds and --ablations.")
+                raise FileNotFoundError(
+                    f"The {kind} chain needs the config set {_config_set(settings, kind)!r} "
+                    f"(stage1.yaml, stage2.yaml, stage3.yaml); make it, or leave {kind} out of "
+                    f"--kinds and --ablations."
+                )
         if STUDY_TOY in (settings.dataset_train + settings.dataset_test) and args.num_gpus * args.num_machines > 1:
-            raise ValueError(f"The study's toy set {STUDY_TOY!r} is registered in this process only; with --num-gpus "
-                             f"give data sets registered on import (--dataset-train afigan_toy_train --dataset-test "
-                             f"afigan_toy_val, or COCO's).")
+            raise ValueError(
+                f"The study's toy set {STUDY_TOY!r} is registered in this process only; with --num-gpus "
+                f"give data sets registered on import (--dataset-train afigan_toy_train --dataset-test "
+                f"afigan_toy_val, or COCO's)."
+            )
         self.settings, self.output_dir, self.args, self.log = settings, output_dir, args, log
         self.report_only = report_only
         self.json_path = os.path.join(output_dir, "study.json")
@@ -315,15 +351,30 @@ class StudyRunner:
         return sorted(kinds)
 
     # ---- one run ----
-    def _record(self, name: str, stage: str, config_file: str, run_dir: str, opts: List[str], fn: Callable[[], Dict],
-                done: Callable[[], bool]) -> Dict:
-        record = {"name": name, "stage": stage, "config_file": config_file, "output_dir": run_dir,
-                  "opts": [str(o) for o in opts]}
+    def _record(
+        self,
+        name: str,
+        stage: str,
+        config_file: str,
+        run_dir: str,
+        opts: List[str],
+        fn: Callable[[], Dict],
+        done: Callable[[], bool],
+    ) -> Dict:
+        record = {
+            "name": name,
+            "stage": stage,
+            "config_file": config_file,
+            "output_dir": run_dir,
+            "opts": [str(o) for o in opts],
+        }
         before = self.previous.get(name)
         if done():
             if before is not None and before.get("opts") != record["opts"]:
-                raise ValueError(f"{run_dir!r} holds a finished run made with other settings (see {self.json_path}); "
-                                 f"give another --output-dir or the same settings as before.")
+                raise ValueError(
+                    f"{run_dir!r} holds a finished run made with other settings (see {self.json_path}); "
+                    f"give another --output-dir or the same settings as before."
+                )
             record.update(status="skipped, already done", wall_s=(before or {}).get("wall_s"))
             self.log(f"[study] {name}: skipped, already done ({run_dir})")
             result = None
@@ -361,26 +412,43 @@ class StudyRunner:
         overrides = chain.overrides(stage)
         run_dir = os.path.join(chain.output_dir, stage)
         opts = chain.opts + ["OUTPUT_DIR", run_dir] + overrides
-        return self._record(name, stage, chain.files[stage], run_dir, opts, lambda: chain._maybe(stage),
-                            lambda: all(os.path.isfile(f) for f in chain.final[stage]))
+        return self._record(
+            name,
+            stage,
+            chain.files[stage],
+            run_dir,
+            opts,
+            lambda: chain._maybe(stage),
+            lambda: all(os.path.isfile(f) for f in chain.final[stage]),
+        )
 
     def _stage3(self, chain: _Chain, name: str, seed: int, extra: List[str], wired: bool) -> Dict:
         out_name = f"stage3_seed{seed}"
         run_dir = os.path.join(chain.output_dir, out_name)
-        overrides = (chain.overrides("stage3") if wired else list(chain.budgets["stage3"])) + extra + ["SEED", str(seed)]
+        overrides = (
+            (chain.overrides("stage3") if wired else list(chain.budgets["stage3"])) + extra + ["SEED", str(seed)]
+        )
         results_file = os.path.join(run_dir, "results.json")
 
         def train():
             results = chain._run("stage3", overrides, output_name=out_name)
             if not results:  # trained before, killed during its evaluation: evaluate the final model
                 final = final_files("stage3", run_dir)[0]
-                results = chain._run("stage3", overrides + ["MODEL.WEIGHTS", final], fn=_eval_stage,
-                                     output_name=out_name)
+                results = chain._run(
+                    "stage3", overrides + ["MODEL.WEIGHTS", final], fn=_eval_stage, output_name=out_name
+                )
             _write_json(results_file, results)
             return results
 
-        rec = self._record(name, "stage3", chain.files["stage3"], run_dir,
-                           chain.opts + ["OUTPUT_DIR", run_dir] + overrides, train, lambda: os.path.isfile(results_file))
+        rec = self._record(
+            name,
+            "stage3",
+            chain.files["stage3"],
+            run_dir,
+            chain.opts + ["OUTPUT_DIR", run_dir] + overrides,
+            train,
+            lambda: os.path.isfile(results_file),
+        )
         if os.path.isfile(results_file):
             with open(results_file) as f:
                 rec["result"] = json.load(f)
@@ -400,18 +468,30 @@ class StudyRunner:
             ensure_study_toy()
         for name in (s.dataset_train, s.dataset_test):
             if name not in DatasetCatalog.list():
-                raise KeyError(f"Data set {name!r} is not registered; give --dataset-train/--dataset-test names of "
-                               f"registered data sets (e.g. afigan_toy_train, coco_2017_val).")
+                raise KeyError(
+                    f"Data set {name!r} is not registered; give --dataset-train/--dataset-test names of "
+                    f"registered data sets (e.g. afigan_toy_train, coco_2017_val)."
+                )
         given = [v for k, v in zip(s.opts[::2], s.opts[1::2]) if k == "MODEL.GUIDE_WEIGHTS"]
-        teacher_chain = _Chain(s.config_dir, os.path.join(self.output_dir, "teacher"), self.args, self.opts,
-                               {"stage0": _budget(os.path.join(s.config_dir, "stage0.yaml"), s.max_iter[0], self.opts)
-                                if os.path.isfile(os.path.join(s.config_dir, "stage0.yaml")) else []})
+        teacher_chain = _Chain(
+            s.config_dir,
+            os.path.join(self.output_dir, "teacher"),
+            self.args,
+            self.opts,
+            {
+                "stage0": _budget(os.path.join(s.config_dir, "stage0.yaml"), s.max_iter[0], self.opts)
+                if os.path.isfile(os.path.join(s.config_dir, "stage0.yaml"))
+                else []
+            },
+        )
         if given:
             self.teacher = given[-1]
         else:
             if not os.path.isfile(teacher_chain.files["stage0"]):
-                raise FileNotFoundError(f"{s.config_dir!r} has no stage0.yaml to train the teacher; add it or give "
-                                        f"MODEL.GUIDE_WEIGHTS on the command line.")
+                raise FileNotFoundError(
+                    f"{s.config_dir!r} has no stage0.yaml to train the teacher; add it or give "
+                    f"MODEL.GUIDE_WEIGHTS on the command line."
+                )
             self._stage(teacher_chain, "teacher", "stage0")
             self.teacher = teacher_chain.final["stage0"][0]
         chains: Dict[str, _Chain] = {}
@@ -442,11 +522,17 @@ class StudyRunner:
         fidelity = self.fidelity(chains, ablations)
         stage1_runs = [("afi", chains["afi"])] if "afi" in chains else []
         stage1_runs += [(ABLATION_RUN[a], c) for a, c in ablations.items()]
-        content = {name: content_loss(os.path.join(chain.output_dir, "stage1", "metrics.json"))
-                   for name, chain in stage1_runs}
+        content = {
+            name: content_loss(os.path.join(chain.output_dir, "stage1", "metrics.json")) for name, chain in stage1_runs
+        }
         teacher_results = _eval_results(os.path.join(self.output_dir, "teacher", "stage0"))
-        return {"detection": detection, "fidelity": fidelity, "content_loss": content, "teacher": teacher_results,
-                "image_noise": self.image_noise(chains)}
+        return {
+            "detection": detection,
+            "fidelity": fidelity,
+            "content_loss": content,
+            "teacher": teacher_results,
+            "image_noise": self.image_noise(chains),
+        }
 
     def image_noise(self, chains: Dict[str, "_Chain"], parts: int = 4) -> Dict:
         """AP of the reference arm's first-seed model on ``parts`` disjoint subsets of the test set."""
@@ -470,28 +556,45 @@ class StudyRunner:
                 continue  # a stage-3-only arm, or a chain whose stage 1 has not finished
             learned.append((f"{kind} G (stage 1)", os.path.join(chain.output_dir, "stage1"), chain.final["stage1"][0]))
             if os.path.isfile(chain.final["stage2"][0]):
-                learned.append((f"{kind} (stage 2)", os.path.join(chain.output_dir, "stage2"), chain.final["stage2"][0]))
+                learned.append(
+                    (f"{kind} (stage 2)", os.path.join(chain.output_dir, "stage2"), chain.final["stage2"][0])
+                )
         for a, chain in ablations.items():
             if os.path.isfile(chain.final["stage1"][0]):
-                learned.append((f"{ABLATIONS[a][0]} G, {ABLATIONS[a][1]}", os.path.join(chain.output_dir, "stage1"),
-                                chain.final["stage1"][0]))
+                learned.append(
+                    (
+                        f"{ABLATIONS[a][0]} G, {ABLATIONS[a][1]}",
+                        os.path.join(chain.output_dir, "stage1"),
+                        chain.final["stage1"][0],
+                    )
+                )
         first = learned[0][1] if learned else None
         if first is None or not os.path.isfile(self.teacher):
             return {}
-        cfg = load_cfg(argparse.Namespace(config_file=os.path.join(first, "config.yaml"),
-                                          opts=["DATASETS.TEST", f"('{s.dataset_test}',)"]))
+        cfg = load_cfg(
+            argparse.Namespace(
+                config_file=os.path.join(first, "config.yaml"), opts=["DATASETS.TEST", f"('{s.dataset_test}',)"]
+            )
+        )
         levels = list(cfg.MODEL.AFI.LEVELS)
         interpolators = {"nearest": fixed_x2("nearest", levels), "bilinear": fixed_x2("bilinear", levels)}
         for name, run_dir, weights in learned:
             run_cfg = load_cfg(argparse.Namespace(config_file=os.path.join(run_dir, "config.yaml"), opts=[]))
             interpolators[name] = learned_x2(run_cfg, weights)
-        self.log(f"[study] fidelity: {len(interpolators)} interpolators on {s.dataset_test} "
-                 f"({s.fidelity_images or 'all'} images), levels {', '.join(levels)}")
+        self.log(
+            f"[study] fidelity: {len(interpolators)} interpolators on {s.dataset_test} "
+            f"({s.fidelity_images or 'all'} images), levels {', '.join(levels)}"
+        )
         t0 = time.perf_counter()
         scores = interpolation_fidelity(teacher_pyramids(cfg, s.dataset_test, s.fidelity_images), interpolators, levels)
-        return {"levels": levels, "dataset": s.dataset_test, "teacher": cfg.MODEL.GUIDE_WEIGHTS,
-                "weights": {name: w for name, _, w in learned}, "scores": scores,
-                "wall_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "levels": levels,
+            "dataset": s.dataset_test,
+            "teacher": cfg.MODEL.GUIDE_WEIGHTS,
+            "weights": {name: w for name, _, w in learned},
+            "scores": scores,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
 
 
 def subset_ap(gt_json: str, results_json: str, parts: int = 4, iou_type: str = "bbox") -> List[float]:
@@ -526,7 +629,7 @@ def content_loss(metrics_json: str) -> Optional[Dict[str, float]]:
     if not records:
         return None
     last = records[-1]
-    per_level = {k[len("loss_content_"):]: float(v) for k, v in last.items() if k.startswith("loss_content_")}
+    per_level = {k[len("loss_content_") :]: float(v) for k, v in last.items() if k.startswith("loss_content_")}
     return {"iteration": last["iteration"], "total": sum(per_level.values()), **per_level}
 
 
@@ -560,6 +663,7 @@ def _write_json(path: str, obj) -> None:
 # Aggregation, tables, charts
 # --------------------------------------------------------------------------------------------
 
+
 def _finite_or(value, default):
     try:
         value = float(value)
@@ -577,16 +681,20 @@ def summarize(detection: Dict[str, Dict[int, Dict]]) -> Dict:
             # Detectron2 reports AP NaN when a model detects nothing at all: that is AP 0. (APs is
             # NaN also when the set has no small object, so a NaN APs is left out instead.)
             ap = {seed: _finite_or(r[task]["AP"], 0.0) for seed, r in by_seed.items() if task in r}
-            aps = {seed: float(r[task]["APs"]) for seed, r in by_seed.items()
-                   if task in r and _finite_or(r[task].get("APs"), None) is not None}
+            aps = {
+                seed: float(r[task]["APs"])
+                for seed, r in by_seed.items()
+                if task in r and _finite_or(r[task].get("APs"), None) is not None
+            }
             entry[task] = {"per_seed": ap, "AP": mean_std(list(ap.values())), "APs": mean_std(list(aps.values()))}
         out[arm] = entry
     if REFERENCE_ARM in out:
         for arm, entry in out.items():
             if arm != REFERENCE_ARM:
                 for task in ("bbox", "segm"):
-                    entry[task]["vs_" + REFERENCE_ARM] = paired(entry[task]["per_seed"],
-                                                                out[REFERENCE_ARM][task]["per_seed"])
+                    entry[task]["vs_" + REFERENCE_ARM] = paired(
+                        entry[task]["per_seed"], out[REFERENCE_ARM][task]["per_seed"]
+                    )
     return out
 
 
@@ -616,86 +724,133 @@ def _fmt(v, spec: str) -> str:
 
 def format_markdown(study: Dict) -> str:
     """study.md: how it was run, then the fidelity, ablation and detection tables."""
-    lines = ["# AFI-GAN study", "", f"Command: `{study['command']}`  ",
-             f"Machine: {study['machine']}; torch {study['torch']}; "
-             f"load average {study['load_average_1min']:.2f} at the end; wall time of this invocation "
-             f"{study['wall_s'] / 60:.1f} min (sum of all runs' own wall times {study['runs_wall_s'] / 60:.1f} min).", ""]
+    lines = [
+        "# AFI-GAN study",
+        "",
+        f"Command: `{study['command']}`  ",
+        f"Machine: {study['machine']}; torch {study['torch']}; "
+        f"load average {study['load_average_1min']:.2f} at the end; wall time of this invocation "
+        f"{study['wall_s'] / 60:.1f} min (sum of all runs' own wall times {study['runs_wall_s'] / 60:.1f} min).",
+        "",
+    ]
     s = study["settings"]
-    lines += [f"Settings: kinds {', '.join(s['kinds'])}; seeds {', '.join(map(str, s['seeds']))} (stage 3 only; one "
-              f"teacher and one stage-1/2 chain per learned kind serve all seeds); ablations "
-              f"{', '.join(s['ablations']) or 'none'}; "
-              f"SOLVER.MAX_ITER stage 0/1/2/3 = {'/'.join(str(i or 'YAML') for i in s['max_iter'])}; data "
-              f"{s['dataset_train']} -> {s['dataset_test']}.", ""]
+    lines += [
+        f"Settings: kinds {', '.join(s['kinds'])}; seeds {', '.join(map(str, s['seeds']))} (stage 3 only; one "
+        f"teacher and one stage-1/2 chain per learned kind serve all seeds); ablations "
+        f"{', '.join(s['ablations']) or 'none'}; "
+        f"SOLVER.MAX_ITER stage 0/1/2/3 = {'/'.join(str(i or 'YAML') for i in s['max_iter'])}; data "
+        f"{s['dataset_train']} -> {s['dataset_test']}.",
+        "",
+    ]
     fid = study.get("fidelity") or {}
     if fid:
-        lines += [f"## Interpolation fidelity (teacher features of {fid['dataset']})", "",
-                  "x2 of the teacher's half-resolution level vs its full-resolution level; L1 and relative L2 "
-                  "(lower is better), PSNR over the level's feature range in dB (higher is better).", ""]
+        lines += [
+            f"## Interpolation fidelity (teacher features of {fid['dataset']})",
+            "",
+            "x2 of the teacher's half-resolution level vs its full-resolution level; L1 and relative L2 "
+            "(lower is better), PSNR over the level's feature range in dB (higher is better).",
+            "",
+        ]
         names = list(fid["scores"])
-        lines += ["| interpolator | " + " | ".join(f"{l} L1 / relL2 / PSNR" for l in fid["levels"]) + " |",
-                  "|---|" + "---|" * len(fid["levels"])]
+        lines += [
+            "| interpolator | " + " | ".join(f"{l} L1 / relL2 / PSNR" for l in fid["levels"]) + " |",
+            "|---|" + "---|" * len(fid["levels"]),
+        ]
         for n in names:
             cells = []
             for l in fid["levels"]:
                 m = fid["scores"][n].get(l)
-                cells.append("–" if m is None else
-                             f"{_fmt(m['l1'], '.4f')} / {_fmt(m['rel_l2'], '.3f')} / {_fmt(m['psnr'], '.2f')}")
+                cells.append(
+                    "–"
+                    if m is None
+                    else f"{_fmt(m['l1'], '.4f')} / {_fmt(m['rel_l2'], '.3f')} / {_fmt(m['psnr'], '.2f')}"
+                )
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if study.get("content_loss"):
-        lines += ["## Ablations after stage 1 (AFI)", "", "| stage-1 run | content loss (sum over levels, last logged) | "
-                  "p2 L1 | mean rel. L2 over levels |", "|---|---|---|---|"]
-        label = {"afi": "afi (adversarial gradient to G, shared)",
-                 ABLATION_RUN["adv"]: "adversarial term detached (ADV_GRAD_TO_G False)",
-                 ABLATION_RUN["shared"]: "one interpolator per level (SHARED False)"}
-        fid_name = {"afi": "afi G (stage 1)", ABLATION_RUN["adv"]: f"afi G, {ABLATIONS['adv'][1]}",
-                    ABLATION_RUN["shared"]: f"afi G, {ABLATIONS['shared'][1]}"}
+        lines += [
+            "## Ablations after stage 1 (AFI)",
+            "",
+            "| stage-1 run | content loss (sum over levels, last logged) | p2 L1 | mean rel. L2 over levels |",
+            "|---|---|---|---|",
+        ]
+        label = {
+            "afi": "afi (adversarial gradient to G, shared)",
+            ABLATION_RUN["adv"]: "adversarial term detached (ADV_GRAD_TO_G False)",
+            ABLATION_RUN["shared"]: "one interpolator per level (SHARED False)",
+        }
+        fid_name = {
+            "afi": "afi G (stage 1)",
+            ABLATION_RUN["adv"]: f"afi G, {ABLATIONS['adv'][1]}",
+            ABLATION_RUN["shared"]: f"afi G, {ABLATIONS['shared'][1]}",
+        }
         for name, c in study["content_loss"].items():
             sc = (fid.get("scores") or {}).get(fid_name.get(name, ""), {})
             rel = [m["rel_l2"] for m in sc.values()]
-            lines.append(f"| {label.get(name, name)} | {_fmt(c and c['total'], '.4f')} | "
-                         f"{_fmt(sc.get('p2', {}).get('l1'), '.4f')} | "
-                         f"{_fmt(sum(rel) / len(rel) if rel else None, '.3f')} |")
+            lines.append(
+                f"| {label.get(name, name)} | {_fmt(c and c['total'], '.4f')} | "
+                f"{_fmt(sc.get('p2', {}).get('l1'), '.4f')} | "
+                f"{_fmt(sum(rel) / len(rel) if rel else None, '.3f')} |"
+            )
         lines.append("")
     summary = study.get("summary") or {}
     if summary:
         t = study.get("teacher") or {}
-        lines += ["## Detection (stage 3, COCO AP on " + s["dataset_test"] + ")", "",
-                  f"Mean ± sample std over seeds; the stage-0 teacher (nearest FPN, same detector) reached bbox AP "
-                  f"{_fmt(t.get('bbox/AP'), '.2f')} / segm AP {_fmt(t.get('segm/AP'), '.2f')}.", "",
-                  "| arm | seeds | bbox AP | segm AP | bbox APs | segm APs | bbox AP per seed |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Detection (stage 3, COCO AP on " + s["dataset_test"] + ")",
+            "",
+            f"Mean ± sample std over seeds; the stage-0 teacher (nearest FPN, same detector) reached bbox AP "
+            f"{_fmt(t.get('bbox/AP'), '.2f')} / segm AP {_fmt(t.get('segm/AP'), '.2f')}.",
+            "",
+            "| arm | seeds | bbox AP | segm AP | bbox APs | segm APs | bbox AP per seed |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for arm, e in summary.items():
             per = ", ".join(f"{e['bbox']['per_seed'][k]:.2f}" for k in sorted(e["bbox"]["per_seed"]))
-            lines.append(f"| {ARMS[arm].label} | {e['bbox']['AP']['n']} | {_pm(e['bbox']['AP'])} | {_pm(e['segm']['AP'])} | "
-                         f"{_pm(e['bbox']['APs'])} | {_pm(e['segm']['APs'])} | {per} |")
+            lines.append(
+                f"| {ARMS[arm].label} | {e['bbox']['AP']['n']} | {_pm(e['bbox']['AP'])} | {_pm(e['segm']['AP'])} | "
+                f"{_pm(e['bbox']['APs'])} | {_pm(e['segm']['APs'])} | {per} |"
+            )
         noise = study.get("noise") or {}
         if noise.get("bbox") is not None:
-            lines += ["", f"Seed noise (pooled std over seeds of one arm): bbox AP {noise['bbox']:.2f}, segm AP "
-                      f"{_fmt(noise.get('segm'), '.2f')}."]
+            lines += [
+                "",
+                f"Seed noise (pooled std over seeds of one arm): bbox AP {noise['bbox']:.2f}, segm AP "
+                f"{_fmt(noise.get('segm'), '.2f')}.",
+            ]
         img = study.get("image_noise") or {}
         if img.get("bbox"):
-            lines += ["", f"Image-sampling noise: the {REFERENCE_ARM} seed-{s['seeds'][0]} model on {img['parts']} "
-                      f"disjoint, interleaved parts of the test images: bbox AP "
-                      f"{', '.join(f'{v:.2f}' for v in img['bbox'])}; segm AP "
-                      f"{', '.join(f'{v:.2f}' for v in img['segm'])}."]
+            lines += [
+                "",
+                f"Image-sampling noise: the {REFERENCE_ARM} seed-{s['seeds'][0]} model on {img['parts']} "
+                f"disjoint, interleaved parts of the test images: bbox AP "
+                f"{', '.join(f'{v:.2f}' for v in img['bbox'])}; segm AP "
+                f"{', '.join(f'{v:.2f}' for v in img['segm'])}.",
+            ]
         if REFERENCE_ARM in summary and len(summary) > 1:
-            lines += ["", f"Paired by seed, arm − {REFERENCE_ARM} (mean ± std of the per-seed differences; wins = "
-                      f"seeds where the arm is higher):", "",
-                      "| arm | Δ bbox AP | wins | Δ segm AP | wins | per-seed Δ bbox |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"Paired by seed, arm − {REFERENCE_ARM} (mean ± std of the per-seed differences; wins = "
+                f"seeds where the arm is higher):",
+                "",
+                "| arm | Δ bbox AP | wins | Δ segm AP | wins | per-seed Δ bbox |",
+                "|---|---|---|---|---|---|",
+            ]
             for arm, e in summary.items():
                 if arm == REFERENCE_ARM:
                     continue
                 b, g = e["bbox"]["vs_" + REFERENCE_ARM], e["segm"]["vs_" + REFERENCE_ARM]
                 per = ", ".join(f"{v:+.2f}" for _, v in sorted(b["diffs"].items()))
-                lines.append(f"| {ARMS[arm].label} | {_pm(b)} | {b['wins']}/{b['n']} | {_pm(g)} | {g['wins']}/{g['n']} | "
-                             f"{per} |")
+                lines.append(
+                    f"| {ARMS[arm].label} | {_pm(b)} | {b['wins']}/{b['n']} | {_pm(g)} | {g['wins']}/{g['n']} | {per} |"
+                )
         lines.append("")
     lines += ["## Runs", "", "| run | status | wall s | seed | output |", "|---|---|---|---|---|"]
     for r in study["runs"]:
-        lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('wall_s'), '.1f')} | {r.get('seed', '–')} | "
-                     f"{r['output_dir']} |")
+        lines.append(
+            f"| {r['name']} | {r['status']} | {_fmt(r.get('wall_s'), '.1f')} | {r.get('seed', '–')} | "
+            f"{r['output_dir']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -710,9 +865,11 @@ def plot_fidelity(fid: Dict, path: str) -> str:
 
     levels, names = fid["levels"], list(fid["scores"])
     ref = fid["scores"].get(REFERENCE_ARM, {})
-    rows = [("L1 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["l1"] / r["l1"])),
-            ("rel. L2 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["rel_l2"] / r["rel_l2"])),
-            ("PSNR gain over nearest (dB)", lambda m, r: m["psnr"] - r["psnr"])]
+    rows = [
+        ("L1 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["l1"] / r["l1"])),
+        ("rel. L2 reduction vs nearest (%)", lambda m, r: 100.0 * (1.0 - m["rel_l2"] / r["rel_l2"])),
+        ("PSNR gain over nearest (dB)", lambda m, r: m["psnr"] - r["psnr"]),
+    ]
     fig, axes = plt.subplots(len(rows), len(levels), figsize=(3.2 * len(levels), 2.6 * len(rows) + 1.2), squeeze=False)
     colours = plt.get_cmap("tab10")
     for j, l in enumerate(levels):
@@ -732,8 +889,11 @@ def plot_fidelity(fid: Dict, path: str) -> str:
             ax.margins(y=0.2)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours(k % 10)) for k in range(len(names))]
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
-    fig.suptitle(f"x2 of the teacher's half-resolution features vs its full-resolution features ({fid['dataset']}): "
-                 f"gain over nearest (higher is better)", fontsize=9)
+    fig.suptitle(
+        f"x2 of the teacher's half-resolution features vs its full-resolution features ({fid['dataset']}): "
+        f"gain over nearest (higher is better)",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -778,20 +938,35 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def write_outputs(output_dir: str, settings: StudySettings, results: Dict, runs: List[Dict], command: str,
-                  wall_s: float) -> Dict[str, str]:
+def write_outputs(
+    output_dir: str, settings: StudySettings, results: Dict, runs: List[Dict], command: str, wall_s: float
+) -> Dict[str, str]:
     """Write study.json, study.md, fidelity.png and detection.png; return their paths."""
     summary = summarize(results["detection"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    study = {"command": command, "machine": _machine(), "torch": torch.__version__, "load_average_1min": load,
-             "wall_s": wall_s, "runs_wall_s": sum(r.get("wall_s") or 0.0 for r in runs),
-             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
-             "runs": runs, "fidelity": results["fidelity"], "content_loss": results["content_loss"],
-             "teacher": results["teacher"], "detection": results["detection"], "summary": summary,
-             "noise": seed_noise(summary), "image_noise": results.get("image_noise") or {}}
-    paths = {"json": os.path.join(output_dir, "study.json"), "md": os.path.join(output_dir, "study.md"),
-             "fidelity_png": os.path.join(output_dir, "fidelity.png"),
-             "detection_png": os.path.join(output_dir, "detection.png")}
+    study = {
+        "command": command,
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "load_average_1min": load,
+        "wall_s": wall_s,
+        "runs_wall_s": sum(r.get("wall_s") or 0.0 for r in runs),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
+        "runs": runs,
+        "fidelity": results["fidelity"],
+        "content_loss": results["content_loss"],
+        "teacher": results["teacher"],
+        "detection": results["detection"],
+        "summary": summary,
+        "noise": seed_noise(summary),
+        "image_noise": results.get("image_noise") or {},
+    }
+    paths = {
+        "json": os.path.join(output_dir, "study.json"),
+        "md": os.path.join(output_dir, "study.md"),
+        "fidelity_png": os.path.join(output_dir, "fidelity.png"),
+        "detection_png": os.path.join(output_dir, "detection.png"),
+    }
     _write_json(paths["json"], study)
     with open(paths["md"], "w") as f:
         f.write(format_markdown(study))
@@ -803,8 +978,9 @@ def write_outputs(output_dir: str, settings: StudySettings, results: Dict, runs:
     return paths
 
 
-def run_study(settings: StudySettings, output_dir: str, args, command: str = "", log=print,
-              report_only: bool = False) -> Dict[str, str]:
+def run_study(
+    settings: StudySettings, output_dir: str, args, command: str = "", log=print, report_only: bool = False
+) -> Dict[str, str]:
     """Run (or resume) the whole study in ``output_dir`` and write its outputs; see the module
     docstring. ``report_only``: train nothing, write the outputs of the runs already finished."""
     t0 = time.perf_counter()

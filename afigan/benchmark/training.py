@@ -1,6 +1,7 @@
 """Training cost of each AFI-GAN stage and of plain Detectron2 training of the same detector
 with a nearest-neighbour FPN: median seconds per iteration and peak memory. Each measurement runs
 in its own process (tools/benchmark_training.py) so peak memory is that stage's alone."""
+
 import argparse
 import os
 import resource
@@ -10,7 +11,6 @@ import time
 from typing import Dict, List
 
 import torch
-
 from detectron2.engine import DefaultTrainer, HookBase
 
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer, setup_cfg
@@ -45,8 +45,16 @@ class _Timer(HookBase):
 
 
 def _args(config: str, opts: List[str]):
-    return argparse.Namespace(config_file=config, opts=opts, resume=False, eval_only=False, num_gpus=1,
-                              num_machines=1, machine_rank=0, dist_url="auto")
+    return argparse.Namespace(
+        config_file=config,
+        opts=opts,
+        resume=False,
+        eval_only=False,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+    )
 
 
 def random_stage_inputs(cfg, stage: str, out: str) -> List[str]:
@@ -58,25 +66,62 @@ def random_stage_inputs(cfg, stage: str, out: str) -> List[str]:
     if stage == "stage2":
         torch.save({"model": build_generator(cfg).state_dict()}, os.path.join(out, "G.pth"))
         torch.save({"model": build_discriminator(cfg).state_dict()}, os.path.join(out, "D.pth"))
-        opts += ["MODEL.AFI_GEN_WEIGHTS", os.path.join(out, "G.pth"), "MODEL.AFI_DIS_WEIGHTS", os.path.join(out, "D.pth")]
+        opts += [
+            "MODEL.AFI_GEN_WEIGHTS",
+            os.path.join(out, "G.pth"),
+            "MODEL.AFI_DIS_WEIGHTS",
+            os.path.join(out, "D.pth"),
+        ]
     return opts
 
 
-def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, device: str, reference: bool,
-            amp: bool = False) -> Dict:
+def measure(
+    stage: str, configs_dir: str, size: int, batch: int, iters: int, device: str, reference: bool, amp: bool = False
+) -> Dict:
     """Train ``iters`` iterations of ``stage`` and return median s/iter (first 2 dropped) and peak memory."""
     out = tempfile.mkdtemp(prefix=f"bench_{stage}_")
-    opts = ["OUTPUT_DIR", out, "MODEL.DEVICE", device, "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(iters),
-            "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(2 * size), "SOLVER.CHECKPOINT_PERIOD", "100000",
-            "DATASETS.TEST", "()", "SOLVER.AMP.ENABLED", str(amp)]
+    opts = [
+        "OUTPUT_DIR",
+        out,
+        "MODEL.DEVICE",
+        device,
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "INPUT.MIN_SIZE_TRAIN",
+        f"({size},)",
+        "INPUT.MAX_SIZE_TRAIN",
+        str(2 * size),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100000",
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.AMP.ENABLED",
+        str(amp),
+    ]
     if reference:  # the paper's sizes: 256-channel FPN, 3 dense blocks, full-width D, R-50
-        opts += ["MODEL.FPN.OUT_CHANNELS", "256", "MODEL.AFI.NUM_BLOCKS", "3", "MODEL.AFI.GROWTH", "32",
-                 "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
+        opts += [
+            "MODEL.FPN.OUT_CHANNELS",
+            "256",
+            "MODEL.AFI.NUM_BLOCKS",
+            "3",
+            "MODEL.AFI.GROWTH",
+            "32",
+            "MODEL.AFI.DIS.BASE_WIDTH",
+            "0",
+            "MODEL.RESNETS.DEPTH",
+            "50",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            "256",
+        ]
     config = os.path.join(configs_dir, BENCHMARK_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
         opts += random_stage_inputs(setup_cfg(_args(config, list(opts))), stage, out)
     cfg = setup_cfg(_args(config, opts), stage=stage)
-    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain_nn": DefaultTrainer}[stage](cfg)
+    trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain_nn": DefaultTrainer}[
+        stage
+    ](cfg)
     trainer.device_sync = device.startswith("cuda")
     timer = _Timer()
     trainer.register_hooks([timer])
@@ -86,8 +131,20 @@ def measure(stage: str, configs_dir: str, size: int, batch: int, iters: int, dev
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     times = timer.times[2:] or timer.times
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"stage": stage, "s_per_iter": statistics.median(times), "peak_mem_mib": peak,
-            "memory_kind": "CUDA max allocated" if device.startswith("cuda") else "process max RSS",
-            "size": size, "batch": batch, "iters": iters, "device": device, "reference_sizes": reference, "amp": amp}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "stage": stage,
+        "s_per_iter": statistics.median(times),
+        "peak_mem_mib": peak,
+        "memory_kind": "CUDA max allocated" if device.startswith("cuda") else "process max RSS",
+        "size": size,
+        "batch": batch,
+        "iters": iters,
+        "device": device,
+        "reference_sizes": reference,
+        "amp": amp,
+    }

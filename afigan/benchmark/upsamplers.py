@@ -1,13 +1,13 @@
 """Cost of every upsampler kind at 256 channels: parameters, GFLOPs (fvcore) and median latency of
 one x2 call onto a P2-sized map, of a whole FPN neck with it, and the memory a training step of
 that call keeps for backward. Used by tools/benchmark_upsamplers.py."""
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
+from torch import nn
 
 from afigan.modeling.necks import upsampler_from_config
 
@@ -61,7 +61,7 @@ def _saved_for_backward_mb(fn) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     out.float().mean().backward()
-    return sum(seen.values()) / 2 ** 20
+    return sum(seen.values()) / 2**20
 
 
 def _cfg(kind: str, overrides: Dict, device: str):
@@ -75,8 +75,15 @@ def _cfg(kind: str, overrides: Dict, device: str):
     return cfg
 
 
-def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200, 304), device: str = "cpu",
-              repeats: int = 5, neck: bool = True, labels: Optional[Sequence[str]] = None) -> List[Dict]:
+def benchmark(
+    variants=VARIANTS,
+    channels: int = 256,
+    p2: Tuple[int, int] = (200, 304),
+    device: str = "cpu",
+    repeats: int = 5,
+    neck: bool = True,
+    labels: Optional[Sequence[str]] = None,
+) -> List[Dict]:
     """One row per variant: the x2 call from a (1, channels, H/2, W/2) map onto ``p2`` = (H, W)
     (guided kinds get a (1, channels, H, W) guide), and the whole FPN neck of a Mask R-CNN R-50
     on a (4H, 4W) image (so its P2 is ``p2``)."""
@@ -94,8 +101,14 @@ def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200
         call = _Call(up, (h, w)).eval()
         params = sum(p.numel() for p in up.parameters())
         with torch.no_grad():
-            row = dict(label=label, kind=kind, shared=cfg.MODEL.AFI.SHARED, params=params,
-                       call_gflops=_flops(call, (x, guide)) / 1e9, call_ms=median_seconds(lambda: call(x, guide), repeats, device) * 1e3)
+            row = dict(
+                label=label,
+                kind=kind,
+                shared=cfg.MODEL.AFI.SHARED,
+                params=params,
+                call_gflops=_flops(call, (x, guide)) / 1e9,
+                call_ms=median_seconds(lambda: call(x, guide), repeats, device) * 1e3,
+            )
         call.train()
         xg = x.clone().requires_grad_(True)
         row["train_saved_mb"] = _saved_for_backward_mb(lambda: call(xg, guide)) if params else 0.0
@@ -109,9 +122,11 @@ def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200
                 backbone.bottom_up = ConstantFeatures(bottom_up(images))
                 try:
                     ups = backbone.srf_module if backbone.srf_modules is None else backbone.srf_modules
-                    row.update(neck_upsampler_params=sum(p.numel() for p in ups.parameters()),
-                               neck_gflops=_flops(backbone, images) / 1e9,
-                               neck_ms=median_seconds(lambda: backbone(images), repeats, device) * 1e3)
+                    row.update(
+                        neck_upsampler_params=sum(p.numel() for p in ups.parameters()),
+                        neck_gflops=_flops(backbone, images) / 1e9,
+                        neck_ms=median_seconds(lambda: backbone(images), repeats, device) * 1e3,
+                    )
                 finally:
                     backbone.bottom_up = bottom_up
             del model
@@ -121,10 +136,16 @@ def benchmark(variants=VARIANTS, channels: int = 256, p2: Tuple[int, int] = (200
 
 
 def format_table(rows: List[Dict]) -> str:
-    cols = [("label", "upsampler", "{}"), ("params", "params (one)", "{:,}"), ("call_gflops", "x2 GFLOPs", "{:.2f}"),
-            ("call_ms", "x2 ms", "{:.1f}"), ("train_saved_mb", "x2 train MB", "{:.0f}"),
-            ("neck_upsampler_params", "neck upsampler params", "{:,}"), ("neck_gflops", "FPN GFLOPs", "{:.1f}"),
-            ("neck_ms", "FPN ms", "{:.1f}")]
+    cols = [
+        ("label", "upsampler", "{}"),
+        ("params", "params (one)", "{:,}"),
+        ("call_gflops", "x2 GFLOPs", "{:.2f}"),
+        ("call_ms", "x2 ms", "{:.1f}"),
+        ("train_saved_mb", "x2 train MB", "{:.0f}"),
+        ("neck_upsampler_params", "neck upsampler params", "{:,}"),
+        ("neck_gflops", "FPN GFLOPs", "{:.1f}"),
+        ("neck_ms", "FPN ms", "{:.1f}"),
+    ]
     cols = [c for c in cols if c[0] in rows[0]]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

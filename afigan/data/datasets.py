@@ -7,6 +7,7 @@ The root is ``$AFIGAN_DATASETS/afigan_toy``, else ``$DETECTRON2_DATASETS/afigan_
 ``./datasets/afigan_toy``. The loader makes the set on first use when it is missing, so a toy
 config trains without a separate preparation step.
 """
+
 import json
 import os
 from typing import Sequence
@@ -16,8 +17,15 @@ from detectron2.data.datasets import load_coco_json
 
 from .toy_shapes import TOY_CATEGORIES, ensure_toy_dataset, ensure_toy_unlabeled, toy_paths, toy_unlabeled_paths
 
-__all__ = ["TOY_DATASETS", "toy_root", "register_toy_dataset", "register_pseudo_labels", "PSEUDO_PREFIX",
-           "PSEUDO_INFO_KEY", "register_pseudo_names"]
+__all__ = [
+    "TOY_DATASETS",
+    "toy_root",
+    "register_toy_dataset",
+    "register_pseudo_labels",
+    "PSEUDO_PREFIX",
+    "PSEUDO_INFO_KEY",
+    "register_pseudo_names",
+]
 
 TOY_DATASETS = ("afigan_toy_train", "afigan_toy_val", "afigan_toy_unlabeled")
 # A data-set name "pseudo:<path>" stands for the pseudo-label file at <path> (see register_pseudo_names).
@@ -75,9 +83,13 @@ def register_pseudo_labels(name: str, json_file: str, image_root: str, like: str
     meta = {}
     if like:
         if like not in DatasetCatalog.list():
-            raise KeyError(f"register_pseudo_labels: the labeled data set {like!r} whose metadata {name!r} copies is "
-                           f"not registered; register it first or pass like=\"\".")
-        meta = {k: v for k, v in MetadataCatalog.get(like).as_dict().items() if k not in ("name", "json_file", "image_root")}
+            raise KeyError(
+                f"register_pseudo_labels: the labeled data set {like!r} whose metadata {name!r} copies is "
+                f'not registered; register it first or pass like="".'
+            )
+        meta = {
+            k: v for k, v in MetadataCatalog.get(like).as_dict().items() if k not in ("name", "json_file", "image_root")
+        }
     DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(**meta, json_file=json_file, image_root=image_root)
 
@@ -89,21 +101,29 @@ def register_pseudo_names(names: Sequence[str], key: str = "DATASETS.TRAIN") -> 
     for name in names:
         if not name.startswith(PSEUDO_PREFIX) or name in DatasetCatalog.list():
             continue
-        path = name[len(PSEUDO_PREFIX):]
+        path = name[len(PSEUDO_PREFIX) :]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: the pseudo-label file {path!r} of data set {name!r} does not exist; write it "
-                                    f"with tools/pseudo_label.py --output {path} (see README, self-training).")
+            raise FileNotFoundError(
+                f"{key}: the pseudo-label file {path!r} of data set {name!r} does not exist; write it "
+                f"with tools/pseudo_label.py --output {path} (see README, self-training)."
+            )
         try:
             with open(path) as f:
                 info = json.load(f).get("info", {}).get(PSEUDO_INFO_KEY)
         except (ValueError, AttributeError):
             info = None
         if not isinstance(info, dict) or "image_root" not in info:
-            raise ValueError(f"{key}: {path!r} of data set {name!r} is not a pseudo-label file of tools/pseudo_label.py "
-                             f"(its info lacks {PSEUDO_INFO_KEY!r}); regenerate it, or register it with "
-                             f"afigan.data.datasets.register_pseudo_labels under a name of your own.")
-        register_pseudo_labels(name, path, info["image_root"], info.get("like", "") if info.get("like", "") in
-                               DatasetCatalog.list() else "")
+            raise ValueError(
+                f"{key}: {path!r} of data set {name!r} is not a pseudo-label file of tools/pseudo_label.py "
+                f"(its info lacks {PSEUDO_INFO_KEY!r}); regenerate it, or register it with "
+                f"afigan.data.datasets.register_pseudo_labels under a name of your own."
+            )
+        register_pseudo_labels(
+            name,
+            path,
+            info["image_root"],
+            info.get("like", "") if info.get("like", "") in DatasetCatalog.list() else "",
+        )
 
 
 register_toy_dataset()

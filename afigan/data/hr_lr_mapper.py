@@ -7,6 +7,7 @@ the x r resize). Because the LR image is derived from the *augmented* HR image, 
 flip decision and one crop (B2 and B9 of docs/differences_from_reference.md). ``MODEL.AFI.LEGACY.INDEPENDENT_FLIP``
 flips the LR twin again with probability 1/2, which reproduces the reference's independent flips.
 """
+
 import copy
 import logging
 import warnings
@@ -14,7 +15,6 @@ from typing import Dict
 
 import numpy as np
 import torch
-
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
@@ -60,7 +60,9 @@ class HRLRDatasetMapper(DatasetMapper):
         self.scale_ratio = scale_ratio
         self.independent_flip = independent_flip
         if independent_flip:
-            logging.getLogger(__name__).warning("Legacy mode: HR and LR images are flipped independently (B2 of docs/differences_from_reference.md).")
+            logging.getLogger(__name__).warning(
+                "Legacy mode: HR and LR images are flipped independently (B2 of docs/differences_from_reference.md)."
+            )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -70,8 +72,9 @@ class HRLRDatasetMapper(DatasetMapper):
 
     def _instances(self, annos, transforms, image_shape):
         annos = [
-            utils.transform_instance_annotations(copy.deepcopy(obj), transforms, image_shape,
-                                                 keypoint_hflip_indices=self.keypoint_hflip_indices)
+            utils.transform_instance_annotations(
+                copy.deepcopy(obj), transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices
+            )
             for obj in annos
         ]
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.instance_mask_format)
@@ -89,7 +92,10 @@ class HRLRDatasetMapper(DatasetMapper):
         h, w = image.shape[:2]
         lh, lw = int(h * self.scale_ratio), int(w * self.scale_ratio)
         if min(lh, lw) < 1:
-            raise ValueError(f"Image {dataset_dict['file_name']!r} is {h}x{w} after augmentation; its x{self.scale_ratio:g} twin would be empty.")
+            raise ValueError(
+                f"Image {dataset_dict['file_name']!r} is {h}x{w} after augmentation; its x{self.scale_ratio:g} "
+                "twin would be empty."
+            )
         lr_transforms = [T.ResizeTransform(h, w, lh, lw)]
         if self.independent_flip and np.random.rand() < 0.5:
             lr_transforms.append(T.HFlipTransform(lw))
@@ -97,7 +103,9 @@ class HRLRDatasetMapper(DatasetMapper):
         lr_image = lr_transforms.apply_image(image)
 
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        dataset_dict[lr_key("image", self.scale_ratio)] = torch.as_tensor(np.ascontiguousarray(lr_image.transpose(2, 0, 1)))
+        dataset_dict[lr_key("image", self.scale_ratio)] = torch.as_tensor(
+            np.ascontiguousarray(lr_image.transpose(2, 0, 1))
+        )
         annos = dataset_dict.pop("annotations", None)
         if not self.is_train or annos is None:
             return dataset_dict
@@ -108,5 +116,7 @@ class HRLRDatasetMapper(DatasetMapper):
                 obj.pop("keypoints", None)
         annos = [obj for obj in annos if obj.get("iscrowd", 0) == 0]
         dataset_dict["instances"] = self._instances(annos, transforms, (h, w))
-        dataset_dict[lr_key("instances", self.scale_ratio)] = self._instances(annos, transforms + lr_transforms, (lh, lw))
+        dataset_dict[lr_key("instances", self.scale_ratio)] = self._instances(
+            annos, transforms + lr_transforms, (lh, lw)
+        )
         return dataset_dict

@@ -1,4 +1,5 @@
 """Image files with errors that name them."""
+
 import os
 
 from detectron2.data import detection_utils as utils
@@ -15,8 +16,10 @@ class UnreadableImageError(OSError):
             super().__init__(file_name)
             self.file_name = ""
             return
-        super().__init__(f"Cannot read image {file_name!r} ({type(error).__name__}: {' '.join(str(error).split())}); "
-                         f"replace or remove it from the data set.")
+        super().__init__(
+            f"Cannot read image {file_name!r} ({type(error).__name__}: {' '.join(str(error).split())}); "
+            f"replace or remove it from the data set."
+        )
         self.file_name = file_name
 
 

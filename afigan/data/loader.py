@@ -14,6 +14,7 @@ batch's mapping runs under RNGs seeded from (seed, iteration, rank). Workers tak
 round-robin and PyTorch's DataLoader returns them in order, so the stream is also independent
 of ``DATALOADER.NUM_WORKERS``.
 """
+
 import contextlib
 import difflib
 import itertools
@@ -24,22 +25,29 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from afigan.seeding import DATA, seed_all_rngs
 
 from .datasets import register_pseudo_names
 from .image_io import UnreadableImageError
 
-__all__ = ["ResumableBatches", "build_resumable_train_loader", "build_index_sampler", "check_dataset_names",
-           "source_repeat_factors", "SOURCE_KEY",
-           "load_train_dataset", "dataset_errors", "SKIPPED_METRIC"]
+__all__ = [
+    "ResumableBatches",
+    "build_resumable_train_loader",
+    "build_index_sampler",
+    "check_dataset_names",
+    "source_repeat_factors",
+    "SOURCE_KEY",
+    "load_train_dataset",
+    "dataset_errors",
+    "SKIPPED_METRIC",
+]
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
@@ -77,16 +85,20 @@ def dataset_errors(names: Sequence[str], key: str):
         yield
     except json.JSONDecodeError as e:
         bad = next((n for n in names if _json_file(n) and not _valid_json(_json_file(n))), names[0])
-        raise ValueError(f"{key}: the annotation file {_json_file(bad) or bad!r} of data set {bad!r} is not valid JSON "
-                         f"({e.msg} at line {e.lineno}, column {e.colno}); regenerate or fix it.") from None
+        raise ValueError(
+            f"{key}: the annotation file {_json_file(bad) or bad!r} of data set {bad!r} is not valid JSON "
+            f"({e.msg} at line {e.lineno}, column {e.colno}); regenerate or fix it."
+        ) from None
     except KeyError as e:
         msg = str(e.args[0]) if e.args else ""
         if "category_id=" not in msg:
             raise
         cid = msg.split("category_id=", 1)[1].split()[0]
         where = " or ".join(repr(_json_file(n) or n) for n in names)
-        raise ValueError(f"{key}: an annotation in {where} has category_id {cid}, which is not among the file's "
-                         f"'categories'; fix the annotation or add the category.") from None
+        raise ValueError(
+            f"{key}: an annotation in {where} has category_id {cid}, which is not among the file's "
+            f"'categories'; fix the annotation or add the category."
+        ) from None
 
 
 def _valid_json(path: str) -> bool:
@@ -112,13 +124,17 @@ def _check_images_and_classes(cfg, dicts: List[Dict]) -> None:
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
         raise FileNotFoundError(
-            f"DATASETS.TRAIN {names}: {len(missing)} of the {len(dicts)} images listed in the annotations do not exist, "
-            f"e.g. {missing[0]!r}; check the data set's image root or remove them from the JSON.")
+            f"DATASETS.TRAIN {names}: {len(missing)} of the {len(dicts)} images listed in the annotations do "
+            "not exist, "
+            f"e.g. {missing[0]!r}; check the data set's image root or remove them from the JSON."
+        )
     key, num = _num_classes_key(cfg)
     classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
     if key and classes is not None and num != len(classes):
-        raise ValueError(f"{key} is {num}, but DATASETS.TRAIN {names[0]!r} has {len(classes)} categories "
-                         f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}); set {key} {len(classes)}.")
+        raise ValueError(
+            f"{key} is {num}, but DATASETS.TRAIN {names[0]!r} has {len(classes)} categories "
+            f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}); set {key} {len(classes)}."
+        )
 
 
 def load_train_dataset(cfg) -> List[Dict]:
@@ -138,8 +154,9 @@ def load_train_dataset(cfg) -> List[Dict]:
                 # sources before filtering, so the result is the same list).
                 dicts = []
                 for i, name in enumerate(names):
-                    part = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                                                       check_consistency=False)
+                    part = get_detection_dataset_dicts(
+                        [name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, check_consistency=False
+                    )
                     dicts += [dict(d, **{SOURCE_KEY: i}) for d in part]
                 if len(names) > 1:
                     check_metadata_consistency("thing_classes", names)
@@ -162,12 +179,16 @@ def _check_masks(cfg, dicts: List[Dict]) -> None:
     anns = [(d, a) for d in dicts for a in d.get("annotations", ())]
     bare = next((d for d, a in anns if "segmentation" not in a), None)
     if bare is not None:
-        raise ValueError(f"MODEL.MASK_ON is set, but {bare['file_name']!r} of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has "
-                         f"instances without a mask (a box-only pseudo-label file?); train boxes only (MODEL.MASK_ON False) "
-                         f"or pseudo-label with a mask model.")
+        raise ValueError(
+            f"MODEL.MASK_ON is set, but {bare['file_name']!r} of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has "
+            f"instances without a mask (a box-only pseudo-label file?); train boxes only (MODEL.MASK_ON False) "
+            f"or pseudo-label with a mask model."
+        )
     if cfg.INPUT.MASK_FORMAT == "polygon" and any(isinstance(a["segmentation"], dict) for _, a in anns):
-        raise ValueError(f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has RLE masks (e.g. pseudo-labels), which "
-                         f"INPUT.MASK_FORMAT polygon cannot read; set INPUT.MASK_FORMAT bitmask.")
+        raise ValueError(
+            f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has RLE masks (e.g. pseudo-labels), which "
+            f"INPUT.MASK_FORMAT polygon cannot read; set INPUT.MASK_FORMAT bitmask."
+        )
 
 
 def source_repeat_factors(cfg) -> Optional[List[float]]:
@@ -178,11 +199,15 @@ def source_repeat_factors(cfg) -> Optional[List[float]]:
         return None
     names = tuple(cfg.DATASETS.TRAIN)
     if len(factors) != len(names) or min(factors) <= 0:
-        raise ValueError(f"DATALOADER.SOURCE_REPEAT_FACTORS {tuple(factors)} needs one positive factor per DATASETS.TRAIN "
-                         f"entry {names}; give {len(names)} numbers > 0, or () for none.")
+        raise ValueError(
+            f"DATALOADER.SOURCE_REPEAT_FACTORS {tuple(factors)} needs one positive factor per DATASETS.TRAIN "
+            f"entry {names}; give {len(names)} numbers > 0, or () for none."
+        )
     if cfg.DATALOADER.SAMPLER_TRAIN == "RandomSubsetTrainingSampler":
-        raise ValueError("DATALOADER.SOURCE_REPEAT_FACTORS works with SAMPLER_TRAIN TrainingSampler or "
-                         "RepeatFactorTrainingSampler, not RandomSubsetTrainingSampler; drop one of the two.")
+        raise ValueError(
+            "DATALOADER.SOURCE_REPEAT_FACTORS works with SAMPLER_TRAIN TrainingSampler or "
+            "RepeatFactorTrainingSampler, not RandomSubsetTrainingSampler; drop one of the two."
+        )
     return factors
 
 
@@ -197,18 +222,22 @@ def build_index_sampler(cfg, dataset: List[Dict], seed: int) -> Iterable[int]:
     per_source = source_repeat_factors(cfg)
     if per_source is not None:
         if any(SOURCE_KEY not in x for x in dataset):
-            raise ValueError("DATALOADER.SOURCE_REPEAT_FACTORS: the dataset dicts carry no source; load them with "
-                             "afigan.data.loader.load_train_dataset.")
+            raise ValueError(
+                "DATALOADER.SOURCE_REPEAT_FACTORS: the dataset dicts carry no source; load them with "
+                "afigan.data.loader.load_train_dataset."
+            )
         factors = torch.tensor([per_source[x[SOURCE_KEY]] for x in dataset], dtype=torch.float32)
         if name == "RepeatFactorTrainingSampler":
             factors = factors * RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-                dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT)
+                dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT
+            )
         return RepeatFactorTrainingSampler(factors, seed=seed)
     if name == "TrainingSampler":
         return TrainingSampler(len(dataset), seed=seed)
     if name == "RepeatFactorTrainingSampler":
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT)
+            dataset, d.REPEAT_THRESHOLD, sqrt=d.REPEAT_SQRT
+        )
         return RepeatFactorTrainingSampler(factors, seed=seed)
     if name == "RandomSubsetTrainingSampler":
         return RandomSubsetTrainingSampler(len(dataset), d.RANDOM_SUBSET_RATIO, seed_shuffle=seed, seed_subset=seed)
@@ -228,8 +257,16 @@ class ResumableBatches(IterableDataset):
         start_iter: the first batch to produce (a resumed run passes its start iteration).
     """
 
-    def __init__(self, dataset: List[Dict], mapper: Callable, sampler: Iterable[int], batch_size: int, seed: int = 0,
-                 aspect_ratio_grouping: bool = True, start_iter: int = 0):
+    def __init__(
+        self,
+        dataset: List[Dict],
+        mapper: Callable,
+        sampler: Iterable[int],
+        batch_size: int,
+        seed: int = 0,
+        aspect_ratio_grouping: bool = True,
+        start_iter: int = 0,
+    ):
         self.dataset = dataset
         self.mapper = mapper
         self.sampler = sampler
@@ -282,13 +319,18 @@ class ResumableBatches(IterableDataset):
                 batch.skipped += 1
                 if e.file_name not in self._warned:
                     self._warned.add(e.file_name)
-                    logger.warning("Skipped an unreadable training image (counted as %s in the metrics): %s",
-                                   SKIPPED_METRIC, e)
-        raise ValueError(f"DATASETS.TRAIN: none of the {len(self.dataset)} images can be read (e.g. "
-                         f"{self.dataset[idx]['file_name']!r}); check the image files.")
+                    logger.warning(
+                        "Skipped an unreadable training image (counted as %s in the metrics): %s", SKIPPED_METRIC, e
+                    )
+        raise ValueError(
+            f"DATASETS.TRAIN: none of the {len(self.dataset)} images can be read (e.g. "
+            f"{self.dataset[idx]['file_name']!r}); check the image files."
+        )
 
 
-def build_resumable_train_loader(cfg, mapper: Callable, start_iter: int = 0, dataset: Optional[List[Dict]] = None) -> DataLoader:
+def build_resumable_train_loader(
+    cfg, mapper: Callable, start_iter: int = 0, dataset: Optional[List[Dict]] = None
+) -> DataLoader:
     """A DataLoader of :class:`ResumableBatches` from ``cfg.DATASETS.TRAIN`` starting at batch
     ``start_iter``.
 
@@ -304,11 +346,17 @@ def build_resumable_train_loader(cfg, mapper: Callable, start_iter: int = 0, dat
         dataset = load_train_dataset(cfg)
     seed = max(cfg.SEED, 0)
     stream = ResumableBatches(
-        dataset, mapper, build_index_sampler(cfg, dataset, seed), total // world, seed=seed,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, start_iter=start_iter,
+        dataset,
+        mapper,
+        build_index_sampler(cfg, dataset, seed),
+        total // world,
+        seed=seed,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        start_iter=start_iter,
     )
-    return _CountingLoader(stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                           collate_fn=_identity, persistent_workers=False)
+    return _CountingLoader(
+        stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=_identity, persistent_workers=False
+    )
 
 
 SKIPPED_METRIC = "data/skipped_images"

@@ -13,6 +13,7 @@ an ``unlabeled`` split for self-training in COCO's ``unlabeled2017`` layout: ``O
 This module needs only numpy and Pillow; the Detectron2 registration lives in
 ``afigan.data.datasets``.
 """
+
 import argparse
 import json
 import math
@@ -24,8 +25,16 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TOY_CATEGORIES", "make_toy_dataset", "toy_dataset_ready", "ensure_toy_dataset", "toy_paths",
-           "ensure_toy_unlabeled", "toy_unlabeled_paths", "UNLABELED_FIRST_ID"]
+__all__ = [
+    "TOY_CATEGORIES",
+    "make_toy_dataset",
+    "toy_dataset_ready",
+    "ensure_toy_dataset",
+    "toy_paths",
+    "ensure_toy_unlabeled",
+    "toy_unlabeled_paths",
+    "UNLABELED_FIRST_ID",
+]
 
 TOY_CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
@@ -78,8 +87,9 @@ def _background(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, first_ann_id: int,
-                first_image_id: int = 1) -> Dict:
+def _make_split(
+    rng: np.random.RandomState, num_images: int, image_dir: str, first_ann_id: int, first_image_id: int = 1
+) -> Dict:
     images, annotations = [], []
     ann_id = first_ann_id
     for image_id in range(first_image_id, first_image_id + num_images):
@@ -109,15 +119,17 @@ def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, fir
             boxes.append(box)
             colour = tuple(int(c) for c in rng.randint(0, 256, size=3))
             draw.polygon(poly, fill=colour)
-            annotations.append({
-                "id": ann_id,
-                "image_id": image_id,
-                "category_id": kind["id"],
-                "segmentation": [[round(v, 2) for p in poly for v in p]],
-                "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-                "area": round(_area(poly), 2),
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": kind["id"],
+                    "segmentation": [[round(v, 2) for p in poly for v in p]],
+                    "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
+                    "area": round(_area(poly), 2),
+                    "iscrowd": 0,
+                }
+            )
             ann_id += 1
         file_name = f"{image_id:06d}.png"
         canvas.save(os.path.join(image_dir, file_name))
@@ -134,8 +146,9 @@ def _make_split(rng: np.random.RandomState, num_images: int, image_dir: str, fir
 def _unlabeled_info(root: str, num_images: int, seed: int) -> Dict:
     """Draw the unlabeled split's images into ``root/unlabeled`` and return its image-info dict.
     Its own RNG stream (seeded by (seed, 2)), so the labeled splits are the same with or without it."""
-    coco = _make_split(np.random.RandomState([seed, 2]), num_images, toy_unlabeled_paths(root)[1], 1,
-                       first_image_id=UNLABELED_FIRST_ID)
+    coco = _make_split(
+        np.random.RandomState([seed, 2]), num_images, toy_unlabeled_paths(root)[1], 1, first_image_id=UNLABELED_FIRST_ID
+    )
     del coco["annotations"]  # COCO's image_info files have none
     coco["info"] = dict(coco["info"], description="afigan synthetic toy shapes, unlabeled split", seed=seed)
     return coco
@@ -171,8 +184,9 @@ def ensure_toy_unlabeled(root: str, num_images: int = NUM_UNLABELED, seed: int =
     return root
 
 
-def make_toy_dataset(out_dir: str, num_train: int = 48, num_val: int = 16, seed: int = 0,
-                     num_unlabeled: int = NUM_UNLABELED) -> str:
+def make_toy_dataset(
+    out_dir: str, num_train: int = 48, num_val: int = 16, seed: int = 0, num_unlabeled: int = NUM_UNLABELED
+) -> str:
     """Write the toy set to ``out_dir`` (replacing it) and return ``out_dir``.
 
     The set is built in a temporary sibling directory and renamed into place, so concurrent
@@ -227,6 +241,8 @@ def main(argv=None) -> None:
     for split in ("train", "val"):
         with open(toy_paths(out, split)[0]) as f:
             coco = json.load(f)
-        print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances -> {toy_paths(out, split)[0]}")
+        print(
+            f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances -> {toy_paths(out, split)[0]}"
+        )
     with open(toy_unlabeled_paths(out)[0]) as f:
         print(f"unlabeled: {len(json.load(f)['images'])} images, no annotations -> {toy_unlabeled_paths(out)[0]}")

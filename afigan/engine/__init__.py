@@ -1,4 +1,5 @@
 """Trainers of the AFI-GAN stages, the stage table and the pipeline that chains them (needs Detectron2)."""
+
 from .common import setup_cfg
 from .detector import DetectorTrainer
 from .stage1 import Stage1Trainer

@@ -8,18 +8,18 @@ add ``D``, ``optimizer_D``, ``scheduler_D``, ``checkpointer_D``. Subclasses set 
 ``checkpoint_dirs`` (the folders under OUTPUT_DIR of the network and of D), build the network,
 and implement ``resume_or_load`` and ``run_step``.
 """
+
 import logging
 import os
 import time
 from typing import Dict
 
 import torch
-from torch import nn
-
 from detectron2.engine import SimpleTrainer, TrainerBase, default_writers, hooks
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
+from torch import nn
 
 from afigan.checkpoint import AFICheckpointer, expect_partial_load
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 def build_discriminator(cfg) -> FeaturePatchDiscriminator:
     """The feature patch discriminator D for ``MODEL.FPN.OUT_CHANNELS`` channels."""
     d = cfg.MODEL.AFI.DIS
-    return FeaturePatchDiscriminator(cfg.MODEL.FPN.OUT_CHANNELS, norm=d.NORM, spectral_norm=d.SPECTRAL_NORM,
-                                     base_width=d.BASE_WIDTH)
+    return FeaturePatchDiscriminator(
+        cfg.MODEL.FPN.OUT_CHANNELS, norm=d.NORM, spectral_norm=d.SPECTRAL_NORM, base_width=d.BASE_WIDTH
+    )
 
 
 def discriminator_cfg(cfg):
@@ -136,7 +137,9 @@ class AdversarialTrainer(TrainerBase):
     def build_writers(self):
         """Detectron2's default writers (metrics.json, TensorBoard) with :class:`TotalsPrinter`
         on the console instead of ``CommonMetricPrinter``."""
-        files = [w for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter) if not isinstance(w, CommonMetricPrinter)]
+        files = [
+            w for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter) if not isinstance(w, CommonMetricPrinter)
+        ]
         return [TotalsPrinter(self.max_iter)] + files
 
     def resume_both(self, stage: str) -> bool:
@@ -146,7 +149,8 @@ class AdversarialTrainer(TrainerBase):
             return False
         if not self.checkpointer_D.has_checkpoint():
             raise FileNotFoundError(
-                f"Cannot resume {stage}: {self.checkpointer.save_dir} has a checkpoint but {self.checkpointer_D.save_dir} has none."
+                f"Cannot resume {stage}: {self.checkpointer.save_dir} has a checkpoint but "
+                f"{self.checkpointer_D.save_dir} has none."
             )
         it_model = self.checkpointer.resume_or_load("", resume=True).get("iteration", -1)
         it_d = self.checkpointer_D.resume_or_load("", resume=True).get("iteration", -1)
@@ -165,8 +169,12 @@ class AdversarialTrainer(TrainerBase):
     @property
     def data_loader(self):
         if self._data_loader is None:
-            self._data_loader = build_resumable_train_loader(self.cfg, HRLRDatasetMapper(self.cfg, is_train=True),
-                                                             start_iter=self.start_iter, dataset=self.train_dataset)
+            self._data_loader = build_resumable_train_loader(
+                self.cfg,
+                HRLRDatasetMapper(self.cfg, is_train=True),
+                start_iter=self.start_iter,
+                dataset=self.train_dataset,
+            )
         return self._data_loader
 
     @data_loader.setter
@@ -188,7 +196,9 @@ class AdversarialTrainer(TrainerBase):
         try:
             SimpleTrainer.write_metrics(losses, data_time, self.iter, prefix=f"{name}_")
         except FloatingPointError:
-            raise non_finite_loss_error(losses, self.iter, (self.checkpointer, self.checkpointer_D), f"{name} ") from None
+            raise non_finite_loss_error(
+                losses, self.iter, (self.checkpointer, self.checkpointer_D), f"{name} "
+            ) from None
 
     def teacher_pyramid(self, data, image_key: str) -> Dict[str, torch.Tensor]:
         """The frozen teacher's pyramid of ``data[i][image_key]`` (under no_grad, and under autocast

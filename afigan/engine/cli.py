@@ -1,5 +1,6 @@
 """The functions behind ``tools/*.py`` (kept here so tests reach them): one per entry point,
 each taking Detectron2's parsed ``default_argument_parser`` arguments and run under ``launch``."""
+
 import argparse
 import functools
 import logging
@@ -8,20 +9,27 @@ import re
 import sys
 
 import torch
-
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer
 
 from .common import USER_ERRORS, debug_enabled, load_cfg, setup_cfg, user_message
-from .lazy import lazy_main
 from .detector import DetectorTrainer
 from .inputs import check_inputs
+from .lazy import lazy_main
 from .stages import STAGES
 
-__all__ = ["train_stage", "eval_only", "stage_main", "tool_parser", "launch_stage", "launch_lazy", "run_tool",
-           "check_launch"]
+__all__ = [
+    "train_stage",
+    "eval_only",
+    "stage_main",
+    "tool_parser",
+    "launch_stage",
+    "launch_lazy",
+    "run_tool",
+    "check_launch",
+]
 
 logger = logging.getLogger("afigan")
 
@@ -42,7 +50,9 @@ def eval_only(args):
     """Build the model of ``--config-file``, load ``MODEL.WEIGHTS`` and run COCO evaluation."""
     cfg = setup_cfg(args, stage="eval")
     if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to evaluate, e.g. MODEL.WEIGHTS output/stage3/model_final.pth.")
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: give the checkpoint to evaluate, e.g. MODEL.WEIGHTS output/stage3/model_final.pth."
+        )
     check_inputs(cfg, train=False)  # MODEL.WEIGHTS is set (above); check that it and every other file exist
     model = DetectorTrainer.build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
@@ -65,8 +75,10 @@ def _require_whole_model(checkpointer, path: str) -> None:
     first = (bad.missing_keys or [k for k, *_ in bad.incorrect_shapes])[0]
     raise ValueError(
         f"MODEL.WEIGHTS {path!r} fits only {fit} of the model's {total} tensors (e.g. {first!r} is "
-        f"{'missing' if bad.missing_keys else 'of another shape'}, and {len(bad.unexpected_keys)} of its tensors are not "
-        f"in the model): it is a checkpoint of another architecture; give one trained with this --config-file.")
+        f"{'missing' if bad.missing_keys else 'of another shape'}, and {len(bad.unexpected_keys)} of its "
+        "tensors are not "
+        f"in the model): it is a checkpoint of another architecture; give one trained with this --config-file."
+    )
 
 
 def stage_main(stage: str, args):
@@ -75,8 +87,10 @@ def stage_main(stage: str, args):
     refuse it with one sentence."""
     if args.eval_only:
         if not STAGES[stage].evaluates:
-            raise ValueError(f"--eval-only: {stage} trains {STAGES[stage].description}, which has no detection "
-                             f"evaluation; evaluate a detector with tools/run_net.py --eval-only.")
+            raise ValueError(
+                f"--eval-only: {stage} trains {STAGES[stage].description}, which has no detection "
+                f"evaluation; evaluate a detector with tools/run_net.py --eval-only."
+            )
         res = eval_only(args)
     else:
         res = train_stage(stage, args)
@@ -90,9 +104,11 @@ def tool_parser(description: str, hide=()) -> argparse.ArgumentParser:
     (flags the tool does not honour)."""
     parser = default_argument_parser()
     parser.description, parser.epilog = description, None
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (also AFIGAN_DEBUG=1); without it an input error "
-                             "is one sentence")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also AFIGAN_DEBUG=1); without it an input error is one sentence",
+    )
     for action in parser._actions:  # argparse has no public way to hide an inherited flag
         if set(action.option_strings) & set(hide):
             action.help = argparse.SUPPRESS
@@ -107,17 +123,27 @@ def check_launch(args, cfg=None) -> None:
         return
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(
-            f"--num-gpus {args.num_gpus}: this machine has no GPU; to train with {args.num_gpus} CPU processes (gloo, as "
-            f"tests/test_ddp_pipeline.py does) add MODEL.DEVICE cpu, or drop --num-gpus to run one process.")
+            f"--num-gpus {args.num_gpus}: this machine has no GPU; to train with {args.num_gpus} CPU processes "
+            "(gloo, as "
+            f"tests/test_ddp_pipeline.py does) add MODEL.DEVICE cpu, or drop --num-gpus to run one process."
+        )
     if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of "
-                         f"processes ({world} = --num-gpus x --num-machines); change one of them.")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of "
+            f"processes ({world} = --num-gpus x --num-machines); change one of them."
+        )
 
 
 def _launch(main, args, cfg=None):
     check_launch(args, cfg)
-    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 _FAILED_RANK = re.compile(r"-- Process (\d+) terminated with the following error:\n(.*)", re.S)
@@ -133,14 +159,24 @@ def _rank_error(e: BaseException):
     found = list(_LAST_EXCEPTION.finditer(m.group(2)))
     if not found:
         return None
-    name, message = found[-1].group(1), m.group(2)[found[-1].start(2):].strip()
+    name, message = found[-1].group(1), m.group(2)[found[-1].start(2) :].strip()
     if name.rsplit(".", 1)[-1] == "KeyError" and message[:1] in "'\"" and message[-1:] == message[:1]:
         message = message[1:-1]
     return int(m.group(1)), name.rsplit(".", 1)[-1], message
 
 
-_USER_ERROR_NAMES = {"ValueError", "KeyError", "OSError", "FloatingPointError", "FileNotFoundError", "PermissionError",
-                     "NotADirectoryError", "IsADirectoryError", "UnreadableImageError", "JSONDecodeError"}
+_USER_ERROR_NAMES = {
+    "ValueError",
+    "KeyError",
+    "OSError",
+    "FloatingPointError",
+    "FileNotFoundError",
+    "PermissionError",
+    "NotADirectoryError",
+    "IsADirectoryError",
+    "UnreadableImageError",
+    "JSONDecodeError",
+}
 
 
 def run_tool(main, args, *main_args):
@@ -174,7 +210,9 @@ def _with_origin(message: str, e: BaseException) -> str:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     origin = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else _PACKAGE
-    if origin.startswith(_PACKAGE + os.sep) or "Original Traceback" in str(e):  # (a DataLoader worker's error: its own place is lost)
+    if origin.startswith(_PACKAGE + os.sep) or "Original Traceback" in str(
+        e
+    ):  # (a DataLoader worker's error: its own place is lost)
         return message
     where = os.sep.join(origin.split(os.sep)[-3:])
     return f"{message.rstrip('.')} (raised in {where}; --debug shows the traceback)."

@@ -1,4 +1,5 @@
 """Pieces shared by the stage trainers: config setup, hooks, AMP policy, DDP wrapping."""
+
 import contextlib
 import difflib
 import logging
@@ -7,7 +8,6 @@ import re
 import sys
 
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.engine import create_ddp_model, default_setup, hooks
 from detectron2.utils import comm
@@ -16,8 +16,21 @@ from detectron2.utils.logger import setup_logger
 from afigan.config import add_afigan_config, fallback_syncbn
 from afigan.seeding import MODEL, seed_all_rngs
 
-__all__ = ["setup_cfg", "load_cfg", "debug_enabled", "USER_ERRORS", "user_message", "require_file", "NamedLRScheduler", "SeedEachIteration", "AMPPolicy", "cpu_supports_bfloat16", "float32_losses", "backward_and_step",
-           "ddp"]
+__all__ = [
+    "setup_cfg",
+    "load_cfg",
+    "debug_enabled",
+    "USER_ERRORS",
+    "user_message",
+    "require_file",
+    "NamedLRScheduler",
+    "SeedEachIteration",
+    "AMPPolicy",
+    "cpu_supports_bfloat16",
+    "float32_losses",
+    "backward_and_step",
+    "ddp",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +68,9 @@ def _all_keys(node, prefix=""):
 
 def _unknown_key(cfg, key: str, where: str) -> KeyError:
     close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else "see afigan/config.py and Detectron2's defaults for the valid keys."
+    hint = (
+        f"did you mean {close[0]}?" if close else "see afigan/config.py and Detectron2's defaults for the valid keys."
+    )
     return KeyError(f"{where}: unknown config key {key}; {hint}")
 
 
@@ -67,13 +82,17 @@ def _merge(cfg, where: str, merge) -> None:
     try:
         merge()
     except FileNotFoundError as e:  # a _BASE_ file
-        raise FileNotFoundError(f"{where}: its _BASE_ file {e.filename!r} does not exist; fix the _BASE_ path "
-                                f"(relative to the file that names it).") from None
+        raise FileNotFoundError(
+            f"{where}: its _BASE_ file {e.filename!r} does not exist; fix the _BASE_ path "
+            f"(relative to the file that names it)."
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"YAML syntax error in {at}: {problem}; fix the file (check indentation and colons).") from None
+        raise ValueError(
+            f"YAML syntax error in {at}: {problem}; fix the file (check indentation and colons)."
+        ) from None
     except KeyError as e:
         m = re.search(r"Non-existent config key: (\S+)", user_message(e))
         if not m:
@@ -84,16 +103,22 @@ def _merge(cfg, where: str, merge) -> None:
         if m:
             raise _unknown_key(cfg, m.group(1), where) from None
         if "odd length" in str(e):
-            raise ValueError(f"{where}: the trailing overrides must be KEY VALUE pairs, got an odd number of words.") from None
+            raise ValueError(
+                f"{where}: the trailing overrides must be KEY VALUE pairs, got an odd number of words."
+            ) from None
         raise
     except ValueError as e:
-        m = re.search(r"Type mismatch \((.*) vs\. (.*)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", str(e), re.S)
+        m = re.search(
+            r"Type mismatch \((.*) vs\. (.*)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", str(e), re.S
+        )
         if not m:
             raise
         want, got, default, value, key = m.groups()
         name = lambda t: re.sub(r"<class '(\w+)'>", r"\1", t)  # noqa: E731
-        raise ValueError(f"{where}: {key} takes a value of type {name(want)} (it was {default}), not the {name(got)} "
-                         f"{value}; give a value of that type.") from None
+        raise ValueError(
+            f"{where}: {key} takes a value of type {name(want)} (it was {default}), not the {name(got)} "
+            f"{value}; give a value of that type."
+        ) from None
 
 
 def load_cfg(args):
@@ -104,7 +129,10 @@ def load_cfg(args):
     add_afigan_config(cfg)
     if args.config_file:
         if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist; give the path of a YAML config, e.g. configs/toy/pipeline/stage3.yaml.")
+            raise FileNotFoundError(
+                f"--config-file {args.config_file!r} does not exist; give the path of a YAML config, e.g. "
+                "configs/toy/pipeline/stage3.yaml."
+            )
         _merge(cfg, args.config_file, lambda: cfg.merge_from_file(args.config_file))
     _merge(cfg, "the command line", lambda: cfg.merge_from_list(args.opts))
     return cfg
@@ -119,8 +147,10 @@ def _check_output_dir(path: str) -> None:
     probe = probe or "."
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         what = "is not a directory" if not os.path.isdir(probe) else "is not writable"
-        raise PermissionError(f"OUTPUT_DIR {path!r} cannot be written: {probe!r} {what}; choose another OUTPUT_DIR "
-                              f"or fix the permissions.")
+        raise PermissionError(
+            f"OUTPUT_DIR {path!r} cannot be written: {probe!r} {what}; choose another OUTPUT_DIR "
+            f"or fix the permissions."
+        )
 
 
 def setup_cfg(args, stage: str = ""):
@@ -141,14 +171,19 @@ def setup_cfg(args, stage: str = ""):
         default_setup(cfg, args)
     # default_setup configures Detectron2's and fvcore's loggers; afigan's own INFO lines (weights
     # loaded, legacy switches, stage progress) need theirs.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="afigan", abbrev_name="afigan",
-                 color=sys.stdout.isatty())
+    setup_logger(
+        cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="afigan", abbrev_name="afigan", color=sys.stdout.isatty()
+    )
     if not sys.stdout.isatty():
         _plain_console("detectron2", "fvcore")
     quiet_user_error_tracebacks()
     changed = config_changes(cfg)
-    logger.info("Config: %d keys differ from the defaults (the full config is %s):\n%s", len(changed),
-                os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "\n".join(f"  {k}: {v!r}" for k, v in changed))
+    logger.info(
+        "Config: %d keys differ from the defaults (the full config is %s):\n%s",
+        len(changed),
+        os.path.join(cfg.OUTPUT_DIR, "config.yaml"),
+        "\n".join(f"  {k}: {v!r}" for k, v in changed),
+    )
     return cfg
 
 
@@ -218,7 +253,10 @@ def _plain_console(*names: str) -> None:
     plain = logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
     for name in names:
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+                sys.stdout,
+                sys.stderr,
+            ):
                 handler.setFormatter(plain)
 
 
@@ -242,8 +280,10 @@ def require_file(path: str, key: str) -> str:
     if not path:
         raise ValueError(f"{key} is empty; set it to the path of the checkpoint this stage starts from.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: file {path!r} does not exist; give the path of an existing checkpoint "
-                                f"(.pth or .pkl) or fix the path.")
+        raise FileNotFoundError(
+            f"{key}: file {path!r} does not exist; give the path of an existing checkpoint "
+            f"(.pth or .pkl) or fix the path."
+        )
     return path
 
 
@@ -303,8 +343,10 @@ class AMPPolicy:
             self.enabled = wanted and device.type == "cpu" and cpu_supports_bfloat16()
             self.dtype = torch.bfloat16  # float16 autocast on a CPU has no fast kernels
             if wanted and not self.enabled:
-                logger.warning("SOLVER.AMP.ENABLED is ignored on %s: it has no bfloat16 convolution kernels; training in float32.",
-                               device)
+                logger.warning(
+                    "SOLVER.AMP.ENABLED is ignored on %s: it has no bfloat16 convolution kernels; training in float32.",
+                    device,
+                )
             elif wanted and precision == "float16":
                 logger.info("SOLVER.AMP on a CPU runs in bfloat16 (SOLVER.AMP.PRECISION float16 applies to CUDA).")
 

@@ -17,6 +17,7 @@ A Detectron2 ``DefaultTrainer`` with:
   (:func:`afigan.modeling.test_time_augmentation.build_tta_model`);
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
+
 import contextlib
 import logging
 import os
@@ -25,7 +26,6 @@ import weakref
 from collections import OrderedDict
 
 import torch
-
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import verify_results
@@ -117,7 +117,9 @@ class DetectorTrainer(DefaultTrainer):
         self.train_dataset = load_train_dataset(cfg)
         model = ddp(model)
         amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE))
-        self._trainer = AutocastTrainer(model, None, optimizer, amp) if amp.enabled else SimpleTrainer(model, None, optimizer)
+        self._trainer = (
+            AutocastTrainer(model, None, optimizer, amp) if amp.enabled else SimpleTrainer(model, None, optimizer)
+        )
         self._trainer._write_metrics = self._checked_write_metrics(self._trainer._write_metrics)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -138,19 +140,29 @@ class DetectorTrainer(DefaultTrainer):
     def _checked_write_metrics(self, write):
         """SimpleTrainer's metric writer, whose non-finite-loss error names the loss terms and the
         last good checkpoint (:func:`afigan.engine.hooks.non_finite_loss_error`)."""
+
         def checked(loss_dict, data_time, *args, **kwargs):
             try:
                 write(loss_dict, data_time, *args, **kwargs)
             except FloatingPointError:
                 raise non_finite_loss_error(loss_dict, self.iter, [self.checkpointer]) from None
+
         return checked
 
     def build_hooks(self):
         ret = super().build_hooks()
         # DefaultTrainer's checkpoint hook, with SOLVER.CHECKPOINT_KEEP and no periodic copy of the final file.
-        ret = [FinalCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=self.max_iter,
-                                 max_to_keep=checkpoint_keep(self.cfg))
-               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
+        ret = [
+            FinalCheckpointer(
+                self.checkpointer,
+                self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                max_iter=self.max_iter,
+                max_to_keep=checkpoint_keep(self.cfg),
+            )
+            if isinstance(h, hooks.PeriodicCheckpointer)
+            else h
+            for h in ret
+        ]
         if self.cfg.TEST.AUG.ENABLED:
             build_tta_model(self.cfg, self.model)  # a detector kind without TTA stops now, not after training
 
@@ -171,11 +183,15 @@ class DetectorTrainer(DefaultTrainer):
         else:
             if cfg.WEIGHTS:
                 # With MODEL.AF_EXTRACTOR_WEIGHTS the interpolator comes from that file next.
-                partial = ("the detector (MODEL.WEIGHTS)", ("backbone.srf_module",)) if cfg.AF_EXTRACTOR_WEIGHTS else None
+                partial = (
+                    ("the detector (MODEL.WEIGHTS)", ("backbone.srf_module",)) if cfg.AF_EXTRACTOR_WEIGHTS else None
+                )
                 with expect_partial_load(*partial) if partial else contextlib.nullcontext():
                     self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
             if cfg.AF_EXTRACTOR_WEIGHTS:
-                load_interpolator_weights(self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS"))
+                load_interpolator_weights(
+                    self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS")
+                )
             self.start_iter = 0
 
     def train(self):
@@ -185,8 +201,9 @@ class DetectorTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0, dataset=None):
-        return build_resumable_train_loader(cfg, FileCheckingDatasetMapper(cfg, True), start_iter=start_iter,
-                                            dataset=dataset)
+        return build_resumable_train_loader(
+            cfg, FileCheckingDatasetMapper(cfg, True), start_iter=start_iter, dataset=dataset
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -199,20 +216,29 @@ class DetectorTrainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         # MaskIoU-rescored masks (CenterMask) are ranked by their mask scores in segm AP; a test-dev
         # submission is named after the run's folder (the server's [alg] field).
-        return AFICOCOEvaluator(dataset_name, output_dir=output_folder,
-                                use_mask_scores=cfg.MODEL.MASK_ON and cfg.MODEL.MASKIOU_ON,
-                                submission_alg=os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)))
+        return AFICOCOEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            use_mask_scores=cfg.MODEL.MASK_ON and cfg.MODEL.MASKIOU_ON,
+            submission_alg=os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)),
+        )
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
         """Evaluate with test-time augmentation (``TEST.AUG.*``): Detectron2's ``GeneralizedRCNNWithTTA``
         for R-CNN detectors, :class:`afigan.modeling.test_time_augmentation.OneStageWithTTA` for
         FCOS and CenterMask."""
-        logger.info("Running inference with test-time augmentation (TEST.AUG: min sizes %s, max size %d, flip %s) ...",
-                    tuple(cfg.TEST.AUG.MIN_SIZES), cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP)
+        logger.info(
+            "Running inference with test-time augmentation (TEST.AUG: min sizes %s, max size %d, flip %s) ...",
+            tuple(cfg.TEST.AUG.MIN_SIZES),
+            cfg.TEST.AUG.MAX_SIZE,
+            cfg.TEST.AUG.FLIP,
+        )
         model = build_tta_model(cfg, model)
-        evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
-                      for name in cfg.DATASETS.TEST]
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
         res = cls.test(cfg, model, evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
 

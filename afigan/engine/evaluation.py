@@ -10,6 +10,7 @@
   task (bbox, and segm for mask models: the server scores them as separate submissions), and
   prints where.
 """
+
 import itertools
 import json
 import logging
@@ -95,15 +96,21 @@ class AFICOCOEvaluator(COCOEvaluator):
         """One zip per task in ``<output_dir>/submission/<task>/``, holding the results json of
         the server's naming (box scores for bbox; mask scores, where there are any, for segm)."""
         if not self._output_dir:
-            logger.warning("%s has no annotations and the evaluator no output_dir: no submission file written.",
-                           self._dataset_name)
+            logger.warning(
+                "%s has no annotations and the evaluator no output_dir: no submission file written.", self._dataset_name
+            )
             return
         name = submission_name(self._metadata.get("json_file", ""), self._dataset_name, self._submission_alg)
         per_task = {"bbox": [{k: v for k, v in r.items() if k not in ("segmentation", "mask_score")} for r in results]}
         if any("segmentation" in r for r in results):
             # Without "bbox" the server, like Detectron2's evaluator, takes the mask's own area.
-            per_task["segm"] = [{**{k: v for k, v in r.items() if k not in ("bbox", "mask_score")},
-                                 "score": r.get("mask_score", r["score"])} for r in results]
+            per_task["segm"] = [
+                {
+                    **{k: v for k, v in r.items() if k not in ("bbox", "mask_score")},
+                    "score": r.get("mask_score", r["score"]),
+                }
+                for r in results
+            ]
         written = []
         for task, entries in per_task.items():
             folder = os.path.join(self._output_dir, "submission", task)
@@ -113,7 +120,10 @@ class AFICOCOEvaluator(COCOEvaluator):
                 z.writestr(name + ".json", json.dumps(entries))
             os.replace(path + ".tmp", path)
             written.append(path)
-        print(f"{self._dataset_name} has no annotations, so nothing is scored here: {len(results)} detections on "
-              f"{num_images} images are in {os.path.join(self._output_dir, 'coco_instances_results.json')}; "
-              f"submit {' and '.join(written)} to the COCO evaluation server"
-              f"{' (bbox and segm are separate submissions)' if len(written) > 1 else ''}.", flush=True)
+        print(
+            f"{self._dataset_name} has no annotations, so nothing is scored here: {len(results)} detections on "
+            f"{num_images} images are in {os.path.join(self._output_dir, 'coco_instances_results.json')}; "
+            f"submit {' and '.join(written)} to the COCO evaluation server"
+            f"{' (bbox and segm are separate submissions)' if len(written) > 1 else ''}.",
+            flush=True,
+        )

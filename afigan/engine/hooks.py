@@ -1,4 +1,5 @@
 """Training hooks and event writers afigan adds to Detectron2's."""
+
 import datetime
 import logging
 
@@ -47,7 +48,9 @@ class TotalsPrinter(EventWriter):
             eta = histories["time"].global_avg() * (self._max_iter - iteration - 1)
             parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
         parts.append(f"iter: {iteration}")
-        parts += [f"{k}: {v.median(self._window_size):.4g}" for k, v in sorted(histories.items()) if k.endswith("total_loss")]
+        parts += [
+            f"{k}: {v.median(self._window_size):.4g}" for k, v in sorted(histories.items()) if k.endswith("total_loss")
+        ]
         parts += [f"{k}: {v.latest():.5g}" for k, v in sorted(histories.items()) if k.startswith("lr_")]
         for key in ("time", "data_time"):
             if key in histories:
@@ -71,5 +74,7 @@ def non_finite_loss_error(losses, iteration: int, checkpointers, prefix: str = "
     kept = " and ".join(repr(k) for k in kept) if kept else "none (no checkpoint was written yet)"
     return FloatingPointError(
         f"Loss became infinite or NaN at iteration={iteration}: {', '.join(bad)}; training stopped before the "
-        f"optimiser step, the last good checkpoint is {kept}: lower SOLVER.BASE_LR (or set SOLVER.CLIP_GRADIENTS.ENABLED "
-        f"True) and continue with --resume.")
+        f"optimiser step, the last good checkpoint is {kept}: lower SOLVER.BASE_LR (or set "
+        "SOLVER.CLIP_GRADIENTS.ENABLED "
+        f"True) and continue with --resume."
+    )

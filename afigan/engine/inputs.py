@@ -1,5 +1,6 @@
 """Checks of a stage's input files, run before anything is built, so a missing file stops the run
 with one sentence instead of a traceback after minutes of model and data loading."""
+
 import os
 
 from detectron2.data import MetadataCatalog
@@ -11,8 +12,13 @@ from .common import require_file
 __all__ = ["WEIGHT_KEYS", "check_inputs"]
 
 # Every config key that names a checkpoint file.
-WEIGHT_KEYS = ("MODEL.WEIGHTS", "MODEL.GUIDE_WEIGHTS", "MODEL.AFI_GEN_WEIGHTS", "MODEL.AFI_DIS_WEIGHTS",
-               "MODEL.AF_EXTRACTOR_WEIGHTS")
+WEIGHT_KEYS = (
+    "MODEL.WEIGHTS",
+    "MODEL.GUIDE_WEIGHTS",
+    "MODEL.AFI_GEN_WEIGHTS",
+    "MODEL.AFI_DIS_WEIGHTS",
+    "MODEL.AF_EXTRACTOR_WEIGHTS",
+)
 
 
 def _value(cfg, key: str):
@@ -30,10 +36,13 @@ def _check_dataset_files(names, key: str) -> None:
         if json_file and not os.path.isfile(json_file):
             raise FileNotFoundError(
                 f"{key}: data set {name!r} reads {json_file!r}, which does not exist; lay the data out as "
-                f"datasets/README.md says (or point DETECTRON2_DATASETS at it).")
+                f"datasets/README.md says (or point DETECTRON2_DATASETS at it)."
+            )
         image_root = meta.get("image_root", None)
         if json_file and image_root and not os.path.isdir(image_root):
-            raise FileNotFoundError(f"{key}: the images of data set {name!r} should be in {image_root!r}, which does not exist.")
+            raise FileNotFoundError(
+                f"{key}: the images of data set {name!r} should be in {image_root!r}, which does not exist."
+            )
 
 
 def check_inputs(cfg, required=(), train: bool = True, test: bool = True) -> None:

@@ -8,11 +8,11 @@ ddp, checkpointer, eval_period, log_period, device}``, overridden by trailing ``
 pairs. Unlike it, multi-process CPU runs work, AMP is ignored where it cannot run, checkpoints
 are written atomically, and ``train.seed`` (default 0) seeds every iteration.
 """
+
 import logging
 import os
 
 import torch
-
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -71,16 +71,22 @@ def lazy_train(cfg, resume: bool = False):
         return results
 
     keep = cfg.train.checkpointer.get("max_to_keep", None)
-    trainer.register_hooks([
-        hooks.IterationTimer(),
-        SeedEachIteration(cfg.train.get("seed", 0)),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        FinalCheckpointer(checkpointer, cfg.train.checkpointer.period, max_iter=cfg.train.max_iter, max_to_keep=keep)
-        if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, test_and_keep),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
-        if comm.is_main_process() else None,
-    ])
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            SeedEachIteration(cfg.train.get("seed", 0)),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            FinalCheckpointer(
+                checkpointer, cfg.train.checkpointer.period, max_iter=cfg.train.max_iter, max_to_keep=keep
+            )
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

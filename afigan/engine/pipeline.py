@@ -22,6 +22,7 @@ stage-3 training (``OUTPUT/stage3_pseudo``, the same inputs as stage 3) runs on 
 A stage whose final checkpoint exists is skipped; an interrupted stage resumes from its last
 checkpoint, so re-running the same command after a kill continues where it stopped.
 """
+
 import argparse
 import copy
 import json
@@ -36,8 +37,8 @@ from detectron2.utils import comm
 from detectron2.utils import logger as d2_logger
 
 from afigan.analysis.metrics import plot_metrics
-from afigan.analysis.pseudo_label import head_threshold, pseudo_label_images, resolve_images
 from afigan.analysis.predict import setup_predict_cfg
+from afigan.analysis.pseudo_label import head_threshold, pseudo_label_images, resolve_images
 from afigan.config import add_afigan_config
 from afigan.data.datasets import PSEUDO_PREFIX
 
@@ -67,7 +68,7 @@ def _resume_iteration(stage_dir: str, stage: str) -> int:
     if not os.path.isfile(path):
         return -1
     name = open(path).read().strip()  # model_0000029.pth: the checkpoint after iteration 29
-    digits = name[len("model_"):-len(".pth")]
+    digits = name[len("model_") : -len(".pth")]
     return int(digits) + 1 if digits.isdigit() else -1
 
 
@@ -99,8 +100,10 @@ class Pipeline:
         self.files = {s: os.path.join(config_dir, f"{s}.yaml") for s in list(STAGES) + [SELF_TRAINING]}
         for s in ("stage1", "stage2", "stage3"):
             if not os.path.isfile(self.files[s]):
-                raise FileNotFoundError(f"Config set {config_dir!r} lacks {s}.yaml; give --config-dir a folder with "
-                                        f"stage1.yaml, stage2.yaml and stage3.yaml (e.g. configs/toy/pipeline).")
+                raise FileNotFoundError(
+                    f"Config set {config_dir!r} lacks {s}.yaml; give --config-dir a folder with "
+                    f"stage1.yaml, stage2.yaml and stage3.yaml (e.g. configs/toy/pipeline)."
+                )
         self.output_dir = output_dir
         self.args = args
         self.opts = list(opts or [])
@@ -118,8 +121,11 @@ class Pipeline:
 
     def teacher_weights(self) -> str:
         """The command line's MODEL.GUIDE_WEIGHTS, else stage1.yaml's, else stage 0's model."""
-        return (self._opt("MODEL.GUIDE_WEIGHTS") or _yaml_value(self.files["stage1"], "MODEL.GUIDE_WEIGHTS")
-                or self.final["stage0"][0])
+        return (
+            self._opt("MODEL.GUIDE_WEIGHTS")
+            or _yaml_value(self.files["stage1"], "MODEL.GUIDE_WEIGHTS")
+            or self.final["stage0"][0]
+        )
 
     def overrides(self, stage: str) -> List[str]:
         """``KEY VALUE`` pairs that wire ``stage`` to earlier results, per the stage table. Keys
@@ -127,7 +133,9 @@ class Pipeline:
         out = []
         if stage == SELF_TRAINING:
             # The labeled sources (the command line's or the YAML's) and, last, the pseudo-labels.
-            train = tuple(_yaml_value(self.files[stage], "DATASETS.TRAIN", self.opts)) + (PSEUDO_PREFIX + self.pseudo_labels,)
+            train = tuple(_yaml_value(self.files[stage], "DATASETS.TRAIN", self.opts)) + (
+                PSEUDO_PREFIX + self.pseudo_labels,
+            )
             out += ["DATASETS.TRAIN", train]
         for key, source in STAGES[TRAINED_AS.get(stage, stage)].inputs.items():
             if self._opt(key):
@@ -168,8 +176,14 @@ class Pipeline:
         # Spawned workers cannot hand back a dict: the main rank writes it to a file.
         if os.path.exists(results_file):
             os.remove(results_file)
-        launch(_Worker(fn or train_stage, kind, results_file), self.args.num_gpus, num_machines=self.args.num_machines,
-               machine_rank=self.args.machine_rank, dist_url=self.args.dist_url, args=(args,))
+        launch(
+            _Worker(fn or train_stage, kind, results_file),
+            self.args.num_gpus,
+            num_machines=self.args.num_machines,
+            machine_rank=self.args.machine_rank,
+            dist_url=self.args.dist_url,
+            args=(args,),
+        )
         if os.path.exists(results_file):
             with open(results_file) as f:
                 return json.load(f)
@@ -179,8 +193,10 @@ class Pipeline:
         """Run every stage that is not done; return the evaluation results of the stage-3 model."""
         if self.teacher_weights() == self.final["stage0"][0]:
             if not os.path.isfile(self.files["stage0"]):
-                raise ValueError("Neither the command line nor stage1.yaml gives MODEL.GUIDE_WEIGHTS, and the config "
-                                 "set has no stage0.yaml to train a teacher.")
+                raise ValueError(
+                    "Neither the command line nor stage1.yaml gives MODEL.GUIDE_WEIGHTS, and the config "
+                    "set has no stage0.yaml to train a teacher."
+                )
             self._maybe("stage0")
         self._maybe("stage1")
         self._maybe("stage2")
@@ -192,7 +208,9 @@ class Pipeline:
             last = SELF_TRAINING
         if not results:
             eval_dir = os.path.join(self.output_dir, "eval")
-            self.status.info("evaluation: %s was already trained; evaluating %s into %s", last, self.final[last][0], eval_dir)
+            self.status.info(
+                "evaluation: %s was already trained; evaluating %s into %s", last, self.final[last][0], eval_dir
+            )
             results = self._run(last, ["MODEL.WEIGHTS", self.final[last][0]], fn=_eval_stage, output_name="eval")
         path = os.path.join(self.output_dir, "results.json")
         with open(path, "w") as f:
@@ -214,15 +232,24 @@ class Pipeline:
         images = list(_yaml_value(self.files[SELF_TRAINING], "SELF_TRAINING.IMAGES", self.opts))
         threshold = float(_yaml_value(self.files[SELF_TRAINING], "SELF_TRAINING.SCORE_THRESHOLD", self.opts))
         if not images:
-            raise ValueError(f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES is empty; name the unlabeled images to "
-                             f"pseudo-label (folders, files, globs or a data set such as afigan_toy_unlabeled).")
+            raise ValueError(
+                f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES is empty; name the unlabeled images to "
+                f"pseudo-label (folders, files, globs or a data set such as afigan_toy_unlabeled)."
+            )
         paths, ids, unmatched = resolve_images(images)
         if unmatched:
-            raise ValueError(f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES entry {unmatched[0]!r} is no image file, "
-                             f"folder, glob or registered data set; fix or remove it.")
+            raise ValueError(
+                f"{self.files[SELF_TRAINING]}: SELF_TRAINING.IMAGES entry {unmatched[0]!r} is no image file, "
+                f"folder, glob or registered data set; fix or remove it."
+            )
         weights = self.final["stage3"][0]
-        self.status.info("pseudo-labels: running: the stage-3 model %s on %d image(s), score >= %g -> %s", weights,
-                         len(paths), threshold, self.pseudo_labels)
+        self.status.info(
+            "pseudo-labels: running: the stage-3 model %s on %d image(s), score >= %g -> %s",
+            weights,
+            len(paths),
+            threshold,
+            self.pseudo_labels,
+        )
         cfg = setup_predict_cfg(self.files["stage3"], self.opts + ["MODEL.WEIGHTS", weights], head_threshold(threshold))
         done = pseudo_label_images(cfg, paths, self.pseudo_labels, threshold, ids=ids, log=self.status.info)
         self.status.info("pseudo-labels: %d on %d image(s)", done["annotations"], done["images"])
@@ -236,10 +263,19 @@ class Pipeline:
         overrides = self.overrides(stage)
         start = _resume_iteration(stage_dir, TRAINED_AS.get(stage, stage))
         how = f"resuming at iteration {start}" if start > 0 else "running"
-        description = ("the target detector again, on labeled + pseudo-labeled images (self-training)"
-                       if stage == SELF_TRAINING else STAGES[stage].description)
-        self.status.info("%s: %s: %s -> %s%s", stage, how, description, stage_dir,
-                         f" (with {' '.join(map(str, overrides))})" if overrides else "")
+        description = (
+            "the target detector again, on labeled + pseudo-labeled images (self-training)"
+            if stage == SELF_TRAINING
+            else STAGES[stage].description
+        )
+        self.status.info(
+            "%s: %s: %s -> %s%s",
+            stage,
+            how,
+            description,
+            stage_dir,
+            f" (with {' '.join(map(str, overrides))})" if overrides else "",
+        )
         return self._run(stage, overrides)
 
 

@@ -2,6 +2,7 @@
 ``MODEL.AFI.CHANNELS_LAST`` (memory format) and ``MODEL.AFI.COMPILE`` (torch.compile of G, D and
 the neck's upsampler). Mixed precision is :class:`afigan.engine.common.AMPPolicy`. Which of them
 pays off where is measured by tools/benchmark_roofline.py (README, "Performance")."""
+
 import logging
 import shutil
 from typing import List
@@ -32,7 +33,11 @@ def compile_unavailable_reason(device: str, backend: str) -> str:
         return f"torch._dynamo cannot be imported ({e})"
     if not torch._dynamo.is_dynamo_supported():
         return "this Python/torch build does not support torch.compile"
-    if backend == "inductor" and not device.startswith("cuda") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if (
+        backend == "inductor"
+        and not device.startswith("cuda")
+        and not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    ):
         return "the inductor backend needs a C++ compiler (g++) on a CPU, and none is on PATH"
     return ""
 

@@ -8,12 +8,14 @@ Per iteration, for the levels ``MODEL.AFI.LEVELS``:
 3. D step: sum_l BCE(D(real), 1) + BCE(D(sg(fake)), 0), through D's DDP wrapper;
 4. G step: sum_l adv_weight * BCE(D(fake), 1) + content_weight * L1(fake, real), with D's
    parameters frozen so the adversarial gradient reaches G but nothing touches D
-   (``MODEL.AFI.ADV_GRAD_TO_G False`` reproduces the reference's detached term, B1 of docs/differences_from_reference.md).
+   (``MODEL.AFI.ADV_GRAD_TO_G False`` reproduces the reference's detached term, B1 of
+   docs/differences_from_reference.md).
 
 Both networks have their own SGD optimiser and warm-up multi-step schedule (both stepped) and
 their own checkpoints under ``OUTPUT_DIR/G_0`` and ``OUTPUT_DIR/D_0`` (model, optimizer,
 scheduler, iteration); ``resume_or_load(resume=True)`` restores both and continues.
 """
+
 import logging
 from typing import Dict, Optional
 
@@ -60,10 +62,16 @@ class LevelwiseGenerator(nn.Module):
     def _for(self, level: str) -> nn.Module:
         return self.generator[level] if isinstance(self.generator, nn.ModuleDict) else self.generator
 
-    def forward(self, features: Dict[str, torch.Tensor], guides: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, features: Dict[str, torch.Tensor], guides: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
         if guides is None:
             return {k: self._for(k)(v) for k, v in features.items()}
-        return {k: self._for(k)(v, output_size=guides[k].shape[-2:], guide=guides[k]) for k, v in features.items() if k in guides}
+        return {
+            k: self._for(k)(v, output_size=guides[k].shape[-2:], guide=guides[k])
+            for k, v in features.items()
+            if k in guides
+        }
 
 
 class Stage1Trainer(AdversarialTrainer):
@@ -84,12 +92,17 @@ class Stage1Trainer(AdversarialTrainer):
         if getattr(one, "guided", False):
             self.guides = guided_levels(self.levels)
             if not self.guides:
-                raise ValueError(f"MODEL.AFI.INTERP {cfg.MODEL.AFI.INTERP!r} is guided by the next finer level, and none of "
-                                 f"MODEL.AFI.LEVELS {list(self.levels)} has one; add levels above p2.")
+                raise ValueError(
+                    f"MODEL.AFI.INTERP {cfg.MODEL.AFI.INTERP!r} is guided by the next finer level, and none of "
+                    f"MODEL.AFI.LEVELS {list(self.levels)} has one; add levels above p2."
+                )
             left_out = [l for l in self.levels if l not in self.guides]
             if left_out:
-                logger.info("Stage 1: %r is guided by the next finer level; %s has none and is left out of the losses.",
-                            cfg.MODEL.AFI.INTERP, ", ".join(left_out))
+                logger.info(
+                    "Stage 1: %r is guided by the next finer level; %s has none and is left out of the losses.",
+                    cfg.MODEL.AFI.INTERP,
+                    ", ".join(left_out),
+                )
             self.levels = [l for l in self.levels if l in self.guides]
             getattr(self.D_loss, "module", self.D_loss).levels = self.levels  # DDP-wrapped or not
 
@@ -117,9 +130,17 @@ class Stage1Trainer(AdversarialTrainer):
         """One generator update (D frozen, so D's parameters and gradients stay untouched)."""
         a = self.cfg.MODEL.AFI
         with self.amp.autocast():
-            g_losses = generator_loss(self.D, fake, real, self.levels, adv_weight=a.ADV_WEIGHT,
-                                      content_weight=a.CONTENT_WEIGHT, adv_grad=a.ADV_GRAD_TO_G,
-                                      run_d_on_real=a.LEGACY.RUN_D_ON_REAL_IN_G_STEP, patch_size=a.DIS.PATCH_SIZE)
+            g_losses = generator_loss(
+                self.D,
+                fake,
+                real,
+                self.levels,
+                adv_weight=a.ADV_WEIGHT,
+                content_weight=a.CONTENT_WEIGHT,
+                adv_grad=a.ADV_GRAD_TO_G,
+                run_d_on_real=a.LEGACY.RUN_D_ON_REAL_IN_G_STEP,
+                patch_size=a.DIS.PATCH_SIZE,
+            )
         self.write_metrics(g_losses, data_time, "G")
         backward_and_step(sum(g_losses.values()), self.optimizer, self.scaler)
         return g_losses

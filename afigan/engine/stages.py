@@ -3,6 +3,7 @@ mark it done, and which config keys of a stage are fed by which earlier result. 
 entry points (:mod:`afigan.engine.cli`) and the pipeline (:mod:`afigan.engine.pipeline`) both
 read this table.
 """
+
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple, Union
@@ -49,18 +50,39 @@ class Stage:
     required: Tuple[str, ...] = ()  # weights keys the stage cannot start without
 
 
-STAGES: Dict[str, Stage] = {s.name: s for s in (
-    Stage("stage0", DetectorTrainer, "the nearest-neighbour teacher detector", evaluates=True),
-    Stage("stage1", Stage1Trainer, "the AF interpolator G and the feature patch discriminator D",
-          inputs={"MODEL.GUIDE_WEIGHTS": Teacher()}, required=("MODEL.GUIDE_WEIGHTS",)),
-    Stage("stage2", Stage2Trainer, "the multi-scale AF extractor on half-size images",
-          # MODEL.WEIGHTS: M starts from the teacher's weights, as in the reference.
-          inputs={"MODEL.GUIDE_WEIGHTS": Teacher(), "MODEL.WEIGHTS": Teacher(yaml_first=True),
-                  "MODEL.AFI_GEN_WEIGHTS": Output("stage1", 0), "MODEL.AFI_DIS_WEIGHTS": Output("stage1", 1)},
-          required=("MODEL.GUIDE_WEIGHTS", "MODEL.AFI_GEN_WEIGHTS", "MODEL.AFI_DIS_WEIGHTS")),
-    Stage("stage3", DetectorTrainer, "the target detector with the stage-2 interpolator",
-          inputs={"MODEL.AF_EXTRACTOR_WEIGHTS": Output("stage2", 0)}, evaluates=True),
-)}
+STAGES: Dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("stage0", DetectorTrainer, "the nearest-neighbour teacher detector", evaluates=True),
+        Stage(
+            "stage1",
+            Stage1Trainer,
+            "the AF interpolator G and the feature patch discriminator D",
+            inputs={"MODEL.GUIDE_WEIGHTS": Teacher()},
+            required=("MODEL.GUIDE_WEIGHTS",),
+        ),
+        Stage(
+            "stage2",
+            Stage2Trainer,
+            "the multi-scale AF extractor on half-size images",
+            # MODEL.WEIGHTS: M starts from the teacher's weights, as in the reference.
+            inputs={
+                "MODEL.GUIDE_WEIGHTS": Teacher(),
+                "MODEL.WEIGHTS": Teacher(yaml_first=True),
+                "MODEL.AFI_GEN_WEIGHTS": Output("stage1", 0),
+                "MODEL.AFI_DIS_WEIGHTS": Output("stage1", 1),
+            },
+            required=("MODEL.GUIDE_WEIGHTS", "MODEL.AFI_GEN_WEIGHTS", "MODEL.AFI_DIS_WEIGHTS"),
+        ),
+        Stage(
+            "stage3",
+            DetectorTrainer,
+            "the target detector with the stage-2 interpolator",
+            inputs={"MODEL.AF_EXTRACTOR_WEIGHTS": Output("stage2", 0)},
+            evaluates=True,
+        ),
+    )
+}
 
 
 def final_files(stage: str, output_dir: str) -> List[str]:

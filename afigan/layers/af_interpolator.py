@@ -8,14 +8,15 @@ exactly like bilinear x2.
 The module tree (``Generators.0.{0..4}``, ``RDBs``, ``conv1..conv5``) mirrors the reference
 implementation so that its released checkpoints load with ``strict=True``.
 """
+
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .state_dict import ClearStateDictErrors
 from .shape import check_feature_map, resize_to
+from .state_dict import ClearStateDictErrors
 
 __all__ = ["AFInterpolator", "ResidualDenseBlock", "ResidualInResidualDenseBlock"]
 
@@ -23,8 +24,13 @@ __all__ = ["AFInterpolator", "ResidualDenseBlock", "ResidualInResidualDenseBlock
 def _fill_in_place(x: torch.Tensor) -> bool:
     """Whether the dense blocks may fill one preallocated buffer: no autograd, a plain contiguous
     (NCHW) map and no tracing or export (which should record the plain graph)."""
-    return (not torch.is_grad_enabled() and x.is_contiguous() and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export())
+    return (
+        not torch.is_grad_enabled()
+        and x.is_contiguous()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.onnx.is_in_onnx_export()
+    )
 
 
 def _scaled_kaiming_(module: nn.Module, scale: float = 0.1) -> None:
@@ -72,7 +78,7 @@ class ResidualDenseBlock(nn.Module):
         buf[:, :c] = x
         for i in range(4):
             k = c + i * growth
-            buf[:, k:k + growth] = getattr(self, f"conv{i + 1}")(buf[:, :k])
+            buf[:, k : k + growth] = getattr(self, f"conv{i + 1}")(buf[:, :k])
         return torch.add(x, self.conv5(buf), alpha=self.res_scale)
 
 

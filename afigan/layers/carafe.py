@@ -4,6 +4,7 @@ The mathematics follow mmcv's ``CARAFEPack`` (``open-mmlab/mmcv``, ``mmcv/ops/ca
 reassembly is a compiled op; here it is :func:`carafe_reassemble` (``F.unfold`` + a batched
 matrix product), which runs on any device and traces/exports to ONNX.
 """
+
 from typing import Optional, Sequence
 
 import torch

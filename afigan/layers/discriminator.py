@@ -5,13 +5,14 @@ Three 3x3 Conv + BN + LeakyReLU(0.2) blocks (256 -> 512 -> 1024 -> 1024) and a f
 module tree (``Discriminators.0.{0..3}.0`` with the norm as ``.norm``) mirrors the reference so
 its checkpoints load with ``strict=True``.
 """
+
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .state_dict import ClearStateDictErrors
 from .shape import check_feature_map
+from .state_dict import ClearStateDictErrors
 
 __all__ = ["FeaturePatchDiscriminator", "Conv2dThenNorm"]
 
@@ -57,7 +58,7 @@ class FeaturePatchDiscriminator(ClearStateDictErrors, nn.Module):
         super().__init__()
         self.channels = channels
         base = base_width or channels
-        widths = [channels] + [min(2 ** n, 4) * base for n in (1, 2, 3)]
+        widths = [channels] + [min(2**n, 4) * base for n in (1, 2, 3)]
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             conv = Conv2dThenNorm(c_in, c_out, 3, 1, 1, norm=_make_norm(norm, c_out))

@@ -5,6 +5,7 @@ Point sampling with learned offsets: every output pixel reads the input, by bili
 follow the authors' public ``tiny-smart/dysample`` (``dysample.py``), including its parameter and
 buffer names (``offset``, ``scope``, ``init_pos``), so its state dicts load unchanged.
 """
+
 from typing import Optional, Sequence
 
 import torch
@@ -50,7 +51,7 @@ class DySample(nn.Module):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1 or channels % groups:
             raise ValueError(f"DySample channels must be a positive multiple of groups={groups}, got {channels!r}.")
         if style == "pl" and channels % scale**2:
-            raise ValueError(f"DySample channels must be a multiple of {scale ** 2} for style 'pl', got {channels}.")
+            raise ValueError(f"DySample channels must be a multiple of {scale**2} for style 'pl', got {channels}.")
         if not isinstance(dyscope, bool):
             raise ValueError(f"DySample dyscope must be True or False, got {dyscope!r}.")
         self.channels = channels

@@ -6,6 +6,7 @@ The mathematics follow the authors' public ``poppinace/fade`` (``FADE_H2L.py`` a
 ``kernel_generator.conv1_en`` / ``conv1_de`` / ``conv2_kernels`` / ``conv2_bias``) are theirs, so
 their state dicts load unchanged. Reassembly is :func:`carafe_reassemble`.
 """
+
 from typing import Optional, Sequence
 
 import torch

@@ -11,6 +11,7 @@ only (no images, no feature maps, nothing at inference):
 Stages are looked up by name on a *root* module each time the terms are computed, so the
 regulariser holds no module references and adds nothing to any state dict.
 """
+
 import contextlib
 import math
 from typing import Dict, Iterable, List, Sequence, Tuple
@@ -66,8 +67,9 @@ def _float32(tensors: Sequence[torch.Tensor]):
         yield
 
 
-def frobenius_term(weights: Sequence[torch.Tensor], squared: bool = False, reduction: str = "sum",
-                   device=None) -> torch.Tensor:
+def frobenius_term(
+    weights: Sequence[torch.Tensor], squared: bool = False, reduction: str = "sum", device=None
+) -> torch.Tensor:
     """``Σ_W ‖W‖_F`` (or ``Σ_W ‖W‖_F²`` when ``squared``), summed or averaged over tensors.
 
     Any tensor shapes; returns a float32 scalar (a constant 0 on ``device`` for an empty list).
@@ -82,8 +84,9 @@ def frobenius_term(weights: Sequence[torch.Tensor], squared: bool = False, reduc
     return total / len(vals) if reduction == "mean" else total
 
 
-def variance_term(weights: Sequence[torch.Tensor], unbiased: bool = True, reduction: str = "sum",
-                  device=None) -> torch.Tensor:
+def variance_term(
+    weights: Sequence[torch.Tensor], unbiased: bool = True, reduction: str = "sum", device=None
+) -> torch.Tensor:
     """``Σ_W Var(W)`` over all elements of each tensor (denominator n − 1 when ``unbiased``).
 
     Tensors with fewer than two elements have no sample variance and are skipped. Returns a
@@ -141,7 +144,9 @@ class FeatureEnhancementRegularizer:
         self.reduction = reduction
         for name, value in (("sharp_weight", self.sharp_weight), ("smooth_weight", self.smooth_weight)):
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"FE {name} must be a finite number >= 0 (the sign is fixed by the term), got {value}.")
+                raise ValueError(
+                    f"FE {name} must be a finite number >= 0 (the sign is fixed by the term), got {value}."
+                )
         if params not in FE_PARAM_KINDS:
             raise ValueError(f"Unknown FE parameter kind {params!r}; choose one of {FE_PARAM_KINDS}.")
         if smooth_norm not in _SMOOTH_NORMS:
@@ -160,7 +165,9 @@ class FeatureEnhancementRegularizer:
             return root.get_submodule(name)
         except AttributeError:
             children = [n for n, _ in root.named_children()]
-            raise KeyError(f"FE stage {name!r} is not a sub-module of {type(root).__name__} (children: {children}).") from None
+            raise KeyError(
+                f"FE stage {name!r} is not a sub-module of {type(root).__name__} (children: {children})."
+            ) from None
 
     def weights(self, root: nn.Module, stages: Iterable[str], trainable_only: bool = True) -> List[torch.Tensor]:
         """Selected tensors of every named stage, deduplicated (a stage may be named twice)."""
@@ -175,7 +182,8 @@ class FeatureEnhancementRegularizer:
     def frozen_stages(self, root: nn.Module) -> List[str]:
         """Named stages (with a non-zero λ) whose selected tensors are all frozen: their term is 0."""
         named = (list(self.sharp_stages) if self.sharp_weight > 0 else []) + (
-            list(self.smooth_stages) if self.smooth_weight > 0 else [])
+            list(self.smooth_stages) if self.smooth_weight > 0 else []
+        )
         return [n for n in named if stage_weights(self._stage(root, n), self.params, True) == []]
 
     # ---- the terms ----
@@ -188,7 +196,9 @@ class FeatureEnhancementRegularizer:
         # A frozen stage gives a constant 0 on the model's device, so the loss dict keeps its keys.
         device = next(iter(root.parameters()), torch.zeros(())).device
         if self.smooth_weight > 0 and self.smooth_stages:
-            s = frobenius_term(self.weights(root, self.smooth_stages), self.smooth_norm == "fro_sq", self.reduction, device)
+            s = frobenius_term(
+                self.weights(root, self.smooth_stages), self.smooth_norm == "fro_sq", self.reduction, device
+            )
             losses[self.SMOOTH_KEY] = self.smooth_weight * s
             stats["fe/smooth_norm"] = s.detach()
         if self.sharp_weight > 0 and self.sharp_stages:
@@ -218,7 +228,10 @@ class FeatureEnhancementRegularizer:
             if ws:
                 lam = self.smooth_weight / (len(ws) if self.reduction == "mean" else 1)
                 if self.smooth_norm == "fro":
-                    r = [lam / (weight_decay * max(float(torch.linalg.vector_norm(w.detach().float())), 1e-12)) for w in ws]
+                    r = [
+                        lam / (weight_decay * max(float(torch.linalg.vector_norm(w.detach().float())), 1e-12))
+                        for w in ws
+                    ]
                 else:
                     r = [2 * lam / weight_decay] * len(ws)
                 out[self.SMOOTH_KEY] = (min(r), max(r))
@@ -231,6 +244,8 @@ class FeatureEnhancementRegularizer:
         return out
 
     def __repr__(self) -> str:
-        return (f"FeatureEnhancementRegularizer(sharp={list(self.sharp_stages)} λ_e={self.sharp_weight:g}, "
-                f"smooth={list(self.smooth_stages)} λ_s={self.smooth_weight:g}, params={self.params!r}, "
-                f"smooth_norm={self.smooth_norm!r}, var_unbiased={self.var_unbiased}, reduction={self.reduction!r})")
+        return (
+            f"FeatureEnhancementRegularizer(sharp={list(self.sharp_stages)} λ_e={self.sharp_weight:g}, "
+            f"smooth={list(self.smooth_stages)} λ_s={self.smooth_weight:g}, params={self.params!r}, "
+            f"smooth_norm={self.smooth_norm!r}, var_unbiased={self.var_unbiased}, reduction={self.reduction!r})"
+        )

@@ -1,4 +1,5 @@
 """The two classic learned x2 upsamplers used as baselines next to CARAFE, FADE and DySample."""
+
 from typing import Optional, Sequence
 
 import torch

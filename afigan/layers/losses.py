@@ -5,6 +5,7 @@ fake maps of one level may differ by a few pixels (padding of the half-size imag
 cut to their common top-left window first, which keeps them aligned because
 Detectron2 pads at the bottom/right.
 """
+
 import contextlib
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
@@ -52,7 +53,7 @@ def random_window(t: torch.Tensor, size: int):
 
 def _window(t: torch.Tensor, window) -> torch.Tensor:
     top, left, h, w = window
-    return t[..., top:top + h, left:left + w]
+    return t[..., top : top + h, left : left + w]
 
 
 @contextlib.contextmanager
@@ -65,8 +66,11 @@ def frozen_parameters(module):
         yield
         return
     params = [p for p in module.parameters() if p.requires_grad]
-    norms = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     for p in params:
         p.requires_grad_(False)
     for m, _, _ in norms:
@@ -120,8 +124,8 @@ def generator_loss(
 
     Returns ``{"loss_adv_<l>", "loss_content_<l>"}`` (already weighted); their sum is the
     generator loss. D's parameters are frozen while it is run, so they receive no gradient.
-    ``adv_grad=False`` reproduces the reference's B1 of docs/differences_from_reference.md: D's logits are computed without
-    gradient, the adversarial term is a constant and only the content loss trains G.
+    ``adv_grad=False`` reproduces the reference's B1 of docs/differences_from_reference.md: D's logits
+    are computed without gradient, the adversarial term is a constant and only the content loss trains G.
     ``run_d_on_real=True`` reproduces the reference's unused D pass on the real features: per
     level, D(cropped fake) then D(cropped real) without gradient, which moves D's BatchNorm running
     statistics exactly as the reference's G step does (docs/differences_from_reference.md, O8).

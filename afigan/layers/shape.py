@@ -1,4 +1,5 @@
 """Input validation and size alignment shared by every upsampler."""
+
 from typing import Optional, Sequence
 
 import torch

@@ -1,4 +1,5 @@
 """Checking a state dict against a module before loading, with one clear sentence on failure."""
+
 from typing import Mapping
 
 import torch
@@ -7,7 +8,9 @@ from torch import nn
 __all__ = ["check_state_dict_fits", "ClearStateDictErrors"]
 
 
-def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "model") -> None:
+def check_state_dict_fits(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "model"
+) -> None:
     """Raise ValueError naming the first key whose shape differs (or, if ``strict``, the first
     missing or unexpected key). PyTorch's own message lists every key at once and buries the cause."""
     own = module.state_dict()

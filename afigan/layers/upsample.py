@@ -10,6 +10,7 @@ Kinds: "nearest", "bilinear" (parameter-free), "afi" (the AF interpolator), "dys
 "fade" (guided), "deconv", "pixelshuffle". :func:`upsampler_kwargs` lists each kind's keyword
 arguments and their defaults.
 """
+
 import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 

@@ -6,11 +6,11 @@ and LazyConfigs, without touching their other weights.
   changes), optionally loading interpolator weights.
 * :func:`afi_fpn` rewrites a LazyConfig node ``L(FPN)(...)`` into ``L(AFIFPN)(...)``.
 """
+
 from typing import Any, List, Optional
 
-from torch import nn
-
 from detectron2.modeling.backbone.fpn import FPN
+from torch import nn
 
 from afigan.checkpoint import load_interpolator_weights
 from afigan.layers import build_upsampler
@@ -20,8 +20,9 @@ from .necks.fpn import AFIFPN
 __all__ = ["use_af_interpolator", "afi_fpn"]
 
 
-def use_af_interpolator(model: nn.Module, weights: Optional[str] = None, kind: str = "afi", freeze: bool = False,
-                        **upsampler_kwargs) -> List[str]:
+def use_af_interpolator(
+    model: nn.Module, weights: Optional[str] = None, kind: str = "afi", freeze: bool = False, **upsampler_kwargs
+) -> List[str]:
     """Make every stock Detectron2 FPN in ``model`` upsample with ``kind`` (default the AF
     interpolator). Every existing parameter and buffer is kept; the converted FPN gains one
     shared ``srf_module``, put on the device and dtype of the FPN's weights.

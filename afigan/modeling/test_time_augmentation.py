@@ -20,21 +20,21 @@ Mask R-CNN — rather than kept from the image that produced the box: a box kept
 gets a mask that saw every scale, and the MaskIoU head's ``mask_scores`` (score x predicted mask
 IoU) are averaged the same way.
 """
+
 import copy
 from typing import Dict, List
 
 import numpy as np
 import torch
-from fvcore.transforms import HFlipTransform
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
 from detectron2.data.detection_utils import read_image
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from detectron2.structures import Boxes, ImageList, Instances
+from fvcore.transforms import HFlipTransform
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .fcos import FCOS, OneStageDetector
 from .roi_heads import CenterROIHeads
@@ -51,8 +51,11 @@ def is_one_stage(model: nn.Module) -> bool:
     model = _unwrap(model)
     if isinstance(model, OneStageDetector):
         return isinstance(model.proposal_generator, FCOS)
-    return (isinstance(model, GeneralizedRCNN) and isinstance(model.proposal_generator, FCOS)
-            and isinstance(model.roi_heads, CenterROIHeads))
+    return (
+        isinstance(model, GeneralizedRCNN)
+        and isinstance(model.proposal_generator, FCOS)
+        and isinstance(model.roi_heads, CenterROIHeads)
+    )
 
 
 def build_tta_model(cfg, model: nn.Module) -> nn.Module:
@@ -63,11 +66,15 @@ def build_tta_model(cfg, model: nn.Module) -> nn.Module:
         return OneStageWithTTA(cfg, inner)
     if isinstance(inner, GeneralizedRCNN):
         if cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS:
-            raise ValueError("TEST.AUG.ENABLED: Detectron2's R-CNN test-time augmentation has no keypoint or "
-                             "precomputed-proposal support; set TEST.AUG.ENABLED False.")
+            raise ValueError(
+                "TEST.AUG.ENABLED: Detectron2's R-CNN test-time augmentation has no keypoint or "
+                "precomputed-proposal support; set TEST.AUG.ENABLED False."
+            )
         return GeneralizedRCNNWithTTA(cfg, inner)
-    raise ValueError(f"TEST.AUG.ENABLED: {cfg.MODEL.META_ARCHITECTURE} ({type(inner).__name__}) has no test-time "
-                     f"augmentation (R-CNN detectors, FCOS and CenterMask have); set TEST.AUG.ENABLED False.")
+    raise ValueError(
+        f"TEST.AUG.ENABLED: {cfg.MODEL.META_ARCHITECTURE} ({type(inner).__name__}) has no test-time "
+        f"augmentation (R-CNN detectors, FCOS and CenterMask have); set TEST.AUG.ENABLED False."
+    )
 
 
 class OneStageWithTTA(nn.Module):
@@ -78,8 +85,10 @@ class OneStageWithTTA(nn.Module):
         super().__init__()
         model = _unwrap(model)
         if not is_one_stage(model):
-            raise ValueError(f"OneStageWithTTA needs FCOS (OneStageDetector) or CenterMask, got {type(model).__name__}; "
-                             f"R-CNN detectors use Detectron2's GeneralizedRCNNWithTTA (afigan.modeling.build_tta_model).")
+            raise ValueError(
+                f"OneStageWithTTA needs FCOS (OneStageDetector) or CenterMask, got {type(model).__name__}; "
+                f"R-CNN detectors use Detectron2's GeneralizedRCNNWithTTA (afigan.modeling.build_tta_model)."
+            )
         self.model = model
         self.tta_mapper = tta_mapper or DatasetMapperTTA(cfg)
         self.batch_size = batch_size
@@ -95,12 +104,13 @@ class OneStageWithTTA(nn.Module):
             return model.preprocess_image(inputs)
         # ProposalNetwork (OneStageDetector) normalises inline in its forward; the same here.
         images = [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std for x in inputs]
-        return ImageList.from_tensors(images, model.backbone.size_divisibility,
-                                      padding_constraints=model.backbone.padding_constraints)
+        return ImageList.from_tensors(
+            images, model.backbone.size_divisibility, padding_constraints=model.backbone.padding_constraints
+        )
 
     def _chunks(self, items: List):
         for i in range(0, len(items), self.batch_size):
-            yield items[i:i + self.batch_size]
+            yield items[i : i + self.batch_size]
 
     @torch.no_grad()
     def _detect(self, inputs: List[Dict]) -> List[Instances]:
@@ -132,8 +142,14 @@ class OneStageWithTTA(nn.Module):
         augmented = self.tta_mapper(input)
         tfms = [x.pop("transforms") for x in augmented]
         detections = self._detect(augmented)
-        boxes = cat([torch.from_numpy(t.inverse().apply_box(d.pred_boxes.tensor.cpu().numpy())).to(d.pred_boxes.device)
-                     .float() for d, t in zip(detections, tfms)])
+        boxes = cat(
+            [
+                torch.from_numpy(t.inverse().apply_box(d.pred_boxes.tensor.cpu().numpy()))
+                .to(d.pred_boxes.device)
+                .float()
+                for d, t in zip(detections, tfms)
+            ]
+        )
         scores = cat([d.scores for d in detections])
         classes = cat([d.pred_classes for d in detections])
         keep = batched_nms(boxes, scores, classes, self.nms_thresh)[: self.max_detections]
@@ -147,13 +163,21 @@ class OneStageWithTTA(nn.Module):
         given = []
         for x, t in zip(augmented, tfms):
             box = torch.from_numpy(t.apply_box(merged.pred_boxes.tensor.cpu().numpy())).float()
-            given.append(Instances(tuple(x["image"].shape[1:3]), pred_boxes=Boxes(box), scores=merged.scores,
-                                   pred_classes=merged.pred_classes))
+            given.append(
+                Instances(
+                    tuple(x["image"].shape[1:3]),
+                    pred_boxes=Boxes(box),
+                    scores=merged.scores,
+                    pred_classes=merged.pred_classes,
+                )
+            )
         outputs = []
         for inputs, instances in zip(self._chunks(augmented), self._chunks(given)):
             outputs.extend(self.model.inference(inputs, instances, do_postprocess=False))
-        masks = [o.pred_masks.flip(dims=[3]) if any(isinstance(s, HFlipTransform) for s in t.transforms) else o.pred_masks
-                 for o, t in zip(outputs, tfms)]
+        masks = [
+            o.pred_masks.flip(dims=[3]) if any(isinstance(s, HFlipTransform) for s in t.transforms) else o.pred_masks
+            for o, t in zip(outputs, tfms)
+        ]
         merged.pred_masks = torch.stack(masks).mean(dim=0)
         if all(o.has("mask_scores") for o in outputs):
             merged.mask_scores = torch.stack([o.mask_scores for o in outputs]).mean(dim=0)

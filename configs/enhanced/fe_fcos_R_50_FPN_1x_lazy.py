@@ -7,11 +7,9 @@ never trained FCOS with the final method (its FCOS model could not run), so ther
 lambda: the RetinaNet values (1e-5 / 1e-5) are used. Baseline: ``model.enabled=False``.
 Detectron2's standard FCOS 1x recipe otherwise (MSRA R-50, 16 images/iter, lr 0.01, 90k iters).
 """
-import torch
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-from omegaconf import OmegaConf
 
 import detectron2.data.transforms as T
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetMapper,
@@ -26,6 +24,8 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from omegaconf import OmegaConf
 
 import afigan  # noqa: F401  (registers afigan's data sets and components)
 from afigan.modeling import feature_enhanced
@@ -42,7 +42,9 @@ model = L(feature_enhanced)(
             in_features=["res3", "res4", "res5"],
             out_channels=256,
             # P6/P7 from P5 (FCOS paper, Sec. 2.2)
-            top_block=L(LastLevelP6P7)(in_channels="${..out_channels}", out_channels="${..out_channels}", in_feature="p5"),
+            top_block=L(LastLevelP6P7)(
+                in_channels="${..out_channels}", out_channels="${..out_channels}", in_feature="p5"
+            ),
         ),
         head=L(FCOSHead)(
             input_shape=[ShapeSpec(channels=256)] * 5,
@@ -72,7 +74,9 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[
-            L(T.ResizeShortestEdge)(short_edge_length=(640, 672, 704, 736, 768, 800), sample_style="choice", max_size=1333),
+            L(T.ResizeShortestEdge)(
+                short_edge_length=(640, 672, 704, 736, 768, 800), sample_style="choice", max_size=1333
+            ),
             L(T.RandomFlip)(horizontal=True),
         ],
         image_format="BGR",

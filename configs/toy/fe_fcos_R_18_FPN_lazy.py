@@ -1,5 +1,6 @@
 """Toy CPU variant of ../enhanced/fe_fcos_R_50_FPN_1x_lazy.py: R-18, FPN width 64, the synthetic
 afigan_toy set, 200 iterations. Run with tools/lazy_train_net.py --config-file <this file>."""
+
 from detectron2.layers import ShapeSpec
 
 from ..enhanced.fe_fcos_R_50_FPN_1x_lazy import dataloader, lr_multiplier, model, optimizer, train

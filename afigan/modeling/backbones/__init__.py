@@ -1,4 +1,7 @@
 """Bottom-up networks as Detectron2 backbones: ResNeSt and Swin (their neck builders live in
 :mod:`afigan.modeling.necks.builders`)."""
-from . import resnest  # noqa: F401
-from . import swin  # noqa: F401
+
+from . import (
+    resnest,  # noqa: F401
+    swin,  # noqa: F401
+)

@@ -11,15 +11,15 @@ R18/R34 path (ValueError). The deformable blocks (``MODEL.RESNETS.DEFORM_ON_PER_
 Builders in Detectron2's backbone registry: ``build_resnest_backbone`` and, with the AF
 interpolator necks, ``build_resnest_fpn_sr_backbone`` / ``build_resnest_pafpn_sr_backbone``.
 """
+
 from typing import List
 
 import fvcore.nn.weight_init as weight_init
 import torch
+from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, ResNet
 from torch import nn
 from torch.nn import functional as F
-
-from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone, ResNet
 
 from .resnest_dcn import DeformConv, DeformSplitAttn, offset_channels, split_offset_mask
 
@@ -56,8 +56,14 @@ class ResNeStStem(CNNBlockBase):
     (N, 2w or out_channels, ceil(H/4), ceil(W/4)).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN",
-                 deep_stem: bool = False, stem_width: int = 32):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 64,
+        norm: str = "BN",
+        deep_stem: bool = False,
+        stem_width: int = 32,
+    ):
         stem_out = 2 * stem_width if deep_stem else out_channels
         super().__init__(in_channels, stem_out, 4)
         self.deep_stem = deep_stem
@@ -70,8 +76,9 @@ class ResNeStStem(CNNBlockBase):
                 self.add_module(name, conv)
         else:
             self._conv_names = ("conv1",)
-            self.conv1 = Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False,
-                                norm=get_norm(norm, out_channels))
+            self.conv1 = Conv2d(
+                in_channels, out_channels, 7, stride=2, padding=3, bias=False, norm=get_norm(norm, out_channels)
+            )
             weight_init.c2_msra_fill(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +107,22 @@ class ResNeStBottleneckBlock(CNNBlockBase):
     Input (N, in_channels, H, W) -> (N, out_channels, ceil(H/stride), ceil(W/stride)).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, bottleneck_channels: int, stride: int = 1,
-                 num_groups: int = 1, norm: str = "BN", stride_in_1x1: bool = False, dilation: int = 1,
-                 avd: bool = False, avg_down: bool = False, radix: int = 2, bottleneck_width: int = 64):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        bottleneck_channels: int,
+        stride: int = 1,
+        num_groups: int = 1,
+        norm: str = "BN",
+        stride_in_1x1: bool = False,
+        dilation: int = 1,
+        avd: bool = False,
+        avg_down: bool = False,
+        radix: int = 2,
+        bottleneck_width: int = 64,
+    ):
         super().__init__(in_channels, out_channels, stride)
         self.avd = avd and stride > 1
         self.radix = radix
@@ -114,8 +134,9 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             if avg_down and stride > 1:
                 self.shortcut_avgpool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
                 short_stride = 1
-            self.shortcut = Conv2d(in_channels, out_channels, 1, stride=short_stride, bias=False,
-                                   norm=get_norm(norm, out_channels))
+            self.shortcut = Conv2d(
+                in_channels, out_channels, 1, stride=short_stride, bias=False, norm=get_norm(norm, out_channels)
+            )
         else:
             self.shortcut = None
 
@@ -124,10 +145,12 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             self.avd_layer = nn.AvgPool2d(3, stride, padding=1)
         else:
             stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = Conv2d(in_channels, group_width, 1, stride=stride_1x1, bias=False,
-                            norm=get_norm(norm, group_width))
-        self.conv2 = self._make_conv2(group_width, stride=stride_3x3, dilation=dilation, num_groups=num_groups,
-                                      norm=norm, radix=radix)
+        self.conv1 = Conv2d(
+            in_channels, group_width, 1, stride=stride_1x1, bias=False, norm=get_norm(norm, group_width)
+        )
+        self.conv2 = self._make_conv2(
+            group_width, stride=stride_3x3, dilation=dilation, num_groups=num_groups, norm=norm, radix=radix
+        )
         self.conv3 = Conv2d(group_width, out_channels, 1, bias=False, norm=get_norm(norm, out_channels))
 
         # The split-attention conv keeps PyTorch's default init, as in the reference.
@@ -135,8 +158,9 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             if layer is not None:
                 weight_init.c2_msra_fill(layer)
 
-    def _make_conv2(self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str,
-                    radix: int) -> nn.Module:
+    def _make_conv2(
+        self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str, radix: int
+    ) -> nn.Module:
         """The 3x3 conv: timm's split attention for radix > 1, else a grouped conv with norm."""
         if radix > 1:
             # timm is imported only when a split-attention block is built: importing afigan stays cheap.
@@ -148,11 +172,31 @@ class ResNeStBottleneckBlock(CNNBlockBase):
             # fc1 width make_divisible(in * radix * rd_ratio, min 32, rd_divisor): with divisor 1 and this ratio
             # it is exactly the reference's max(in * radix // 4, 32) (timm's default rounds to multiples of 8).
             attn_width = max(group_width * radix // 4, 32)
-            return SplitAttn(group_width, group_width, 3, stride=stride, padding=dilation, dilation=dilation,
-                             groups=num_groups, bias=False, radix=radix, norm_layer=norm_layer,
-                             rd_ratio=attn_width / (group_width * radix), rd_divisor=1)
-        return Conv2d(group_width, group_width, 3, stride=stride, padding=dilation, bias=False, groups=num_groups,
-                      dilation=dilation, norm=get_norm(norm, group_width))
+            return SplitAttn(
+                group_width,
+                group_width,
+                3,
+                stride=stride,
+                padding=dilation,
+                dilation=dilation,
+                groups=num_groups,
+                bias=False,
+                radix=radix,
+                norm_layer=norm_layer,
+                rd_ratio=attn_width / (group_width * radix),
+                rd_divisor=1,
+            )
+        return Conv2d(
+            group_width,
+            group_width,
+            3,
+            stride=stride,
+            padding=dilation,
+            bias=False,
+            groups=num_groups,
+            dilation=dilation,
+            norm=get_norm(norm, group_width),
+        )
 
     def _conv2(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(x)
@@ -186,28 +230,54 @@ class ResNeStDeformBottleneckBlock(ResNeStBottleneckBlock):
     do not build. Other arguments and shapes: as the parent.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, deform_modulated: bool = False,
-                 deform_num_groups: int = 1, **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        deform_modulated: bool = False,
+        deform_num_groups: int = 1,
+        **kwargs,
+    ):
         # Read by _make_conv2 while the parent builds the block (plain attributes may be set
         # before nn.Module.__init__; modules and parameters may not).
         self._deform = (bool(deform_modulated), int(deform_num_groups))
         super().__init__(in_channels, out_channels, **kwargs)
 
-    def _make_conv2(self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str,
-                    radix: int) -> nn.Module:
+    def _make_conv2(
+        self, group_width: int, *, stride: int, dilation: int, num_groups: int, norm: str, radix: int
+    ) -> nn.Module:
         modulated, groups = self._deform
         if groups < 1 or group_width % groups:
-            raise ValueError(f"MODEL.RESNETS.DEFORM_NUM_GROUPS {groups} must be >= 1 and divide the block's "
-                             f"group width {group_width}; use a divisor of it (1 always works).")
-        self.conv2_offset = Conv2d(group_width, offset_channels(modulated, groups), 3, stride=stride,
-                                   padding=dilation, dilation=dilation, groups=groups)
+            raise ValueError(
+                f"MODEL.RESNETS.DEFORM_NUM_GROUPS {groups} must be >= 1 and divide the block's "
+                f"group width {group_width}; use a divisor of it (1 always works)."
+            )
+        self.conv2_offset = Conv2d(
+            group_width,
+            offset_channels(modulated, groups),
+            3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            groups=groups,
+        )
         nn.init.zeros_(self.conv2_offset.weight)
         nn.init.zeros_(self.conv2_offset.bias)
         if radix > 1:
-            return DeformSplitAttn(group_width, stride=stride, dilation=dilation, groups=num_groups, radix=radix,
-                                   norm=norm)
-        return DeformConv(group_width, group_width, 3, stride=stride, padding=dilation, dilation=dilation,
-                          groups=num_groups, norm=get_norm(norm, group_width))
+            return DeformSplitAttn(
+                group_width, stride=stride, dilation=dilation, groups=num_groups, radix=radix, norm=norm
+            )
+        return DeformConv(
+            group_width,
+            group_width,
+            3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            groups=num_groups,
+            norm=get_norm(norm, group_width),
+        )
 
     def _conv2(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = split_offset_mask(self.conv2_offset(x), self._deform[0])
@@ -223,10 +293,14 @@ def check_resnest_config(r) -> None:
             f"use one of {sorted(RESNEST_BLOCKS_PER_STAGE)} or build_resnet_backbone."
         )
     if depth not in RESNEST_BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(RESNEST_BLOCKS_PER_STAGE)} for ResNeSt, got {depth}.")
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH must be one of {sorted(RESNEST_BLOCKS_PER_STAGE)} for ResNeSt, got {depth}."
+        )
     if len(r.DEFORM_ON_PER_STAGE) != 4:
-        raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs one flag per stage res2..res5 (4), got "
-                         f"{list(r.DEFORM_ON_PER_STAGE)}.")
+        raise ValueError(
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs one flag per stage res2..res5 (4), got "
+            f"{list(r.DEFORM_ON_PER_STAGE)}."
+        )
     if r.DEFORM_NUM_GROUPS < 1:
         raise ValueError(f"MODEL.RESNETS.DEFORM_NUM_GROUPS must be >= 1, got {r.DEFORM_NUM_GROUPS}.")
     if r.RES5_DILATION not in (1, 2):
@@ -255,17 +329,30 @@ def make_resnest_stages(cfg, stem_out_channels: int) -> List[List[CNNBlockBase]]
         n = RESNEST_BLOCKS_PER_STAGE[depth][idx]
         dilation = r.RES5_DILATION if stage_idx == 5 else 1
         first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
-        deform = {"deform_modulated": r.DEFORM_MODULATED, "deform_num_groups": r.DEFORM_NUM_GROUPS} \
-            if r.DEFORM_ON_PER_STAGE[idx] else {}
-        stages.append(ResNet.make_stage(
-            ResNeStDeformBottleneckBlock if deform else ResNeStBottleneckBlock, n,
-            in_channels=in_channels, out_channels=out_channels,
-            stride_per_block=[first_stride] + [1] * (n - 1),
-            bottleneck_channels=bottleneck_channels, num_groups=r.NUM_GROUPS, norm=norm,
-            stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation,
-            avd=r.AVD or radix > 1, avg_down=r.AVG_DOWN or radix > 1,
-            radix=radix, bottleneck_width=r.BOTTLENECK_WIDTH, **deform,
-        ))
+        deform = (
+            {"deform_modulated": r.DEFORM_MODULATED, "deform_num_groups": r.DEFORM_NUM_GROUPS}
+            if r.DEFORM_ON_PER_STAGE[idx]
+            else {}
+        )
+        stages.append(
+            ResNet.make_stage(
+                ResNeStDeformBottleneckBlock if deform else ResNeStBottleneckBlock,
+                n,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                stride_per_block=[first_stride] + [1] * (n - 1),
+                bottleneck_channels=bottleneck_channels,
+                num_groups=r.NUM_GROUPS,
+                norm=norm,
+                stride_in_1x1=r.STRIDE_IN_1X1,
+                dilation=dilation,
+                avd=r.AVD or radix > 1,
+                avg_down=r.AVG_DOWN or radix > 1,
+                radix=radix,
+                bottleneck_width=r.BOTTLENECK_WIDTH,
+                **deform,
+            )
+        )
         in_channels = out_channels
         out_channels *= 2
         bottleneck_channels *= 2
@@ -292,4 +379,3 @@ def build_resnest_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     )
     stages = make_resnest_stages(cfg, stem.out_channels)
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-

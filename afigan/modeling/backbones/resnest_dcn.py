@@ -8,14 +8,14 @@ reads offsets in the same layout ((dy, dx) per kernel tap, per offset group). Th
 Detectron2's parameter names (``weight``, ``bias`` when asked for, ``norm.*``), so the reference's
 deformable ResNeSt checkpoints keep their keys.
 """
+
 from typing import Optional, Tuple
 
 import torch
+from detectron2.layers import get_norm
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
-
-from detectron2.layers import get_norm
 
 __all__ = ["DeformConv", "DeformSplitAttn", "split_offset_mask", "offset_channels"]
 
@@ -43,13 +43,25 @@ class DeformConv(nn.Module):
     (N, C_out, H', W'). With zero offsets and no mask (or a mask of ones) it is the plain conv.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = False,
-                 norm: Optional[nn.Module] = None, activation=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: Optional[nn.Module] = None,
+        activation=None,
+    ):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"DeformConv: in_channels {in_channels} and out_channels {out_channels} must be "
-                             f"divisible by groups {groups}.")
+            raise ValueError(
+                f"DeformConv: in_channels {in_channels} and out_channels {out_channels} must be "
+                f"divisible by groups {groups}."
+            )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = (kernel_size, kernel_size)
         self.stride, self.padding, self.dilation = (stride, stride), (padding, padding), (dilation, dilation)
@@ -61,8 +73,16 @@ class DeformConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def forward(self, x: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        x = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, mask=mask)
+        x = deform_conv2d(
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
@@ -70,8 +90,10 @@ class DeformConv(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
+        )
 
 
 def _norm_or_identity(norm: str, channels: int) -> nn.Module:
@@ -90,15 +112,17 @@ class DeformSplitAttn(nn.Module):
     ``forward(x, offset, mask=None)``: x (N, C, H, W) -> (N, C, H', W').
     """
 
-    def __init__(self, channels: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, radix: int = 2,
-                 norm: str = "BN"):
+    def __init__(
+        self, channels: int, *, stride: int = 1, dilation: int = 1, groups: int = 1, radix: int = 2, norm: str = "BN"
+    ):
         super().__init__()
         if radix < 2:
             raise ValueError(f"DeformSplitAttn needs radix >= 2, got {radix}; radix 1 is a plain DeformConv.")
         self.radix, self.cardinality = radix, groups
         attn_channels = max(channels * radix // 4, 32)
-        self.conv = DeformConv(channels, channels * radix, 3, stride=stride, padding=dilation, dilation=dilation,
-                               groups=groups * radix)
+        self.conv = DeformConv(
+            channels, channels * radix, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups * radix
+        )
         self.bn0 = _norm_or_identity(norm, channels * radix)
         self.fc1 = nn.Conv2d(channels, attn_channels, 1, groups=groups)
         self.bn1 = _norm_or_identity(norm, attn_channels)

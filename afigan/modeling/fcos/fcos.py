@@ -5,13 +5,10 @@ CenterMask it feeds :class:`~afigan.modeling.roi_heads.CenterROIHeads`. Reused f
 ``FCOSHead`` (via :class:`FCOSScaledHead`), ``DefaultAnchorGenerator`` for the locations,
 ``Box2BoxTransformLinear`` for decoding, fvcore's focal and GIoU losses, ``batched_nms``.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, batched_nms, cat, ciou_loss, diou_loss
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
@@ -22,10 +19,13 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .head import FCOSScaledHead
-from .targets import centerness_targets, fcos_targets, level_size_ranges
 from .num_classes import NO_ROI_HEAD_ARCHS, check_num_classes
+from .targets import centerness_targets, fcos_targets, level_size_ranges
 
 __all__ = ["FCOS", "LOC_LOSS_TYPES", "CLS_NORMALIZERS"]
 
@@ -70,13 +70,28 @@ class FCOS(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, in_features: List[str], strides: List[int], head: nn.Module, num_classes: int,
-                 sizes_of_interest: Sequence[float] = (64, 128, 256, 512), center_sample: bool = True,
-                 pos_radius: float = 1.5, focal_loss_alpha: float = 0.25, focal_loss_gamma: float = 2.0,
-                 loc_loss_type: str = "giou", loss_normalizer_cls: str = "fg", loss_weight_cls: float = 1.0,
-                 pre_nms_thresh: Tuple[float, float] = (0.05, 0.05), pre_nms_topk: Tuple[int, int] = (1000, 1000),
-                 post_nms_topk: Tuple[int, int] = (100, 100), nms_thresh: float = 0.6,
-                 thresh_with_ctr: bool = False, yield_proposal: bool = False):
+    def __init__(
+        self,
+        *,
+        in_features: List[str],
+        strides: List[int],
+        head: nn.Module,
+        num_classes: int,
+        sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
+        center_sample: bool = True,
+        pos_radius: float = 1.5,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        loc_loss_type: str = "giou",
+        loss_normalizer_cls: str = "fg",
+        loss_weight_cls: float = 1.0,
+        pre_nms_thresh: Tuple[float, float] = (0.05, 0.05),
+        pre_nms_topk: Tuple[int, int] = (1000, 1000),
+        post_nms_topk: Tuple[int, int] = (100, 100),
+        nms_thresh: float = 0.6,
+        thresh_with_ctr: bool = False,
+        yield_proposal: bool = False,
+    ):
         """
         Args:
             in_features, strides: the pyramid levels used and their strides.
@@ -90,7 +105,9 @@ class FCOS(nn.Module):
         if loc_loss_type not in LOC_LOSS_TYPES:
             raise ValueError(f"MODEL.FCOS.LOC_LOSS_TYPE must be one of {LOC_LOSS_TYPES}, got {loc_loss_type!r}.")
         if loss_normalizer_cls not in CLS_NORMALIZERS:
-            raise ValueError(f"MODEL.FCOS.LOSS_NORMALIZER_CLS must be one of {CLS_NORMALIZERS}, got {loss_normalizer_cls!r}.")
+            raise ValueError(
+                f"MODEL.FCOS.LOSS_NORMALIZER_CLS must be one of {CLS_NORMALIZERS}, got {loss_normalizer_cls!r}."
+            )
         self.in_features = list(in_features)
         self.strides = [int(s) for s in strides]
         self.head = head
@@ -99,7 +116,8 @@ class FCOS(nn.Module):
         # One square "anchor" of side = stride per location, centred on the cell (offset 0.5) as
         # in AdelaiDet; Box2BoxTransformLinear then measures distances in strides.
         self.anchor_generator = DefaultAnchorGenerator(
-            sizes=[[s] for s in self.strides], aspect_ratios=[1.0], strides=self.strides, offset=0.5)
+            sizes=[[s] for s in self.strides], aspect_ratios=[1.0], strides=self.strides, offset=0.5
+        )
         self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=True)
         self.center_sample = center_sample
         self.pos_radius = pos_radius
@@ -121,34 +139,55 @@ class FCOS(nn.Module):
         f = cfg.MODEL.FCOS
         missing = [k for k in f.IN_FEATURES if k not in input_shape]
         if missing:
-            raise ValueError(f"MODEL.FCOS.IN_FEATURES {list(f.IN_FEATURES)} names levels the backbone does not "
-                             f"output ({missing}); it outputs {sorted(input_shape)} (check MODEL.FCOS.TOP_LEVELS "
-                             "and the backbone).")
+            raise ValueError(
+                f"MODEL.FCOS.IN_FEATURES {list(f.IN_FEATURES)} names levels the backbone does not "
+                f"output ({missing}); it outputs {sorted(input_shape)} (check MODEL.FCOS.TOP_LEVELS "
+                "and the backbone)."
+            )
         strides = [input_shape[k].stride for k in f.IN_FEATURES]
         if list(f.FPN_STRIDES) != strides:
-            raise ValueError(f"MODEL.FCOS.FPN_STRIDES {list(f.FPN_STRIDES)} do not match the strides {strides} of "
-                             f"{list(f.IN_FEATURES)}; set MODEL.FCOS.FPN_STRIDES to {strides}.")
+            raise ValueError(
+                f"MODEL.FCOS.FPN_STRIDES {list(f.FPN_STRIDES)} do not match the strides {strides} of "
+                f"{list(f.IN_FEATURES)}; set MODEL.FCOS.FPN_STRIDES to {strides}."
+            )
         check_num_classes(cfg)
         head = FCOSScaledHead(
-            input_shape=[input_shape[k] for k in f.IN_FEATURES], num_classes=f.NUM_CLASSES,
-            num_cls_convs=f.NUM_CLS_CONVS, num_box_convs=f.NUM_BOX_CONVS, num_share_convs=f.NUM_SHARE_CONVS,
-            norm=f.NORM, prior_prob=f.PRIOR_PROB, use_scale=f.USE_SCALE, use_relu=f.USE_RELU,
-            use_deformable=f.USE_DEFORMABLE)
+            input_shape=[input_shape[k] for k in f.IN_FEATURES],
+            num_classes=f.NUM_CLASSES,
+            num_cls_convs=f.NUM_CLS_CONVS,
+            num_box_convs=f.NUM_BOX_CONVS,
+            num_share_convs=f.NUM_SHARE_CONVS,
+            norm=f.NORM,
+            prior_prob=f.PRIOR_PROB,
+            use_scale=f.USE_SCALE,
+            use_relu=f.USE_RELU,
+            use_deformable=f.USE_DEFORMABLE,
+        )
         return dict(
-            in_features=f.IN_FEATURES, strides=strides, head=head, num_classes=f.NUM_CLASSES,
-            sizes_of_interest=f.SIZES_OF_INTEREST, center_sample=f.CENTER_SAMPLE, pos_radius=f.POS_RADIUS,
-            focal_loss_alpha=f.LOSS_ALPHA, focal_loss_gamma=f.LOSS_GAMMA, loc_loss_type=f.LOC_LOSS_TYPE,
-            loss_normalizer_cls=f.LOSS_NORMALIZER_CLS, loss_weight_cls=f.LOSS_WEIGHT_CLS,
+            in_features=f.IN_FEATURES,
+            strides=strides,
+            head=head,
+            num_classes=f.NUM_CLASSES,
+            sizes_of_interest=f.SIZES_OF_INTEREST,
+            center_sample=f.CENTER_SAMPLE,
+            pos_radius=f.POS_RADIUS,
+            focal_loss_alpha=f.LOSS_ALPHA,
+            focal_loss_gamma=f.LOSS_GAMMA,
+            loc_loss_type=f.LOC_LOSS_TYPE,
+            loss_normalizer_cls=f.LOSS_NORMALIZER_CLS,
+            loss_weight_cls=f.LOSS_WEIGHT_CLS,
             pre_nms_thresh=(f.INFERENCE_TH_TRAIN, f.INFERENCE_TH_TEST),
             pre_nms_topk=(f.PRE_NMS_TOPK_TRAIN, f.PRE_NMS_TOPK_TEST),
             post_nms_topk=(f.POST_NMS_TOPK_TRAIN, f.POST_NMS_TOPK_TEST),
-            nms_thresh=f.NMS_TH, thresh_with_ctr=f.THRESH_WITH_CTR,
+            nms_thresh=f.NMS_TH,
+            thresh_with_ctr=f.THRESH_WITH_CTR,
             # R-CNN meta-architectures hand the proposals to their ROI heads, also while training.
             yield_proposal=f.YIELD_PROPOSAL or cfg.MODEL.META_ARCHITECTURE not in NO_ROI_HEAD_ARCHS,
         )
 
-    def forward(self, images: ImageList, features: Dict[str, Tensor],
-                gt_instances: Optional[List[Instances]] = None) -> Tuple[Optional[List[Instances]], Dict[str, Tensor]]:
+    def forward(
+        self, images: ImageList, features: Dict[str, Tensor], gt_instances: Optional[List[Instances]] = None
+    ) -> Tuple[Optional[List[Instances]], Dict[str, Tensor]]:
         feats = [features[k] for k in self.in_features]
         logits, deltas, ctrness = self.head(feats)
         anchors = self.anchor_generator(feats)
@@ -164,8 +203,13 @@ class FCOS(nn.Module):
         proposals = None
         if self.yield_proposal:
             with torch.no_grad():
-                proposals = self.predict(anchors, [x.detach() for x in logits], [x.detach() for x in deltas],
-                                         [x.detach() for x in ctrness], images.image_sizes)
+                proposals = self.predict(
+                    anchors,
+                    [x.detach() for x in logits],
+                    [x.detach() for x in deltas],
+                    [x.detach() for x in ctrness],
+                    images.image_sizes,
+                )
         return proposals, losses
 
     @torch.no_grad()
@@ -175,16 +219,34 @@ class FCOS(nn.Module):
         anchor_tensor = Boxes.cat(anchors).tensor
         points = (anchor_tensor[:, :2] + anchor_tensor[:, 2:]) / 2
         strides = anchor_tensor[:, 2] - anchor_tensor[:, 0]
-        size_ranges = cat([anchor_tensor.new_tensor(r)[None].expand(len(a), 2)
-                           for r, a in zip(self.size_ranges, anchors)])
-        labels, boxes = zip(*[
-            fcos_targets(points, strides, size_ranges, inst.gt_boxes.tensor, inst.gt_classes, self.num_classes,
-                         self.center_sample, self.pos_radius)
-            for inst in gt_instances])
+        size_ranges = cat(
+            [anchor_tensor.new_tensor(r)[None].expand(len(a), 2) for r, a in zip(self.size_ranges, anchors)]
+        )
+        labels, boxes = zip(
+            *[
+                fcos_targets(
+                    points,
+                    strides,
+                    size_ranges,
+                    inst.gt_boxes.tensor,
+                    inst.gt_classes,
+                    self.num_classes,
+                    self.center_sample,
+                    self.pos_radius,
+                )
+                for inst in gt_instances
+            ]
+        )
         return torch.stack(labels), torch.stack(boxes)
 
-    def losses(self, anchors: List[Boxes], logits: List[Tensor], deltas: List[Tensor], ctrness: List[Tensor],
-               gt_instances: List[Instances]) -> Dict[str, Tensor]:
+    def losses(
+        self,
+        anchors: List[Boxes],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        ctrness: List[Tensor],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
         """Focal classification, centerness-weighted box loss and centerness BCE.
 
         ``anchors``: L Boxes (Rl, 4); ``logits``/``deltas``/``ctrness``: L tensors (N, Rl, K|4)
@@ -211,8 +273,12 @@ class FCOS(nn.Module):
         else:
             cls_norm = max(_reduce_mean(torch.tensor(float(labels.numel()))), 1.0)
         target = F.one_hot(labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
-        loss_cls = sigmoid_focal_loss_jit(logits, target, alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma,
-                                          reduction="sum") / cls_norm
+        loss_cls = (
+            sigmoid_focal_loss_jit(
+                logits, target, alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma, reduction="sum"
+            )
+            / cls_norm
+        )
 
         pos_anchors = anchor_tensor[None].expand_as(boxes)[pos]
         pos_boxes = boxes[pos]
@@ -224,8 +290,14 @@ class FCOS(nn.Module):
         return {"loss_fcos_cls": loss_cls * self.loss_weight_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}
 
     @torch.no_grad()
-    def predict(self, anchors: List[Boxes], logits: List[Tensor], deltas: List[Tensor], ctrness: List[Tensor],
-                image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+    def predict(
+        self,
+        anchors: List[Boxes],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        ctrness: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
         """Boxes per image after thresholding, per-level top-k, class-aware NMS and a per-image
         top-k. In training (proposals for ROI heads) the fields are ``proposal_boxes`` and
         ``objectness_logits``; at test ``pred_boxes``, ``scores``, ``pred_classes``."""
@@ -254,9 +326,9 @@ class FCOS(nn.Module):
             # sqrt(cls * ctr), as AdelaiDet and Detectron2's FCOS report it: a probability in [0, 1].
             scores = torch.sqrt(scores[keep])
             if self.training:
-                results.append(Instances(image_size, proposal_boxes=boxes[keep],
-                                         objectness_logits=torch.logit(scores, eps=1e-6)))
+                results.append(
+                    Instances(image_size, proposal_boxes=boxes[keep], objectness_logits=torch.logit(scores, eps=1e-6))
+                )
             else:
-                results.append(Instances(image_size, pred_boxes=boxes[keep], scores=scores,
-                                         pred_classes=classes[keep]))
+                results.append(Instances(image_size, pred_boxes=boxes[keep], scores=scores, pred_classes=classes[keep]))
         return results

@@ -6,16 +6,16 @@ CenterMask2 head has and Detectron2's lacks: a learnable scale per level, towers
 depths plus a shared tower (``NUM_CLS/BOX/SHARE_CONVS``), ReLU-or-exp distances and optional
 deformable convs.
 """
+
 from typing import List, Tuple
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torchvision.ops import DeformConv2d
-
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.layers.batch_norm import CycleBatchNormList
 from detectron2.modeling.meta_arch.fcos import FCOSHead
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import DeformConv2d
 
 __all__ = ["Scale", "DeformConv3x3", "FCOSScaledHead"]
 
@@ -53,8 +53,9 @@ def _tower_norm(norm: str, channels: int, num_levels: int):
     # BN statistics differ per pyramid level; Detectron2's RetinaNetHead keeps one BN per level
     # (CycleBatchNormList), so the shared tower does the same.
     if norm in ("BN", "SyncBN"):
-        return CycleBatchNormList(length=num_levels, bn_class=nn.BatchNorm2d if norm == "BN" else nn.SyncBatchNorm,
-                                  num_features=channels)
+        return CycleBatchNormList(
+            length=num_levels, bn_class=nn.BatchNorm2d if norm == "BN" else nn.SyncBatchNorm, num_features=channels
+        )
     return get_norm(norm, channels)
 
 
@@ -76,19 +77,33 @@ class FCOSScaledHead(FCOSHead):
     stride (N, 4, Hl, Wl), centerness logits (N, 1, Hl, Wl).
     """
 
-    def __init__(self, *, input_shape: List[ShapeSpec], num_classes: int, num_cls_convs: int = 4,
-                 num_box_convs: int = 4, num_share_convs: int = 0, norm: str = "GN", prior_prob: float = 0.01,
-                 use_scale: bool = True, use_relu: bool = True, use_deformable: bool = False):
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_classes: int,
+        num_cls_convs: int = 4,
+        num_box_convs: int = 4,
+        num_share_convs: int = 0,
+        norm: str = "GN",
+        prior_prob: float = 0.01,
+        use_scale: bool = True,
+        use_relu: bool = True,
+        use_deformable: bool = False,
+    ):
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
-            raise ValueError(f"The FCOS head needs the same number of channels on every input level, got {sorted(channels)}.")
+            raise ValueError(
+                f"The FCOS head needs the same number of channels on every input level, got {sorted(channels)}."
+            )
         c = channels.pop()
         depth = max(num_cls_convs, num_box_convs, 1)
         norm = "" if norm in (None, "none") else norm
         # Detectron2 builds both towers with len(conv_dims) layers; build the deeper depth and
         # cut each tower back to its own (every layer is C -> C, so the cut is exact).
-        super().__init__(input_shape=input_shape, conv_dims=[c] * depth, num_classes=num_classes, norm=norm,
-                         prior_prob=prior_prob)
+        super().__init__(
+            input_shape=input_shape, conv_dims=[c] * depth, num_classes=num_classes, norm=norm, prior_prob=prior_prob
+        )
         per_layer = 3 if norm else 2  # conv, [norm], ReLU
         self.cls_subnet = self.cls_subnet[: per_layer * num_cls_convs]
         self.bbox_subnet = self.bbox_subnet[: per_layer * num_box_convs]

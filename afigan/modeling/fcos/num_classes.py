@@ -1,5 +1,6 @@
 """One check for the most common custom-data mistake with FCOS / CenterMask (CenterMask2 #36):
 the class-count keys of the heads disagree with each other or with the data set."""
+
 from typing import Dict, List, Tuple
 
 __all__ = ["NO_ROI_HEAD_ARCHS", "class_count_keys", "dataset_class_counts", "check_num_classes"]
@@ -44,8 +45,12 @@ def check_num_classes(cfg) -> None:
     have = ", ".join([f"{k}={v}" for k, v in keys.items()] + [f"data set '{d}' has {n} categories" for d, n in data])
     data_counts = {n for _, n in data}
     if len(data_counts) > 1:
-        raise ValueError(f"The configured data sets have different numbers of categories ({have}); "
-                         "train and test on data sets with the same categories.")
+        raise ValueError(
+            f"The configured data sets have different numbers of categories ({have}); "
+            "train and test on data sets with the same categories."
+        )
     target = f"to {data_counts.pop()}" if data_counts else "to the same value"
-    raise ValueError(f"Class counts disagree ({have}): set {' and '.join(keys)} {target}, "
-                     "the number of foreground categories (no background class).")
+    raise ValueError(
+        f"Class counts disagree ({have}): set {' and '.join(keys)} {target}, "
+        "the number of foreground categories (no background class)."
+    )

@@ -4,6 +4,7 @@ Detectron2's ``ProposalNetwork`` already runs backbone + proposal generator and 
 outputs; this subclass only reports them under ``"instances"``, so evaluators, ``DefaultPredictor``
 and ``run_net.py --eval-only`` treat FCOS like any other detector.
 """
+
 from typing import Dict, List
 
 from detectron2.modeling import META_ARCH_REGISTRY

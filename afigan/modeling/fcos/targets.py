@@ -5,12 +5,12 @@ lies strictly inside the box, (with centre sampling) strictly within ``radius`` 
 box centre along both axes, and the largest of its four distances to the box sides falls in its
 level's size range; a location claimed by several boxes takes the one of smallest area.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch
-from torch import Tensor
-
 from detectron2.structures import Boxes, pairwise_point_box_distance
+from torch import Tensor
 
 __all__ = ["level_size_ranges", "fcos_targets", "centerness_targets"]
 
@@ -20,15 +20,25 @@ INF = 1e8
 def level_size_ranges(sizes_of_interest: Sequence[float], num_levels: int) -> List[Tuple[float, float]]:
     """[(-1, s0), (s0, s1), ..., (s_last, INF)]: the range of max(l, t, r, b) for each level."""
     if len(sizes_of_interest) != num_levels - 1:
-        raise ValueError(f"MODEL.FCOS.SIZES_OF_INTEREST needs one boundary fewer than there are levels "
-                         f"({num_levels - 1} for {num_levels} levels), got {list(sizes_of_interest)}.")
+        raise ValueError(
+            f"MODEL.FCOS.SIZES_OF_INTEREST needs one boundary fewer than there are levels "
+            f"({num_levels - 1} for {num_levels} levels), got {list(sizes_of_interest)}."
+        )
     bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [INF]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
 @torch.no_grad()
-def fcos_targets(points: Tensor, strides: Tensor, size_ranges: Tensor, gt_boxes: Tensor, gt_classes: Tensor,
-                 num_classes: int, center_sample: bool = True, radius: float = 1.5) -> Tuple[Tensor, Tensor]:
+def fcos_targets(
+    points: Tensor,
+    strides: Tensor,
+    size_ranges: Tensor,
+    gt_boxes: Tensor,
+    gt_classes: Tensor,
+    num_classes: int,
+    center_sample: bool = True,
+    radius: float = 1.5,
+) -> Tuple[Tensor, Tensor]:
     """Assign ground truth to the locations of one image.
 
     Args:
@@ -44,8 +54,10 @@ def fcos_targets(points: Tensor, strides: Tensor, size_ranges: Tensor, gt_boxes:
     """
     num_points = points.shape[0]
     if gt_boxes.numel() == 0:
-        return (torch.full((num_points,), num_classes, dtype=torch.int64, device=points.device),
-                points.new_zeros((num_points, 4)))
+        return (
+            torch.full((num_points,), num_classes, dtype=torch.int64, device=points.device),
+            points.new_zeros((num_points, 4)),
+        )
     gt_boxes = gt_boxes.to(points.dtype)
     dist = pairwise_point_box_distance(points, Boxes(gt_boxes))  # (R, M, 4): l, t, r, b
     ok = dist.min(dim=2).values > 0
@@ -74,4 +86,3 @@ def centerness_targets(points: Tensor, boxes: Tensor) -> Tensor:
     lr = torch.minimum(l, r) / torch.maximum(l, r)
     tb = torch.minimum(t, b) / torch.maximum(t, b)
     return torch.sqrt((lr * tb).clamp(min=0))
-

@@ -18,14 +18,14 @@ Registered builders (each = its plain counterpart + the regulariser from ``MODEL
 ``build_fe_backbone``                   any builder named by ``MODEL.FE.BASE_BACKBONE``
 =====================================  ==============================================
 """
+
 import logging
 from typing import Dict, Iterable, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
+from torch import nn
 
 from afigan.layers.fe_regularizers import FeatureEnhancementRegularizer
 
@@ -55,9 +55,15 @@ def fe_regularizer_from_config(cfg) -> FeatureEnhancementRegularizer:
     fe = cfg.MODEL.FE
     try:
         return FeatureEnhancementRegularizer(
-            sharp_stages=fe.SHARP_STAGES, smooth_stages=fe.SMOOTH_STAGES,
-            sharp_weight=fe.SHARP_WEIGHT, smooth_weight=fe.SMOOTH_WEIGHT, params=fe.PARAMS,
-            smooth_norm=fe.SMOOTH_NORM, var_unbiased=fe.VAR_UNBIASED, reduction=fe.REDUCTION)
+            sharp_stages=fe.SHARP_STAGES,
+            smooth_stages=fe.SMOOTH_STAGES,
+            sharp_weight=fe.SHARP_WEIGHT,
+            smooth_weight=fe.SMOOTH_WEIGHT,
+            params=fe.PARAMS,
+            smooth_norm=fe.SMOOTH_NORM,
+            var_unbiased=fe.VAR_UNBIASED,
+            reduction=fe.REDUCTION,
+        )
     except ValueError as e:
         raise ValueError(f"MODEL.FE: {e}") from None
 
@@ -87,7 +93,8 @@ def find_stage_root(backbone: nn.Module, stages: Iterable[str]) -> str:
     raise KeyError(
         f"FE stages {stages} are not all sub-modules of {type(backbone).__name__} or its bottom_up network "
         f"(whose children are {children}); set MODEL.FE.SHARP_STAGES / SMOOTH_STAGES to stages that exist "
-        f"(a ResNet only builds stages up to the last one in MODEL.RESNETS.OUT_FEATURES).")
+        f"(a ResNet only builds stages up to the last one in MODEL.RESNETS.OUT_FEATURES)."
+    )
 
 
 def _require_host(backbone: nn.Module, inputs) -> None:
@@ -98,7 +105,8 @@ def _require_host(backbone: nn.Module, inputs) -> None:
             raise RuntimeError(
                 "This feature-enhanced backbone is training in a model that does not add its loss terms; set "
                 "MODEL.META_ARCHITECTURE FeatureEnhanced with MODEL.FE.META_ARCHITECTURE <your detector>, or call "
-                "afigan.modeling.enable_feature_enhancement(model).")
+                "afigan.modeling.enable_feature_enhancement(model)."
+            )
 
 
 def attach_feature_enhancement(backbone: nn.Module, regularizer: FeatureEnhancementRegularizer) -> nn.Module:
@@ -116,8 +124,12 @@ def attach_feature_enhancement(backbone: nn.Module, regularizer: FeatureEnhancem
         backbone._fe_guarded = True
     root = backbone.get_submodule(path) if path else backbone
     for name in regularizer.frozen_stages(root):
-        logger.warning("Feature enhancement: stage %s has no trainable %s tensors (frozen, e.g. by "
-                       "MODEL.BACKBONE.FREEZE_AT); its term is a constant 0.", name, regularizer.params)
+        logger.warning(
+            "Feature enhancement: stage %s has no trainable %s tensors (frozen, e.g. by "
+            "MODEL.BACKBONE.FREEZE_AT); its term is a constant 0.",
+            name,
+            regularizer.params,
+        )
     return backbone
 
 
@@ -150,8 +162,10 @@ def _enhanced(cfg, input_shape: ShapeSpec, base: str) -> Backbone:
     try:
         builder = BACKBONE_REGISTRY.get(base)
     except KeyError:
-        raise KeyError(f"Backbone builder {base!r} is not registered (import the module that defines it, "
-                       f"e.g. `import afigan`, or fix MODEL.FE.BASE_BACKBONE).") from None
+        raise KeyError(
+            f"Backbone builder {base!r} is not registered (import the module that defines it, "
+            f"e.g. `import afigan`, or fix MODEL.FE.BASE_BACKBONE)."
+        ) from None
     backbone = builder(cfg, input_shape)
     if cfg.MODEL.FE.ENABLED:
         attach_feature_enhancement(backbone, fe_regularizer_from_config(cfg))

@@ -17,14 +17,14 @@ How the model gets this behaviour, without changing its state-dict keys or param
 * LazyConfig: ``model = L(feature_enhanced)(model=<detector>, sharp_weight=..., ...)``;
 * Python: ``enable_feature_enhancement(model, regularizer)``.
 """
+
 import logging
 from typing import Dict, Optional
 
 import torch
-from torch import nn
-
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
 from afigan.layers.fe_regularizers import FeatureEnhancementRegularizer
 
@@ -57,11 +57,15 @@ class FeatureEnhancementMixin:
         if not losses:
             return out
         if not isinstance(out, dict):
-            raise TypeError(f"{type(self).__name__} returned {type(out).__name__} in training, not a dict of losses, "
-                            f"so the feature-enhancement terms cannot be added to it.")
+            raise TypeError(
+                f"{type(self).__name__} returned {type(out).__name__} in training, not a dict of losses, "
+                f"so the feature-enhancement terms cannot be added to it."
+            )
         clash = sorted(set(out) & set(losses))
         if clash:
-            raise KeyError(f"The detector's loss dict already has {clash}; the feature-enhancement terms would overwrite it.")
+            raise KeyError(
+                f"The detector's loss dict already has {clash}; the feature-enhancement terms would overwrite it."
+            )
         out.update(losses)
         _log_statistics(self, stats)
         return out
@@ -84,16 +88,21 @@ def _report_strength(model: nn.Module) -> None:
     # pull relative to weight decay depends on the loaded weights' norms.
     reg, root = fe_regularizer(model.backbone), fe_root(model.backbone)
     _, stats = reg.compute(root)
-    logger.info("Feature enhancement: %s; initial %s.", reg,
-                ", ".join(f"{k} = {float(v):.6g}" for k, v in stats.items()))
+    logger.info(
+        "Feature enhancement: %s; initial %s.", reg, ", ".join(f"{k} = {float(v):.6g}" for k, v in stats.items())
+    )
     wd = getattr(model, "_fe_weight_decay", None)
     if not wd:
         return
     for key, (lo, hi) in reg.strength(root, wd).items():
         logger.info("Feature enhancement: %s pulls with %.3g-%.3g x the weight decay (%g) per tensor.", key, lo, hi, wd)
         if hi < WEAK_STRENGTH:
-            logger.warning("Feature enhancement: %s is below %g%% of the weight decay's effect on every tensor; "
-                           "at this lambda it barely changes training.", key, 100 * WEAK_STRENGTH)
+            logger.warning(
+                "Feature enhancement: %s is below %g%% of the weight decay's effect on every tensor; "
+                "at this lambda it barely changes training.",
+                key,
+                100 * WEAK_STRENGTH,
+            )
 
 
 _FE_CLASSES: Dict[type, type] = {}
@@ -105,16 +114,23 @@ def fe_class(cls: type) -> type:
         return cls
     if cls not in _FE_CLASSES:
         name = "FE" + cls.__name__
-        new = type(name, (FeatureEnhancementMixin, cls), {
-            "__module__": __name__, "__qualname__": name,
-            "__doc__": f"{cls.__name__} whose training loss dict also holds the feature-enhancement terms."})
+        new = type(
+            name,
+            (FeatureEnhancementMixin, cls),
+            {
+                "__module__": __name__,
+                "__qualname__": name,
+                "__doc__": f"{cls.__name__} whose training loss dict also holds the feature-enhancement terms.",
+            },
+        )
         _FE_CLASSES[cls] = new
         globals().setdefault(name, new)  # module-level name, so instances can be pickled
     return _FE_CLASSES[cls]
 
 
-def enable_feature_enhancement(model: nn.Module, regularizer: Optional[FeatureEnhancementRegularizer] = None,
-                               weight_decay: Optional[float] = None) -> nn.Module:
+def enable_feature_enhancement(
+    model: nn.Module, regularizer: Optional[FeatureEnhancementRegularizer] = None, weight_decay: Optional[float] = None
+) -> nn.Module:
     """Turn a built detector (in place) into its feature-enhanced version and return it.
 
     Args:
@@ -139,17 +155,27 @@ def enable_feature_enhancement(model: nn.Module, regularizer: Optional[FeatureEn
     return model
 
 
-def feature_enhanced(model: nn.Module, sharp_stages=("res3",), smooth_stages=("res5",), sharp_weight: float = 1e-5,
-                     smooth_weight: float = 1e-5, params: str = "conv_weight", smooth_norm: str = "fro",
-                     var_unbiased: bool = True, reduction: str = "sum", weight_decay: Optional[float] = None,
-                     enabled: bool = True) -> nn.Module:
+def feature_enhanced(
+    model: nn.Module,
+    sharp_stages=("res3",),
+    smooth_stages=("res5",),
+    sharp_weight: float = 1e-5,
+    smooth_weight: float = 1e-5,
+    params: str = "conv_weight",
+    smooth_norm: str = "fro",
+    var_unbiased: bool = True,
+    reduction: str = "sum",
+    weight_decay: Optional[float] = None,
+    enabled: bool = True,
+) -> nn.Module:
     """LazyConfig-friendly form: ``L(feature_enhanced)(model=L(FCOS)(...), sharp_weight=1.0)``.
 
     ``enabled=False`` returns ``model`` untouched (the exact baseline)."""
     if not enabled:
         return model
-    reg = FeatureEnhancementRegularizer(sharp_stages, smooth_stages, sharp_weight, smooth_weight, params,
-                                        smooth_norm, var_unbiased, reduction)
+    reg = FeatureEnhancementRegularizer(
+        sharp_stages, smooth_stages, sharp_weight, smooth_weight, params, smooth_norm, var_unbiased, reduction
+    )
     return enable_feature_enhancement(model, reg, weight_decay)
 
 
@@ -160,7 +186,9 @@ def FeatureEnhanced(cfg) -> nn.Module:  # noqa: N802 -- the registry key is this
     being built from the same keys)."""
     inner = cfg.MODEL.FE.META_ARCHITECTURE
     if inner == "FeatureEnhanced":
-        raise ValueError("MODEL.FE.META_ARCHITECTURE must name the detector to enhance (e.g. RetinaNet), not FeatureEnhanced.")
+        raise ValueError(
+            "MODEL.FE.META_ARCHITECTURE must name the detector to enhance (e.g. RetinaNet), not FeatureEnhanced."
+        )
     try:
         build = META_ARCH_REGISTRY.get(inner)
     except KeyError:

@@ -5,10 +5,10 @@ returns ``(losses, features)`` from ONE backbone pass, so the trainer computes t
 adversarial losses on the same features the detection losses used. In inference it is a plain
 GeneralizedRCNN on ``image`` (the reference's inference path was broken, B6 of docs/differences_from_reference.md).
 """
-from typing import Dict, List, Tuple
+
+from typing import Dict, List
 
 import torch
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 

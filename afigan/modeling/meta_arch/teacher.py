@@ -7,17 +7,17 @@ of the cfg's RESNETS / FPN / PIXEL settings. :func:`build_guide_model` loads
 fit; head tensors are ignored), and returns it in eval mode with gradients off: it is never
 optimised, never wrapped in DDP, and its forward runs under ``torch.no_grad()``.
 """
+
 import logging
 import os
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import build_backbone
 from detectron2.structures import ImageList
 from detectron2.utils.registry import Registry
+from torch import nn
 
 from afigan.checkpoint import AFICheckpointer
 
@@ -49,7 +49,11 @@ class RCNN_FPN_only(nn.Module):  # noqa: N801 - the reference's registry name
         guide_cfg = cfg.clone()
         guide_cfg.defrost()
         guide_cfg.MODEL.BACKBONE.NAME = cfg.MODEL.GUIDE_BACKBONE.NAME
-        return {"backbone": build_backbone(guide_cfg), "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+        return {
+            "backbone": build_backbone(guide_cfg),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
 
     @property
     def device(self):
@@ -62,8 +66,9 @@ class RCNN_FPN_only(nn.Module):  # noqa: N801 - the reference's registry name
     @torch.no_grad()
     def forward(self, batched_inputs: List[Dict], image_key: str = "image") -> Dict[str, torch.Tensor]:
         images = [(x[image_key].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility,
-                                        padding_constraints=self.backbone.padding_constraints)
+        images = ImageList.from_tensors(
+            images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
+        )
         return self.backbone(images.tensor)
 
 
@@ -72,7 +77,9 @@ def build_guide_model(cfg, load_weights: bool = True) -> nn.Module:
     freeze it and put it in eval mode on ``MODEL.DEVICE``."""
     name = cfg.MODEL.GUIDE_ARCHITECTURE or "RCNN_FPN_only"
     if name not in GUIDE_ARCH_REGISTRY:
-        raise KeyError(f"MODEL.GUIDE_ARCHITECTURE: {name!r} is not registered; known: {sorted(k for k, _ in GUIDE_ARCH_REGISTRY)}.")
+        raise KeyError(
+            f"MODEL.GUIDE_ARCHITECTURE: {name!r} is not registered; known: {sorted(k for k, _ in GUIDE_ARCH_REGISTRY)}."
+        )
     model = GUIDE_ARCH_REGISTRY.get(name)(cfg).to(torch.device(cfg.MODEL.DEVICE))
     if load_weights:
         path = cfg.MODEL.GUIDE_WEIGHTS
@@ -90,7 +97,8 @@ def build_guide_model(cfg, load_weights: bool = True) -> nn.Module:
             first = missing[0] if missing else ckpt.last_incompatible.incorrect_shapes[0][0]
             raise ValueError(
                 f"MODEL.GUIDE_WEIGHTS {path!r} does not fit the teacher built from MODEL.GUIDE_BACKBONE.NAME="
-                f"{cfg.MODEL.GUIDE_BACKBONE.NAME!r} and MODEL.RESNETS/FPN: tensor {first!r} is missing or has another shape."
+                f"{cfg.MODEL.GUIDE_BACKBONE.NAME!r} and MODEL.RESNETS/FPN: tensor {first!r} is missing or has "
+                "another shape."
             )
     model.requires_grad_(False)
     return model.eval()

@@ -15,13 +15,13 @@ False`` one instance per top-down level (``srf_modules.p3..p6``), shared by the 
 ``out_channels`` each, strides 8..128; ``size_divisibility`` is 128. Odd sizes work: upsampling
 targets the lateral's size and pooled maps are cropped/edge-padded to the map they join.
 """
+
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling.backbone import Backbone
+from torch import nn
 
 from .bifpn_layers import BiFPNInput, SeparableConv2d, fuse, static_same_max_pool
 from .common import Upsamplers, attach_upsamplers, neck_upsampler_from_config, upsample_step
@@ -54,27 +54,40 @@ class AFIBiFPN(Backbone):
     """
 
     @configurable
-    def __init__(self, bottom_up: Backbone, in_features: Sequence[str], out_channels: int, norm: str = "BN",
-                 mode: str = "faithful", num_layers: Optional[int] = None, upsampler: Optional[Upsamplers] = None):
+    def __init__(
+        self,
+        bottom_up: Backbone,
+        in_features: Sequence[str],
+        out_channels: int,
+        norm: str = "BN",
+        mode: str = "faithful",
+        num_layers: Optional[int] = None,
+        upsampler: Optional[Upsamplers] = None,
+    ):
         super().__init__()
         if mode not in BIFPN_MODES:
             raise ValueError(f"MODEL.BIFPN.MODE must be one of {BIFPN_MODES}, got {mode!r}.")
         if num_layers is None:
             num_layers = FAITHFUL_NUM_LAYERS
         if mode == "faithful" and num_layers != FAITHFUL_NUM_LAYERS:
-            raise ValueError(f"The faithful BiFPN has {FAITHFUL_NUM_LAYERS} layers; use MODEL.BIFPN.MODE corrected "
-                             f"to build {num_layers}.")
+            raise ValueError(
+                f"The faithful BiFPN has {FAITHFUL_NUM_LAYERS} layers; use MODEL.BIFPN.MODE corrected "
+                f"to build {num_layers}."
+            )
         if num_layers < 1:
             raise ValueError(f"MODEL.BIFPN.FPN_REPEAT must be at least 1, got {num_layers}.")
         shapes = bottom_up.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if len(in_features) != 3 or missing:
-            raise ValueError(f"MODEL.BIFPN.IN_FEATURES must name three outputs of the bottom-up network "
-                             f"{sorted(shapes)}, got {list(in_features)}.")
+            raise ValueError(
+                f"MODEL.BIFPN.IN_FEATURES must name three outputs of the bottom-up network "
+                f"{sorted(shapes)}, got {list(in_features)}."
+            )
         strides = tuple(shapes[f].stride for f in in_features)
         if strides != _IN_STRIDES:
-            raise ValueError(f"MODEL.BIFPN.IN_FEATURES {list(in_features)} have strides {strides}; the BiFPN needs "
-                             f"{_IN_STRIDES}.")
+            raise ValueError(
+                f"MODEL.BIFPN.IN_FEATURES {list(in_features)} have strides {strides}; the BiFPN needs {_IN_STRIDES}."
+            )
         self.mode, self.num_layers = mode, num_layers
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
@@ -95,7 +108,7 @@ class AFIBiFPN(Backbone):
         self.act = nn.SiLU()  # swish
         self._out_features = [f"p{lvl}" for lvl in range(3, 8)]
         self._out_feature_channels = {f: out_channels for f in self._out_features}
-        self._out_feature_strides = {f"p{lvl}": 2 ** lvl for lvl in range(3, 8)}
+        self._out_feature_strides = {f"p{lvl}": 2**lvl for lvl in range(3, 8)}
 
     @classmethod
     def from_config(cls, cfg, bottom_up: Backbone):
@@ -114,7 +127,7 @@ class AFIBiFPN(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        return 2 ** 7  # stride of p7
+        return 2**7  # stride of p7
 
     def _sep(self, k: int, name: str) -> nn.Module:
         return getattr(self, f"BiFPNLayer_{k}_{name}")
@@ -152,4 +165,3 @@ class AFIBiFPN(Backbone):
                 skips = a[1:]  # the layer's own inputs (EfficientDet)
             a = self.bifpn_layer(k, a, skips)
         return dict(zip(self._out_features, a))
-

@@ -4,14 +4,14 @@ Module and parameter names follow the reference so its checkpoints load strictly
 ``SeparableConv2d.{depthwise, pointwise, norm}``, ``PointwiseConvNorm.{conv, norm}``, and the pre-BiFPN
 ``before_bifpn.{lateral3..5, top_block.p6, p4_skip, p5_skip}``.
 """
+
 from typing import List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
+from detectron2.layers import get_norm
 from torch import nn
 from torch.nn import functional as F
-
-from detectron2.layers import get_norm
 
 from afigan.layers.shape import fit_to
 
@@ -85,7 +85,8 @@ def static_same_max_pool(x: torch.Tensor, size: Optional[Sequence[int]] = None) 
 
 def fuse(weights: torch.Tensor, inputs: List[torch.Tensor], normalised: bool) -> torch.Tensor:
     """Weighted sum of equally-shaped maps. ``normalised`` = EfficientDet's fast normalised fusion
-    ``relu(w) / (sum relu(w) + 1e-4)``; otherwise the raw weights (reference behaviour, O6 of docs/differences_from_reference.md)."""
+    ``relu(w) / (sum relu(w) + 1e-4)``; otherwise the raw weights (reference behaviour, O6 of
+    docs/differences_from_reference.md)."""
     if normalised:
         weights = F.relu(weights)
         weights = weights / (weights.sum() + FUSION_EPS)

@@ -4,6 +4,7 @@ Each puts one of afigan's necks, with the shared upsampler ``srf_module`` of ``M
 on a bottom-up network from :mod:`afigan.modeling.backbones` or Detectron2. Necks depend on
 backbones, never the other way round.
 """
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
@@ -83,4 +84,6 @@ def build_retinanet_resnet_fpn_sr_backbone(cfg, input_shape: ShapeSpec) -> Backb
     """ResNet + FPN + P6/P7 from C5 (Detectron2's ``build_retinanet_resnet_fpn_backbone``): p3..p7."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
     in_channels = bottom_up.output_shape()["res5"].channels
-    return _fpn_with_top_block(cfg, bottom_up, LastLevelP6P7(in_channels, cfg.MODEL.FPN.OUT_CHANNELS, in_feature="res5"))
+    return _fpn_with_top_block(
+        cfg, bottom_up, LastLevelP6P7(in_channels, cfg.MODEL.FPN.OUT_CHANNELS, in_feature="res5")
+    )

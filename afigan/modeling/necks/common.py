@@ -5,6 +5,7 @@ layout: the reference checkpoints' keys) or one per top-down step, ``srf_modules
 keyed by the level the step produces (``SHARED False``, mmdetection's layout for learned
 upsamplers). Guided kinds (FADE) also receive the finer level's lateral.
 """
+
 from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
@@ -13,19 +14,36 @@ from torch import nn
 from afigan.config import afi_freeze
 from afigan.layers import build_upsampler, upsampler_kinds
 
-__all__ = ["upsampler_from_config", "neck_upsampler_from_config", "standalone_upsampler_from_config", "attach_upsamplers", "upsample_step",
-           "upsampler_options", "freeze_"]
+__all__ = [
+    "upsampler_from_config",
+    "neck_upsampler_from_config",
+    "standalone_upsampler_from_config",
+    "attach_upsamplers",
+    "upsample_step",
+    "upsampler_options",
+    "freeze_",
+]
 
 Upsamplers = Union[nn.Module, Mapping[str, nn.Module]]
 
 # Per kind: (config node of its options, its keyword arguments from MODEL.AFI).
 _OPTIONS: Dict[str, Callable] = {
-    "afi": lambda a: ("MODEL.AFI.{NUM_BLOCKS,GROWTH,RES_SCALE,SKIP}",
-                      dict(num_blocks=a.NUM_BLOCKS, growth=a.GROWTH, res_scale=a.RES_SCALE, skip=a.SKIP)),
-    "dysample": lambda a: ("MODEL.AFI.DYSAMPLE", dict(style=a.DYSAMPLE.STYLE, groups=a.DYSAMPLE.GROUPS,
-                                                      dyscope=a.DYSAMPLE.DYSCOPE)),
-    "carafe": lambda a: ("MODEL.AFI.CARAFE", dict(up_kernel=a.CARAFE.UP_KERNEL, encoder_kernel=a.CARAFE.ENCODER_KERNEL,
-                                                  compressed_channels=a.CARAFE.COMPRESSED_CHANNELS)),
+    "afi": lambda a: (
+        "MODEL.AFI.{NUM_BLOCKS,GROWTH,RES_SCALE,SKIP}",
+        dict(num_blocks=a.NUM_BLOCKS, growth=a.GROWTH, res_scale=a.RES_SCALE, skip=a.SKIP),
+    ),
+    "dysample": lambda a: (
+        "MODEL.AFI.DYSAMPLE",
+        dict(style=a.DYSAMPLE.STYLE, groups=a.DYSAMPLE.GROUPS, dyscope=a.DYSAMPLE.DYSCOPE),
+    ),
+    "carafe": lambda a: (
+        "MODEL.AFI.CARAFE",
+        dict(
+            up_kernel=a.CARAFE.UP_KERNEL,
+            encoder_kernel=a.CARAFE.ENCODER_KERNEL,
+            compressed_channels=a.CARAFE.COMPRESSED_CHANNELS,
+        ),
+    ),
     "fade": lambda a: ("MODEL.AFI.FADE", dict(up_kernel=a.FADE.UP_KERNEL, embedding=a.FADE.EMBEDDING)),
 }
 
@@ -70,14 +88,18 @@ def standalone_upsampler_from_config(cfg, freeze: bool = False, what: str = "sta
     g = upsampler_from_config(cfg, channels, freeze=freeze)
     if not any(True for _ in g.parameters()):
         learned = ", ".join(k for k in upsampler_kinds() if sum(p.numel() for p in build_upsampler(k, 16).parameters()))
-        raise ValueError(f"MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so {what} has nothing to train or show; "
-                         f"set it to a learned kind ({learned}).")
+        raise ValueError(
+            f"MODEL.AFI.INTERP {a.INTERP!r} has no parameters, so {what} has nothing to train or show; "
+            f"set it to a learned kind ({learned})."
+        )
     if a.SHARED:
         return g
     return nn.ModuleDict({level: upsampler_from_config(cfg, channels, freeze=freeze) for level in a.LEVELS})
 
 
-def attach_upsamplers(neck: nn.Module, upsampler: Optional[Upsamplers], step_levels: Sequence[str], channels: int) -> None:
+def attach_upsamplers(
+    neck: nn.Module, upsampler: Optional[Upsamplers], step_levels: Sequence[str], channels: int
+) -> None:
     """Register ``upsampler`` on ``neck``: a module becomes ``srf_module``; a mapping
     ``{level: module}`` (one per entry of ``step_levels``) becomes ``srf_modules``. ``None``
     means a fresh shared AF interpolator."""
@@ -87,8 +109,10 @@ def attach_upsamplers(neck: nn.Module, upsampler: Optional[Upsamplers], step_lev
         neck.srf_module, neck.srf_modules = upsampler, None
         return
     if set(upsampler) != set(step_levels):
-        raise ValueError(f"Per-level upsamplers must be keyed by the neck's top-down levels {list(step_levels)}, "
-                         f"got {sorted(upsampler)}.")
+        raise ValueError(
+            f"Per-level upsamplers must be keyed by the neck's top-down levels {list(step_levels)}, "
+            f"got {sorted(upsampler)}."
+        )
     neck.srf_module = None
     neck.srf_modules = nn.ModuleDict({level: upsampler[level] for level in step_levels})
 

@@ -7,15 +7,15 @@ per step, ``srf_modules[<level>]`` (guided kinds also get the lateral). Module n
 and ``size_divisibility`` are the stock ones, so Detectron2-zoo FPN weights load, and with
 ``MODEL.AFI.INTERP nearest`` the outputs equal the stock FPN's exactly.
 """
+
 import math
 from typing import Dict, List, Optional
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from torch import nn
 
 from .common import Upsamplers, attach_upsamplers, neck_upsampler_from_config, upsample_step
 
@@ -58,10 +58,26 @@ class AFIFPN(FPN):
     """
 
     @configurable
-    def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum",
-                 upsampler: Optional[Upsamplers] = None, square_pad=0):
-        super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
-                         fuse_type=fuse_type, square_pad=square_pad)
+    def __init__(
+        self,
+        bottom_up,
+        in_features,
+        out_channels,
+        norm="",
+        top_block=None,
+        fuse_type="sum",
+        upsampler: Optional[Upsamplers] = None,
+        square_pad=0,
+    ):
+        super().__init__(
+            bottom_up,
+            in_features,
+            out_channels,
+            norm=norm,
+            top_block=top_block,
+            fuse_type=fuse_type,
+            square_pad=square_pad,
+        )
         self.install_upsamplers(upsampler)
 
     def install_upsamplers(self, upsampler: Optional[Upsamplers]) -> None:
@@ -93,7 +109,9 @@ class AFIFPN(FPN):
         results = [conv(t) for conv, t in zip(self.output_convs[::-1], merged)]
         return self.with_top_block(bottom_up_features, results)
 
-    def with_top_block(self, bottom_up_features: Dict[str, torch.Tensor], results: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def with_top_block(
+        self, bottom_up_features: Dict[str, torch.Tensor], results: List[torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """Append the top block's levels (e.g. P6) to ``results`` and name every output."""
         if self.top_block is not None:
             if self.top_block.in_feature in bottom_up_features:
@@ -102,4 +120,3 @@ class AFIFPN(FPN):
                 top_in = results[self._out_features.index(self.top_block.in_feature)]
             results.extend(self.top_block(top_in))
         return dict(zip(self._out_features, results))
-

@@ -5,15 +5,15 @@ bottom-up path aggregation: ``M2 = T2``, ``M_i = T_i + ReLU(pafpn_downsample_i(M
 ``N_i = pafpn_output_i(M_i)``; P6 = stride-2 subsampling of N5. The downsample conv reads the
 pre-output aggregate M_{i-1}, as in the reference.
 """
+
 import math
 from typing import Dict
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, get_norm
+from torch.nn import functional as F
 
 from afigan.layers.shape import fit_to
 
@@ -31,10 +31,27 @@ class AFIPAFPN(AFIFPN):
     resolution first) and the inherited ``output_convs`` attribute is removed."""
 
     @configurable
-    def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum",
-                 upsampler=None, square_pad=0):
-        super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
-                         fuse_type=fuse_type, upsampler=upsampler, square_pad=square_pad)
+    def __init__(
+        self,
+        bottom_up,
+        in_features,
+        out_channels,
+        norm="",
+        top_block=None,
+        fuse_type="sum",
+        upsampler=None,
+        square_pad=0,
+    ):
+        super().__init__(
+            bottom_up,
+            in_features,
+            out_channels,
+            norm=norm,
+            top_block=top_block,
+            fuse_type=fuse_type,
+            upsampler=upsampler,
+            square_pad=square_pad,
+        )
         strides = [bottom_up.output_shape()[f].stride for f in in_features]
         stages = [int(math.log2(s)) for s in strides]
         use_bias = norm == ""
@@ -73,4 +90,3 @@ class AFIPAFPN(AFIFPN):
                 m = m / 2
             results.append(out(m))
         return self.with_top_block(bottom_up_features, results)
-

@@ -1,10 +1,10 @@
 """Top blocks for the extra coarse levels that dense heads use: P6 alone, or P6/P7 from P5
 (``MODEL.FCOS.TOP_LEVELS``, as in AdelaiDet's / CenterMask2's ``build_fcos_resnet_fpn_backbone``).
 Detectron2's ``LastLevelMaxPool`` and ``LastLevelP6P7`` cover the other cases."""
-import fvcore.nn.weight_init as weight_init
-from torch import nn
 
+import fvcore.nn.weight_init as weight_init
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from torch import nn
 
 __all__ = ["LastLevelP6", "fcos_top_block"]
 

@@ -5,16 +5,16 @@ mask head (any head of Detectron2's ROI_MASK_HEAD registry works) and, with ``MO
 the MaskIoU head; RoIs are pooled from ``ROI_HEADS.IN_FEATURES`` with the level rule
 ``ROI_MASK_HEAD.ASSIGN_CRITERION``. Proposal matching and sampling are Detectron2's.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads, select_foreground_proposals
 from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_inference, mask_rcnn_loss
 from detectron2.structures import ImageList, Instances
+from torch import Tensor, nn
 
 from .maskiou_head import build_maskiou_head, mask_iou_inference, mask_iou_loss, mask_iou_targets
 from .ratio_pooler import RatioROIPooler
@@ -37,8 +37,16 @@ class CenterROIHeads(ROIHeads):
     """
 
     @configurable
-    def __init__(self, *, mask_in_features: List[str], mask_pooler: RatioROIPooler, mask_head: nn.Module,
-                 maskiou_head: Optional[nn.Module] = None, maskiou_weight: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        mask_in_features: List[str],
+        mask_pooler: RatioROIPooler,
+        mask_head: nn.Module,
+        maskiou_head: Optional[nn.Module] = None,
+        maskiou_weight: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.mask_in_features = list(mask_in_features)
         self.mask_pooler = mask_pooler
@@ -49,33 +57,50 @@ class CenterROIHeads(ROIHeads):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         if not cfg.MODEL.MASK_ON:
-            raise ValueError("CenterROIHeads only predicts masks: set MODEL.MASK_ON True, or for boxes alone use "
-                             "MODEL.META_ARCHITECTURE OneStageDetector without ROI heads.")
+            raise ValueError(
+                "CenterROIHeads only predicts masks: set MODEL.MASK_ON True, or for boxes alone use "
+                "MODEL.META_ARCHITECTURE OneStageDetector without ROI heads."
+            )
         if cfg.MODEL.KEYPOINT_ON:
             raise ValueError("CenterROIHeads has no keypoint head: set MODEL.KEYPOINT_ON False.")
         ret = super().from_config(cfg)
         in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         missing = [f for f in in_features if f not in input_shape]
         if missing:
-            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES {in_features} names levels the backbone does not output "
-                             f"({missing}); it outputs {sorted(input_shape)}.")
+            raise ValueError(
+                f"MODEL.ROI_HEADS.IN_FEATURES {in_features} names levels the backbone does not output "
+                f"({missing}); it outputs {sorted(input_shape)}."
+            )
         channels = {input_shape[f].channels for f in in_features}
         if len(channels) != 1:
             raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES must have equal channels, got {sorted(channels)}.")
         channels = channels.pop()
         m = cfg.MODEL.ROI_MASK_HEAD
         res = m.POOLER_RESOLUTION
-        pooler = RatioROIPooler(output_size=res, scales=tuple(1.0 / input_shape[f].stride for f in in_features),
-                                sampling_ratio=m.POOLER_SAMPLING_RATIO, pooler_type=m.POOLER_TYPE,
-                                assign_criterion=m.ASSIGN_CRITERION)
+        pooler = RatioROIPooler(
+            output_size=res,
+            scales=tuple(1.0 / input_shape[f].stride for f in in_features),
+            sampling_ratio=m.POOLER_SAMPLING_RATIO,
+            pooler_type=m.POOLER_TYPE,
+            assign_criterion=m.ASSIGN_CRITERION,
+        )
         shape = ShapeSpec(channels=channels, height=res, width=res)
-        ret.update(mask_in_features=in_features, mask_pooler=pooler, mask_head=build_mask_head(cfg, shape),
-                   maskiou_head=build_maskiou_head(cfg, shape) if cfg.MODEL.MASKIOU_ON else None,
-                   maskiou_weight=cfg.MODEL.MASKIOU_LOSS_WEIGHT)
+        ret.update(
+            mask_in_features=in_features,
+            mask_pooler=pooler,
+            mask_head=build_mask_head(cfg, shape),
+            maskiou_head=build_maskiou_head(cfg, shape) if cfg.MODEL.MASKIOU_ON else None,
+            maskiou_weight=cfg.MODEL.MASKIOU_LOSS_WEIGHT,
+        )
         return ret
 
-    def forward(self, images: ImageList, features: Dict[str, Tensor], proposals: List[Instances],
-                targets: Optional[List[Instances]] = None) -> Tuple[List[Instances], Dict[str, Tensor]]:
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, Tensor]]:
         del images
         if self.training:
             if proposals is None or targets is None:

@@ -6,19 +6,26 @@ counts the *whole* ground-truth object, also the part outside the RoI (CenterMas
 same quantity through polygon cropping; here it comes from the full mask area mapped into RoI
 pixels, which works for polygons and bitmasks alike).
 """
+
 from typing import List
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.utils.registry import Registry
+from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["ROI_MASKIOU_HEAD_REGISTRY", "MaskIoUHead", "build_maskiou_head", "mask_areas", "mask_iou_targets",
-           "mask_iou_loss", "mask_iou_inference"]
+__all__ = [
+    "ROI_MASKIOU_HEAD_REGISTRY",
+    "MaskIoUHead",
+    "build_maskiou_head",
+    "mask_areas",
+    "mask_iou_targets",
+    "mask_iou_loss",
+    "mask_iou_inference",
+]
 
 ROI_MASKIOU_HEAD_REGISTRY = Registry("ROI_MASKIOU_HEAD")
 ROI_MASKIOU_HEAD_REGISTRY.__doc__ = """Heads that predict the IoU of a predicted mask, called with
@@ -35,8 +42,9 @@ class MaskIoUHead(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, input_shape: ShapeSpec, num_classes: int, conv_dim: int = 256, num_conv: int = 4,
-                 fc_dim: int = 1024):
+    def __init__(
+        self, *, input_shape: ShapeSpec, num_classes: int, conv_dim: int = 256, num_conv: int = 4, fc_dim: int = 1024
+    ):
         super().__init__()
         if num_conv < 1:
             raise ValueError(f"MODEL.ROI_MASKIOU_HEAD.NUM_CONV must be at least 1, got {num_conv}.")
@@ -65,8 +73,13 @@ class MaskIoUHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
         h = cfg.MODEL.ROI_MASKIOU_HEAD
-        return dict(input_shape=input_shape, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES, conv_dim=h.CONV_DIM,
-                    num_conv=h.NUM_CONV, fc_dim=h.FC_DIM)
+        return dict(
+            input_shape=input_shape,
+            num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            conv_dim=h.CONV_DIM,
+            num_conv=h.NUM_CONV,
+            fc_dim=h.FC_DIM,
+        )
 
     def forward(self, features: Tensor, mask_probs: Tensor) -> Tensor:
         x = torch.cat([features, F.max_pool2d(mask_probs, kernel_size=2, stride=2)], dim=1)

@@ -5,29 +5,31 @@ CenterMask (eq. 2) picks the level of a box from the ratio of image area to box 
 follows the box's size relative to the image rather than FPN's fixed 224-pixel canonical
 size. With "area" the pooler is Detectron2's ``ROIPooler`` unchanged.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch
-from torch import Tensor
-
 from detectron2.layers import cat, nonzero_tuple
 from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.structures import Boxes
+from torch import Tensor
 
 __all__ = ["ASSIGN_CRITERIA", "assign_boxes_to_levels_by_ratio", "RatioROIPooler"]
 
 ASSIGN_CRITERIA = ("area", "ratio")
 
 
-def assign_boxes_to_levels_by_ratio(box_lists: List[Boxes], image_sizes: Sequence[Tuple[int, int]],
-                                    min_level: int, max_level: int) -> Tensor:
+def assign_boxes_to_levels_by_ratio(
+    box_lists: List[Boxes], image_sizes: Sequence[Tuple[int, int]], min_level: int, max_level: int
+) -> Tensor:
     """Level index (offset from ``min_level``) of every box, all images concatenated -> (M,) int64.
 
     ``image_sizes[i]`` = (H, W) of image i, the size the boxes are given in (before padding).
     """
     box_areas = cat([b.area() for b in box_lists])
-    image_areas = cat([torch.full((len(b),), float(h * w), device=box_areas.device)
-                       for b, (h, w) in zip(box_lists, image_sizes)])
+    image_areas = cat(
+        [torch.full((len(b),), float(h * w), device=box_areas.device) for b, (h, w) in zip(box_lists, image_sizes)]
+    )
     # A zero-area box gives log2(inf) = inf -> the finest level after clamping, like FPN's rule.
     levels = torch.ceil(max_level - torch.log2(image_areas / box_areas))
     levels = torch.clamp(levels, min=min_level, max=max_level)
@@ -45,8 +47,9 @@ class RatioROIPooler(ROIPooler):
     def __init__(self, *args, assign_criterion: str = "area", **kwargs):
         super().__init__(*args, **kwargs)
         if assign_criterion not in ASSIGN_CRITERIA:
-            raise ValueError(f"MODEL.ROI_MASK_HEAD.ASSIGN_CRITERION must be one of {ASSIGN_CRITERIA}, "
-                             f"got {assign_criterion!r}.")
+            raise ValueError(
+                f"MODEL.ROI_MASK_HEAD.ASSIGN_CRITERION must be one of {ASSIGN_CRITERIA}, got {assign_criterion!r}."
+            )
         self.assign_criterion = assign_criterion
 
     def forward(self, x: List[Tensor], box_lists: List[Boxes], image_sizes: Sequence[Tuple[int, int]] = None) -> Tensor:
@@ -61,4 +64,3 @@ class RatioROIPooler(ROIPooler):
             inds = nonzero_tuple(levels == level)[0]
             output.index_put_((inds,), pooler(x[level], pooler_fmt_boxes[inds]))
         return output
-

@@ -6,13 +6,13 @@ last 3x3 conv and the deconv: the channel-wise mean and max of the RoI features 
 Detectron2's (``mask_rcnn_loss`` / ``mask_rcnn_inference``). Module names follow CenterMask2
 (``mask_fcn{k}``, ``spatialAtt``, ``deconv``, ``predictor``), so its mask-head weights load.
 """
+
 import fvcore.nn.weight_init as weight_init
 import torch
-from torch import Tensor, nn
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
+from torch import Tensor, nn
 
 __all__ = ["SpatialAttention", "SpatialAttentionMaskHead"]
 
