@@ -8,10 +8,16 @@ Detectron2's global defaults, and calling it twice is harmless. IDs such as B1 o
 comments name entries of docs/differences_from_reference.md.
 """
 
+import difflib
 import logging
+import os
+import re
 import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.utils import comm
 
 __all__ = [
@@ -22,6 +28,13 @@ __all__ = [
     "afi_freeze",
     "fallback_syncbn",
     "lr_key",
+    "load_config",
+    "merge_readably",
+    "device_fallback",
+    "cfg_get",
+    "flatten",
+    "changed_keys",
+    "config_changes",
 ]
 
 
@@ -267,4 +280,144 @@ def fallback_syncbn(cfg: CN) -> CN:
         logging.getLogger(__name__).info("Not running distributed on GPUs: SyncBN -> BN for %s.", ", ".join(changed))
     if was_frozen:
         cfg.freeze()
+    return cfg
+
+
+# ---- the one config loader (every tool, the pipeline, the analysis and the benchmarks) ----
+
+
+def flatten(node, prefix: str = "") -> Dict[str, Any]:
+    """``{"A.B.C": value}`` of every leaf of a (nested) CfgNode or dict."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def cfg_get(cfg, key: str, default: Any = KeyError):
+    """The value of the dotted ``key`` ("MODEL.AFI.INTERP") in ``cfg``; ``default`` when a part is
+    missing (a KeyError naming the key when no default is given)."""
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, "items") or part not in node:
+            if default is KeyError:
+                raise KeyError(f"unknown config key {key}")
+            return default
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def changed_keys(old, new) -> List[Tuple[str, Any, Any]]:
+    """``[(KEY, old value, new value)]`` of every leaf that differs between two configs (CfgNodes
+    or flat/nested dicts), in ``new``'s key order, then keys only ``old`` has. A key missing on one
+    side has the value ``None`` there."""
+    a = old if _is_flat(old) else flatten(old)
+    b = new if _is_flat(new) else flatten(new)
+    out = [(k, a.get(k), v) for k, v in b.items() if a.get(k, _MISSING) != v]
+    out += [(k, v, None) for k, v in a.items() if k not in b]
+    return out
+
+
+def _is_flat(d) -> bool:
+    return isinstance(d, dict) and not isinstance(d, CN) and not any(hasattr(v, "items") for v in d.values())
+
+
+def config_changes(cfg) -> List[Tuple[str, Any]]:
+    """``[(KEY, value)]`` of every key whose value differs from get_cfg() + add_afigan_config."""
+    return [(k, v) for k, _, v in changed_keys(add_afigan_config(get_cfg()), cfg) if k in flatten(cfg)]
+
+
+def _unknown_key(cfg, key: str, where: str) -> KeyError:
+    close = difflib.get_close_matches(key, list(flatten(cfg)), n=1, cutoff=0.6)
+    hint = (
+        f"did you mean {close[0]}?" if close else "see afigan/config.py and Detectron2's defaults for the valid keys."
+    )
+    return KeyError(f"{where}: unknown config key {key}; {hint}")
+
+
+def merge_readably(cfg: CN, where: str, merge: Callable[[], Any]) -> None:
+    """Run ``merge`` (a merge_from_file / merge_from_list call) and turn yacs' and PyYAML's errors
+    into one sentence naming ``where`` (the file or "the command line"), the key and the value."""
+    import yaml
+
+    try:
+        merge()
+    except FileNotFoundError as e:  # a _BASE_ file
+        raise FileNotFoundError(
+            f"{where}: its _BASE_ file {e.filename!r} does not exist; fix the _BASE_ path "
+            f"(relative to the file that names it)."
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(
+            f"YAML syntax error in {at}: {problem}; fix the file (check indentation and colons)."
+        ) from None
+    except KeyError as e:
+        text = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+        m = re.search(r"Non-existent config key: (\S+)", text)
+        if not m:
+            raise
+        raise _unknown_key(cfg, m.group(1), where) from None
+    except AssertionError as e:  # merge_from_list checks keys and pairs with asserts
+        m = re.search(r"Non-existent key: (\S+)", str(e))
+        if m:
+            raise _unknown_key(cfg, m.group(1), where) from None
+        if "odd length" in str(e):
+            raise ValueError(
+                f"{where}: the trailing overrides must be KEY VALUE pairs, got an odd number of words."
+            ) from None
+        raise
+    except ValueError as e:
+        m = re.search(
+            r"Type mismatch \((.*) vs\. (.*)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", str(e), re.S
+        )
+        if not m:
+            raise
+        want, got, default, value, key = m.groups()
+        name = lambda t: re.sub(r"<class '(\w+)'>", r"\1", t)  # noqa: E731
+        raise ValueError(
+            f"{where}: {key} takes a value of type {name(want)} (it was {default}), not the {name(got)} "
+            f"{value}; give a value of that type."
+        ) from None
+
+
+def device_fallback(cfg: CN, what: str = "running") -> CN:
+    """``MODEL.DEVICE cpu`` (with one warning) when the config asks for CUDA on a machine without it."""
+    if not torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda"):
+        logging.getLogger(__name__).warning("CUDA is not available: %s on CPU (MODEL.DEVICE cpu).", what)
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def load_config(
+    config_file: Optional[str] = None,
+    opts: Sequence[Any] = (),
+    *,
+    option: str = "--config-file",
+    fallback: Optional[str] = None,
+) -> CN:
+    """get_cfg() + add_afigan_config + ``config_file`` + ``KEY VALUE`` ``opts``, with one sentence
+    for a missing file, a YAML syntax error, an unknown key (and the closest valid one) or a value
+    of the wrong type. ``fallback`` (e.g. "training") moves a CUDA config to the CPU on a machine
+    without CUDA, saying so. ``option`` names where the file came from in the missing-file
+    sentence. Not frozen."""
+    cfg = add_afigan_config(get_cfg())
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{option} {config_file!r} does not exist; give the path of a YAML config, e.g. "
+                "configs/toy/pipeline/stage3.yaml."
+            )
+        merge_readably(cfg, config_file, lambda: cfg.merge_from_file(config_file))
+    merge_readably(cfg, "the command line", lambda: cfg.merge_from_list(list(opts)))
+    if fallback:
+        device_fallback(cfg, fallback)
     return cfg

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ THIRD_PARTY_WARNINGS = (
     "ignore:Importing from timm.models.layers is deprecated:FutureWarning",
     "ignore:torch.meshgrid.* indexing argument:UserWarning",
 )
+
+
+# The shared helpers (d2_helpers, stage_helpers, ...) live beside this file; the tests sit in
+# folders that mirror the package (tests/layers, tests/engine, ...) and import them by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):

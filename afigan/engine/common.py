@@ -1,19 +1,17 @@
 """Pieces shared by the stage trainers: config setup, hooks, AMP policy, DDP wrapping."""
 
 import contextlib
-import difflib
 import logging
 import os
 import re
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import create_ddp_model, default_setup, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from afigan.config import add_afigan_config, fallback_syncbn
+from afigan.config import config_changes, device_fallback, fallback_syncbn, load_config
 from afigan.seeding import MODEL, seed_all_rngs
 
 __all__ = [
@@ -58,84 +56,10 @@ def user_message(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def _all_keys(node, prefix=""):
-    for key, value in node.items():
-        if hasattr(value, "items"):
-            yield from _all_keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
-
-
-def _unknown_key(cfg, key: str, where: str) -> KeyError:
-    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1, cutoff=0.6)
-    hint = (
-        f"did you mean {close[0]}?" if close else "see afigan/config.py and Detectron2's defaults for the valid keys."
-    )
-    return KeyError(f"{where}: unknown config key {key}; {hint}")
-
-
-def _merge(cfg, where: str, merge) -> None:
-    """Run ``merge`` (a merge_from_file / merge_from_list call) and turn yacs' and PyYAML's errors
-    into one sentence naming ``where`` (the file or "the command line"), the key and the value."""
-    import yaml
-
-    try:
-        merge()
-    except FileNotFoundError as e:  # a _BASE_ file
-        raise FileNotFoundError(
-            f"{where}: its _BASE_ file {e.filename!r} does not exist; fix the _BASE_ path "
-            f"(relative to the file that names it)."
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(
-            f"YAML syntax error in {at}: {problem}; fix the file (check indentation and colons)."
-        ) from None
-    except KeyError as e:
-        m = re.search(r"Non-existent config key: (\S+)", user_message(e))
-        if not m:
-            raise
-        raise _unknown_key(cfg, m.group(1), where) from None
-    except AssertionError as e:  # merge_from_list checks keys and pairs with asserts
-        m = re.search(r"Non-existent key: (\S+)", str(e))
-        if m:
-            raise _unknown_key(cfg, m.group(1), where) from None
-        if "odd length" in str(e):
-            raise ValueError(
-                f"{where}: the trailing overrides must be KEY VALUE pairs, got an odd number of words."
-            ) from None
-        raise
-    except ValueError as e:
-        m = re.search(
-            r"Type mismatch \((.*) vs\. (.*)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", str(e), re.S
-        )
-        if not m:
-            raise
-        want, got, default, value, key = m.groups()
-        name = lambda t: re.sub(r"<class '(\w+)'>", r"\1", t)  # noqa: E731
-        raise ValueError(
-            f"{where}: {key} takes a value of type {name(want)} (it was {default}), not the {name(got)} "
-            f"{value}; give a value of that type."
-        ) from None
-
-
 def load_cfg(args):
-    """get_cfg() + add_afigan_config + ``--config-file`` + trailing overrides, with one sentence
-    for a missing file, a YAML syntax error, an unknown key (and the closest valid one) or a value
-    of the wrong type. Not frozen, no setup: :func:`setup_cfg` does both."""
-    cfg = get_cfg()
-    add_afigan_config(cfg)
-    if args.config_file:
-        if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(
-                f"--config-file {args.config_file!r} does not exist; give the path of a YAML config, e.g. "
-                "configs/toy/pipeline/stage3.yaml."
-            )
-        _merge(cfg, args.config_file, lambda: cfg.merge_from_file(args.config_file))
-    _merge(cfg, "the command line", lambda: cfg.merge_from_list(args.opts))
-    return cfg
+    """:func:`afigan.config.load_config` of ``args.config_file`` and ``args.opts``. Not frozen,
+    no setup: :func:`setup_cfg` does both."""
+    return load_config(args.config_file, args.opts)
 
 
 def _check_output_dir(path: str) -> None:
@@ -156,10 +80,7 @@ def _check_output_dir(path: str) -> None:
 def setup_cfg(args, stage: str = ""):
     """:func:`load_cfg`, SyncBN fallback, then Detectron2's ``default_setup`` (logging, output
     dir, seeds, config dump)."""
-    cfg = load_cfg(args)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = device_fallback(load_cfg(args))
     if stage:
         cfg.MODEL.AFI.STAGE = stage
     fallback_syncbn(cfg)
@@ -258,21 +179,6 @@ def _plain_console(*names: str) -> None:
                 sys.stderr,
             ):
                 handler.setFormatter(plain)
-
-
-def config_changes(cfg):
-    """``[(KEY, value)]`` of every key whose value differs from get_cfg() + add_afigan_config."""
-    default = add_afigan_config(get_cfg())
-
-    def walk(node, ref, prefix):
-        for key, value in node.items():
-            other = ref.get(key, None) if ref is not None else None
-            if hasattr(value, "items"):
-                yield from walk(value, other, f"{prefix}{key}.")
-            elif value != other:
-                yield f"{prefix}{key}", value
-
-    return list(walk(cfg, default, ""))
 
 
 def require_file(path: str, key: str) -> str:

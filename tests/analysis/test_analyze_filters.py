@@ -16,7 +16,7 @@ from afigan.analysis.filters import (
     white_noise_hf_share,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
 LAPLACIAN = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])
 GAUSSIAN = torch.exp(-((torch.arange(3.0) - 1)[:, None] ** 2 + (torch.arange(3.0) - 1)[None, :] ** 2) / 2)
 

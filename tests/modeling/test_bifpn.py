@@ -17,7 +17,7 @@ import afigan  # noqa: E402
 from afigan.modeling.necks.bifpn import AFIBiFPN  # noqa: E402
 from afigan.modeling.necks.bifpn_layers import fuse, static_same_max_pool  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
 TOY_CONFIG = os.path.join(REPO, "configs", "toy", "bifpn_toy.yaml")
 SWIN_CONFIG = os.path.join(REPO, "configs", "inference", "AFI-GAN_cascade_rcnn_swint_BiFPN_ST.yaml")
 WIDTH = 16

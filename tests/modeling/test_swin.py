@@ -21,7 +21,7 @@ from detectron2.modeling.backbone.swin import WindowAttention, window_partition 
 import afigan  # noqa: E402
 from afigan.modeling.backbones.swin import SwinTransformer  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
 SWIN_CONFIG = os.path.join(REPO, "configs", "inference", "AFI-GAN_cascade_rcnn_swint_BiFPN_ST.yaml")
 TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=3)
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F  # noqa: E402
 import afigan  # noqa: E402,F401  (registers the builders)
 from afigan.modeling.backbones.resnest import ResNeStBottleneckBlock, build_resnest_backbone  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
 NECKS = ["FPN", "PAFPN"]
 
 
