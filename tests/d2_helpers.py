@@ -8,18 +8,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
 
-def make_cfg(config_file=None, *overrides):
-    """get_cfg() + add_afigan_config + an optional YAML (relative to configs/) + KEY VALUE overrides, CPU."""
-    from detectron2.config import get_cfg
+def make_cfg(config_file=None, *overrides, root=CONFIGS):
+    """The test suite's one config helper: ``afigan.config.load_config`` (get_cfg() + add_afigan_config,
+    readable errors) of ``config_file`` (relative to ``root``, configs/ by default, or absolute) with
+    ``MODEL.DEVICE cpu`` and the ``KEY VALUE`` ``overrides`` after it. Not frozen."""
+    from afigan.config import load_config
 
-    import afigan
-
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    if config_file:
-        cfg.merge_from_file(os.path.join(CONFIGS, config_file))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *overrides])
-    return cfg
+    path = config_file and os.path.join(root, config_file)  # join keeps an absolute config_file as it is
+    return load_config(path, ["MODEL.DEVICE", "cpu", *overrides])
 
 
 def toy_batch(sizes=((131, 197), (160, 160)), num_classes=3, seed=0):

@@ -1,4 +1,4 @@
-"""Shared by the detector tests (FCOS, CenterMask, configs): config loading, toy batches, one step."""
+"""Shared by the detector tests (FCOS, CenterMask, configs): toy batches, one step (configs: d2_helpers.make_cfg)."""
 
 import os
 from typing import Dict, List
@@ -8,18 +8,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETECTORS = os.path.join(ROOT, "configs", "detectors")
 TOY = os.path.join(ROOT, "configs", "toy", "detectors")
-
-
-def load_cfg(path: str, *opts):
-    """afigan cfg from ``path`` (relative to the repo root or absolute), on CPU, with KEY VALUE ``opts``."""
-    from detectron2.config import get_cfg
-
-    from afigan import add_afigan_config
-
-    cfg = add_afigan_config(get_cfg())
-    cfg.merge_from_file(path if os.path.isabs(path) else os.path.join(ROOT, path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + list(opts))
-    return cfg
 
 
 def toy_dicts(root: str, split: str = "train") -> List[Dict]:
@@ -80,14 +68,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def build_or_skip(cfg):
-    """``build_model(cfg)``, skipping the test when the config's backbone builder belongs to a
-    module that is not in this checkout (BiFPN, ResNeSt and Swin come from other issues)."""
-    import pytest
-    from detectron2.modeling import BACKBONE_REGISTRY, build_model
-
-    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
-        pytest.skip(f"backbone builder {cfg.MODEL.BACKBONE.NAME} is not registered in this checkout")
-    return build_model(cfg)

@@ -11,9 +11,11 @@ import torch
 pytest.importorskip("detectron2")
 
 import pycocotools.mask as mask_util  # noqa: E402
-from detector_helpers import build_or_skip, load_cfg, mapped, one_thread, toy_dicts  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
+from detector_helpers import mapped, one_thread, toy_dicts  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
@@ -112,29 +114,29 @@ def test_predictions_without_mask_scores_rank_by_score(one_object, tmp_path):
 @pytest.mark.parametrize(
     "config, mask_scores",
     [
-        ("configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml", True),
-        ("configs/toy/detectors/centermask_R_50_BiFPN_toy_nn.yaml", True),
-        ("configs/toy/detectors/mask_rcnn_R_50_FPN_toy_afi.yaml", False),
+        ("toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml", True),
+        ("toy/detectors/centermask_R_50_BiFPN_toy_nn.yaml", True),
+        ("toy/detectors/mask_rcnn_R_50_FPN_toy_afi.yaml", False),
     ],
 )
 def test_run_net_evaluator_ranks_centermask_masks_by_mask_score(config, mask_scores, one_object, tmp_path):
-    cfg = load_cfg(config, "OUTPUT_DIR", str(tmp_path / "run"))
+    cfg = make_cfg(config, "OUTPUT_DIR", str(tmp_path / "run"))
     ev = DetectorTrainer.build_evaluator(cfg, one_object)
     assert isinstance(ev, AFICOCOEvaluator) and ev._use_mask_scores is mask_scores
     assert ev._output_dir == str(tmp_path / "run" / "inference" / one_object)
-    off = load_cfg(config, "MODEL.MASKIOU_ON", False)
+    off = make_cfg(config, "MODEL.MASKIOU_ON", False)
     assert DetectorTrainer.build_evaluator(off, one_object, str(tmp_path))._use_mask_scores is False
 
 
 def test_centermask_outputs_reach_the_results_with_their_mask_scores(one_object, tmp_path):
-    cfg = load_cfg(
-        "configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml",
+    cfg = make_cfg(
+        "toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml",
         "MODEL.FCOS.INFERENCE_TH_TEST",
         0.0,
         "OUTPUT_DIR",
         str(tmp_path),
     )
-    model = build_or_skip(cfg).eval()
+    model = build_model(cfg).eval()
     inputs = mapped(cfg, toy_dicts(str(tmp_path / "afigan_toy"), "val")[:1], is_train=False)
     with torch.no_grad():
         outputs = model(inputs)

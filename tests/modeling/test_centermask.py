@@ -8,9 +8,8 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detector_helpers import (  # noqa: E402
-    build_or_skip,
-    load_cfg,
     mapped,
     one_thread,
     synthetic_input,
@@ -18,7 +17,7 @@ from detector_helpers import (  # noqa: E402
     train_step,
 )
 from detectron2.layers import ShapeSpec  # noqa: E402
-from detectron2.modeling import ROI_HEADS_REGISTRY  # noqa: E402
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model  # noqa: E402
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks  # noqa: E402
 
@@ -33,7 +32,7 @@ from afigan.modeling.roi_heads.maskiou_head import mask_iou_inference, mask_iou_
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
-CM_TOY = "configs/toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml"
+CM_TOY = "toy/detectors/centermask_R_50_BiFPN_toy_afi.yaml"
 CM_LOSSES = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask", "loss_maskiou"}
 
 
@@ -44,8 +43,8 @@ def toy_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def centermask():
-    cfg = load_cfg(CM_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0)
-    return cfg, build_or_skip(cfg)
+    cfg = make_cfg(CM_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0)
+    return cfg, build_model(cfg)
 
 
 # ---------------------------------------------------------------- SAG-Mask
@@ -238,8 +237,8 @@ def test_trains_stably_with_detectron2_simple_trainer(toy_root):
     from detectron2.solver import build_optimizer
 
     torch.manual_seed(0)
-    cfg = load_cfg(CM_TOY)
-    model = build_or_skip(cfg)
+    cfg = make_cfg(CM_TOY)
+    model = build_model(cfg)
     dicts = toy_dicts(toy_root)
     batches = [mapped(cfg, [dicts[i % 4], dicts[(i + 1) % 4]], is_train=True, seed=i) for i in range(10)]
     trainer = SimpleTrainer(model, iter(batches), build_optimizer(cfg, model))
@@ -250,8 +249,8 @@ def test_trains_stably_with_detectron2_simple_trainer(toy_root):
 
 
 def test_without_maskiou_and_with_area_assignment(toy_root):
-    cfg = load_cfg(CM_TOY, "MODEL.MASKIOU_ON", False, "MODEL.ROI_MASK_HEAD.ASSIGN_CRITERION", "area")
-    model = build_or_skip(cfg)
+    cfg = make_cfg(CM_TOY, "MODEL.MASKIOU_ON", False, "MODEL.ROI_MASK_HEAD.ASSIGN_CRITERION", "area")
+    model = build_model(cfg)
     assert model.roi_heads.maskiou_head is None and model.roi_heads.mask_pooler.assign_criterion == "area"
     losses = train_step(model, mapped(cfg, toy_dicts(toy_root)[:1], is_train=True))
     assert set(losses) == CM_LOSSES - {"loss_maskiou"}
@@ -259,18 +258,18 @@ def test_without_maskiou_and_with_area_assignment(toy_root):
 
 def test_mask_on_false_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="set MODEL.MASK_ON True"):
-        build_or_skip(load_cfg(CM_TOY, "MODEL.MASK_ON", False))
+        build_model(make_cfg(CM_TOY, "MODEL.MASK_ON", False))
 
 
 def test_num_classes_mismatch_between_fcos_and_roi_heads_names_both_keys():
     with pytest.raises(ValueError) as e:
-        build_or_skip(load_cfg(CM_TOY, "MODEL.ROI_HEADS.NUM_CLASSES", 80))
+        build_model(make_cfg(CM_TOY, "MODEL.ROI_HEADS.NUM_CLASSES", 80))
     msg = str(e.value)
     assert "MODEL.FCOS.NUM_CLASSES=3" in msg and "MODEL.ROI_HEADS.NUM_CLASSES=80" in msg
     assert "set MODEL.FCOS.NUM_CLASSES and MODEL.ROI_HEADS.NUM_CLASSES to 3" in msg
     assert "no background class" in msg
     with pytest.raises(ValueError, match="set MODEL.FCOS.NUM_CLASSES and MODEL.ROI_HEADS.NUM_CLASSES to 3"):
-        build_or_skip(load_cfg(CM_TOY, "MODEL.ROI_HEADS.NUM_CLASSES", 4, "MODEL.FCOS.NUM_CLASSES", 4))
+        build_model(make_cfg(CM_TOY, "MODEL.ROI_HEADS.NUM_CLASSES", 4, "MODEL.FCOS.NUM_CLASSES", 4))
 
 
 # ---------------------------------------------------------------- bad input

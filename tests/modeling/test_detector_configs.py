@@ -11,18 +11,17 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detector_helpers import (  # noqa: E402
     DETECTORS,
     ROOT,
     TOY,
-    build_or_skip,
-    load_cfg,
     mapped,
     one_thread,
     toy_dicts,
     train_step,
 )
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone  # noqa: E402
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_model  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
@@ -127,7 +126,7 @@ def test_configs_use_relative_paths_only():
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_nn_and_afi_differ_only_in_the_interpolator(stem):
     for make in (full, toy):
-        afi, nn = _flat(load_cfg(make(stem, "afi"))), _flat(load_cfg(make(stem, "nn")))
+        afi, nn = _flat(make_cfg(make(stem, "afi"))), _flat(make_cfg(make(stem, "nn")))
         diff = {k for k in afi if afi[k] != nn[k]}
         assert diff == {"MODEL.AFI.INTERP", "OUTPUT_DIR"}, make(stem, "afi")  # each config writes its own folder
         assert (afi["MODEL.AFI.INTERP"], nn["MODEL.AFI.INTERP"]) == ("afi", "nearest")
@@ -135,7 +134,7 @@ def test_nn_and_afi_differ_only_in_the_interpolator(stem):
 
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_schedule_and_registered_names(stem):
-    cfg = load_cfg(full(stem, "afi"))
+    cfg = make_cfg(full(stem, "afi"))
     ims, lr, max_iter, _, masks = ROWS[stem]
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (ims, lr, max_iter)
     assert cfg.MODEL.MASK_ON == masks
@@ -145,8 +144,8 @@ def test_schedule_and_registered_names(stem):
 
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_full_model_builds(stem):
-    cfg = load_cfg(full(stem, "afi"))
-    model = build_or_skip(cfg)
+    cfg = make_cfg(full(stem, "afi"))
+    model = build_model(cfg)
     srf = [n for n, _ in model.named_parameters() if ".srf_module." in n]
     assert srf and all(n.startswith("backbone.srf_module.") for n in srf)  # one shared interpolator
 
@@ -162,7 +161,7 @@ def test_full_model_builds(stem):
 def test_full_model_has_the_reference_checkpoint_layout(stem, listing):
     with open(os.path.join(LISTINGS, listing)) as f:
         ref = {k: list(v) for k, v in json.load(f)["state_dict_shapes"].items()}
-    ours = {k: list(v.shape) for k, v in build_or_skip(load_cfg(full(stem, "afi"))).state_dict().items()}
+    ours = {k: list(v.shape) for k, v in build_model(make_cfg(full(stem, "afi"))).state_dict().items()}
     assert ours == ref
 
 
@@ -173,7 +172,7 @@ def test_swin_bifpn_heads_match_the_reference_layout():
         ref = {k: list(v) for k, v in json.load(f)["state_dict_shapes"].items()}
     ours = {
         k: list(v.shape)
-        for k, v in build_or_skip(load_cfg(full("cascade_rcnn_Swin_T_BiFPN_1x", "afi"))).state_dict().items()
+        for k, v in build_model(make_cfg(full("cascade_rcnn_Swin_T_BiFPN_1x", "afi"))).state_dict().items()
     }
     keep = lambda k: k.startswith(("roi_heads.", "proposal_generator.", "backbone.BiFPNLayer_", "backbone.srf_module."))  # noqa: E731
     assert {k: v for k, v in ours.items() if keep(k)} == {k: v for k, v in ref.items() if keep(k)}
@@ -182,7 +181,7 @@ def test_swin_bifpn_heads_match_the_reference_layout():
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_toy_model_trains_one_step_and_predicts(stem, toy_root):
     _, _, _, loss_names, masks = ROWS[stem]
-    cfg = load_cfg(
+    cfg = make_cfg(
         toy(stem, "afi"),
         "MODEL.FCOS.INFERENCE_TH_TEST",
         0.0,
@@ -191,7 +190,7 @@ def test_toy_model_trains_one_step_and_predicts(stem, toy_root):
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         0.0,
     )
-    model = build_or_skip(cfg)
+    model = build_model(cfg)
     losses = train_step(model, mapped(cfg, toy_dicts(toy_root)[:2], is_train=True))
     assert set(losses) == loss_names
     assert all(torch.isfinite(v) for v in losses.values())
@@ -217,17 +216,17 @@ def test_toy_model_trains_one_step_and_predicts(stem, toy_root):
 
 @pytest.mark.parametrize("stem", sorted(ROWS))
 def test_toy_nn_variant_has_a_parameter_free_upsampler(stem):
-    model = build_or_skip(load_cfg(toy(stem, "nn")))
+    model = build_model(make_cfg(toy(stem, "nn")))
     assert sum(p.numel() for p in model.backbone.srf_module.parameters()) == 0
 
 
 def test_stage2_interpolator_loads_into_every_head():
     """Stage 3 takes only ``srf_module`` tensors from the stage-2 Mask R-CNN: every head's
     interpolator must have the same keys and shapes (here at the toy width)."""
-    mask_rcnn = build_or_skip(load_cfg(toy("mask_rcnn_R_50_FPN_3x", "afi")))
+    mask_rcnn = build_model(make_cfg(toy("mask_rcnn_R_50_FPN_3x", "afi")))
     donor = {k: v for k, v in mask_rcnn.state_dict().items() if ".srf_module." in k}
     for stem in ROWS:
-        model = build_or_skip(load_cfg(toy(stem, "afi")))
+        model = build_model(make_cfg(toy(stem, "afi")))
         mine = {k: v for k, v in model.state_dict().items() if ".srf_module." in k}
         assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in donor.items()}, stem
         model.load_state_dict(donor, strict=False)
@@ -235,7 +234,7 @@ def test_stage2_interpolator_loads_into_every_head():
 
 
 def test_retinanet_nn_backbone_equals_detectron2_stock_retinanet_backbone():
-    cfg = load_cfg(toy("retinanet_R_50_FPN_1x", "nn"))
+    cfg = make_cfg(toy("retinanet_R_50_FPN_1x", "nn"))
     ours = build_backbone(cfg)
     stock_cfg = cfg.clone()
     stock_cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"

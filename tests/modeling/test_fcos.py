@@ -8,9 +8,8 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import make_cfg  # noqa: E402
 from detector_helpers import (  # noqa: E402
-    build_or_skip,
-    load_cfg,
     mapped,
     one_thread,
     synthetic_input,
@@ -19,7 +18,7 @@ from detector_helpers import (  # noqa: E402
 )
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
-from detectron2.modeling import BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY  # noqa: E402
+from detectron2.modeling import BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import afigan  # noqa: E402,F401  (registers components)
@@ -29,7 +28,7 @@ from afigan.modeling.fcos.targets import centerness_targets, fcos_targets  # noq
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
-FCOS_TOY = "configs/toy/detectors/fcos_R_50_FPN_toy_afi.yaml"
+FCOS_TOY = "toy/detectors/fcos_R_50_FPN_toy_afi.yaml"
 FCOS_LOSSES = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 
 
@@ -189,24 +188,24 @@ def test_exp_distances_and_deformable_towers_run_on_cpu():
 
 
 def test_backbone_outputs_p3_to_p7_and_fpn_strides_are_checked():
-    cfg = load_cfg(FCOS_TOY)
-    model = build_or_skip(cfg)
+    cfg = make_cfg(FCOS_TOY)
+    model = build_model(cfg)
     shapes = model.backbone.output_shape()
     assert sorted(shapes) == ["p3", "p4", "p5", "p6", "p7"]
     assert [shapes[f"p{i}"].stride for i in range(3, 8)] == [8, 16, 32, 64, 128]
-    bad = load_cfg(FCOS_TOY, "MODEL.FCOS.FPN_STRIDES", [8, 16, 32, 64, 64])
+    bad = make_cfg(FCOS_TOY, "MODEL.FCOS.FPN_STRIDES", [8, 16, 32, 64, 64])
     with pytest.raises(
         ValueError, match=r"MODEL.FCOS.FPN_STRIDES .* set MODEL.FCOS.FPN_STRIDES to \[8, 16, 32, 64, 128\]"
     ):
-        build_or_skip(bad)
-    no_top = load_cfg(FCOS_TOY, "MODEL.FCOS.TOP_LEVELS", 0)
+        build_model(bad)
+    no_top = make_cfg(FCOS_TOY, "MODEL.FCOS.TOP_LEVELS", 0)
     with pytest.raises(ValueError, match="TOP_LEVELS"):
-        build_or_skip(no_top)
+        build_model(no_top)
 
 
 def test_one_iteration_and_inference_on_toy_images(toy_root):
-    cfg = load_cfg(FCOS_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "MODEL.FCOS.POST_NMS_TOPK_TEST", 20)
-    model = build_or_skip(cfg)
+    cfg = make_cfg(FCOS_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "MODEL.FCOS.POST_NMS_TOPK_TEST", 20)
+    model = build_model(cfg)
     losses = train_step(model, mapped(cfg, toy_dicts(toy_root)[:2], is_train=True))
     assert set(losses) == FCOS_LOSSES
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
@@ -230,8 +229,8 @@ def test_trains_with_detectron2_simple_trainer(toy_root):
     from detectron2.engine import SimpleTrainer
     from detectron2.solver import build_optimizer
 
-    cfg = load_cfg(FCOS_TOY)
-    model = build_or_skip(cfg)
+    cfg = make_cfg(FCOS_TOY)
+    model = build_model(cfg)
     batch = mapped(cfg, toy_dicts(toy_root)[:2], is_train=True)
     scale_before = model.proposal_generator.head.scales[0].scale.clone()
     trainer = SimpleTrainer(model, iter([batch] * 3), build_optimizer(cfg, model))
@@ -243,7 +242,7 @@ def test_trains_with_detectron2_simple_trainer(toy_root):
 
 def test_tiny_fcos_overfits_one_toy_image(toy_root):
     """Loss falls by at least half in 100 SGD iterations on one image (R-18, 80 px, 1-conv towers)."""
-    cfg = load_cfg(
+    cfg = make_cfg(
         FCOS_TOY,
         "MODEL.FCOS.NUM_CLS_CONVS",
         1,
@@ -259,7 +258,7 @@ def test_tiny_fcos_overfits_one_toy_image(toy_root):
     from detectron2.utils.events import EventStorage
 
     torch.manual_seed(0)
-    model = build_or_skip(cfg)
+    model = build_model(cfg)
     model.train()
     batch = mapped(cfg, toy_dicts(toy_root)[:1], is_train=True)
     assert len(batch[0]["instances"]) > 0
@@ -284,14 +283,14 @@ def test_tiny_fcos_overfits_one_toy_image(toy_root):
 
 
 def test_num_classes_mismatch_with_data_set_names_the_key():
-    cfg = load_cfg(FCOS_TOY, "MODEL.FCOS.NUM_CLASSES", 80)
+    cfg = make_cfg(FCOS_TOY, "MODEL.FCOS.NUM_CLASSES", 80)
     with pytest.raises(ValueError) as e:
-        build_or_skip(cfg)
+        build_model(cfg)
     msg = str(e.value)
     assert "MODEL.FCOS.NUM_CLASSES=80" in msg and "'afigan_toy_train' has 3 categories" in msg
     assert "set MODEL.FCOS.NUM_CLASSES to 3" in msg
     assert "MODEL.ROI_HEADS" not in msg  # a one-stage detector has no ROI heads to configure
-    check_num_classes(load_cfg(FCOS_TOY))  # consistent: no error
+    check_num_classes(make_cfg(FCOS_TOY))  # consistent: no error
 
 
 # ---------------------------------------------------------------- bad input
@@ -299,8 +298,8 @@ def test_num_classes_mismatch_with_data_set_names_the_key():
 
 @pytest.fixture(scope="module")
 def fcos_model():
-    cfg = load_cfg(FCOS_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0)
-    return cfg, build_or_skip(cfg)
+    cfg = make_cfg(FCOS_TOY, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0)
+    return cfg, build_model(cfg)
 
 
 @pytest.mark.parametrize("case", ["no_annotations", "zero_width_box", "smaller_than_largest_stride"])
