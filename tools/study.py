@@ -5,7 +5,8 @@ and stage-2 interpolators against the teacher's full-resolution features; stage-
 one detector with each upsampler over several seeds (mean ± std, paired by seed); and the stage-1
 ablations (adversarial term detached, one interpolator per level). Writes study.json, study.md,
 fidelity.png and detection.png into --output-dir; re-running skips finished runs and resumes an
-interrupted one. See afigan/benchmark/study.py and the README section "What we measured".
+interrupted one (a run started with other settings stops the study with one sentence). See
+afigan/benchmark/study/ and the README section "What we measured".
 
     python tools/study.py --quick --output-dir output/study     (4 arms, seed 0: sized for 15 min on 2 CPU cores)
     python tools/study.py --output-dir output/study             (6 arms x 3 seeds, sized for 90; reuses the quick runs)

@@ -10,6 +10,8 @@ writes ``OUT_DIR/{train,val}/*.png`` and ``OUT_DIR/annotations/instances_{train,
 an ``unlabeled`` split for self-training in COCO's ``unlabeled2017`` layout: ``OUT_DIR/unlabeled/*.png``
 (the same kind of images, their shapes not annotated) listed in
 ``OUT_DIR/annotations/image_info_unlabeled.json`` (images and categories, no annotations).
+``OUT_DIR/generator_settings.json`` records what the set was made with (image counts, seed, format
+version): a caller asking for other settings gets the set made again (:func:`ensure_toy_dataset`).
 This module needs only numpy and Pillow; the Detectron2 registration lives in
 ``afigan.data.datasets``.
 """
@@ -25,10 +27,13 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from afigan.io import atomic_write_json
+
 __all__ = [
     "TOY_CATEGORIES",
     "make_toy_dataset",
     "toy_dataset_ready",
+    "toy_settings",
     "ensure_toy_dataset",
     "toy_paths",
     "ensure_toy_unlabeled",
@@ -43,11 +48,14 @@ TOY_CATEGORIES = [
 ]
 # Object side lengths in pixels for the three COCO size classes (area < 32^2, < 96^2, larger).
 _SCALES = {"small": (10, 26), "medium": (36, 80), "large": (100, 150)}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 1  # raise it when the generator draws other images: every set is then made again
+SETTINGS_FILE = "generator_settings.json"
 # Image ids of the unlabeled split start here, so they never collide with the labeled splits'
 # (1, 2, ...) when pseudo-labeled images and labeled ones are trained on together.
 UNLABELED_FIRST_ID = 500_001
 NUM_UNLABELED = 32
+# make_toy_dataset's defaults: the package's toy set.
+DEFAULT_SETTINGS = {"num_train": 48, "num_val": 16, "seed": 0, "num_unlabeled": NUM_UNLABELED}
 
 
 def toy_paths(root: str, split: str) -> Tuple[str, str]:
@@ -179,6 +187,9 @@ def ensure_toy_unlabeled(root: str, num_images: int = NUM_UNLABELED, seed: int =
                 raise
         # The info file last: its existence marks the split complete.
         os.replace(toy_unlabeled_paths(tmp)[0], info)
+        recorded = toy_settings(root)
+        if recorded is not None:
+            _write_settings(root, dict(recorded, num_unlabeled=num_images))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -195,6 +206,7 @@ def make_toy_dataset(
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    settings = _settings(num_train=num_train, num_val=num_val, seed=seed, num_unlabeled=num_unlabeled)
     tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
     try:
         rng = np.random.RandomState(seed)
@@ -205,6 +217,11 @@ def make_toy_dataset(
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
         _write_unlabeled(tmp, num_unlabeled, seed)
+        _write_settings(tmp, settings)
+        if toy_settings(out_dir) == settings and _splits_exist(out_dir):
+            # Another process (a DDP rank) put the same set in place meanwhile: keep it, it may be read.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out_dir
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -217,15 +234,48 @@ def make_toy_dataset(
     return out_dir
 
 
-def toy_dataset_ready(root: str) -> bool:
-    """True when both splits' json files exist under ``root``."""
+def _settings(**given) -> Dict:
+    unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise TypeError(
+            f"toy data set: unknown setting {unknown[0]!r}; the settings are {', '.join(DEFAULT_SETTINGS)}."
+        )
+    return dict(DEFAULT_SETTINGS, **{k: int(v) for k, v in given.items()}, format_version=_FORMAT_VERSION)
+
+
+def _write_settings(root: str, settings: Dict) -> None:
+    atomic_write_json(os.path.join(root, SETTINGS_FILE), settings, indent=1)
+
+
+def toy_settings(root: str):
+    """The settings the toy set at ``root`` was made with (None when it has no record: made by an
+    older afigan, or not there)."""
+    path = os.path.join(root, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _splits_exist(root: str) -> bool:
     return all(os.path.isfile(toy_paths(root, s)[0]) for s in ("train", "val"))
 
 
-def ensure_toy_dataset(root: str, **kwargs) -> str:
-    """Create the toy set at ``root`` unless it is already there; return ``root``."""
-    if not toy_dataset_ready(root):
-        make_toy_dataset(root, **kwargs)
+def toy_dataset_ready(root: str, **settings) -> bool:
+    """True when both splits exist under ``root`` and the set was made by this generator version
+    with ``settings`` (make_toy_dataset's arguments; the defaults fill in those not given). With no
+    settings given, any set of this version counts: the one at ``root``, as it was made."""
+    recorded = toy_settings(root)
+    if not _splits_exist(root) or recorded is None or recorded.get("format_version") != _FORMAT_VERSION:
+        return False
+    return not settings or recorded == _settings(**settings)
+
+
+def ensure_toy_dataset(root: str, **settings) -> str:
+    """Make the toy set at ``root`` unless one made with ``settings`` (see :func:`toy_dataset_ready`)
+    is there; return ``root``."""
+    if not toy_dataset_ready(root, **settings):
+        make_toy_dataset(root, **settings)
     return root
 
 

@@ -123,8 +123,9 @@ def test_folder_without_metrics_says_so(tmp_path):
 
 @pytest.fixture
 def finished_pipeline(tmp_path, stage1_run, monkeypatch, caplog):
-    """A pipeline folder whose every stage is done (final files present), with its evaluation
-    stubbed out: Pipeline.run only skips stages, evaluates and writes its results and plot."""
+    """A pipeline folder whose every stage is done (final files present, no settings records: it
+    is reused with a warning), with its evaluation stubbed out: Pipeline.run only skips stages,
+    evaluates and writes its results and plot."""
     _pipeline_layout(tmp_path, stage1_run)
     args = argparse.Namespace(num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
     pipe = Pipeline(os.path.join(CONFIGS, "toy", "pipeline"), str(tmp_path), args)
@@ -132,7 +133,7 @@ def finished_pipeline(tmp_path, stage1_run, monkeypatch, caplog):
         for f in files:
             os.makedirs(os.path.dirname(f), exist_ok=True)
             open(f, "w").close()
-    monkeypatch.setattr(Pipeline, "_run", lambda self, *a, **k: {"bbox": {"AP": 7.0}})
+    monkeypatch.setattr(Pipeline, "evaluate", lambda self, *a, **k: {"bbox": {"AP": 7.0}})
     status = logging.getLogger("afigan_pipeline")
     status.addHandler(caplog.handler)
     caplog.set_level(logging.INFO, logger="afigan_pipeline")

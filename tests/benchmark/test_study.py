@@ -1,4 +1,4 @@
-"""The study of tools/study.py (afigan/benchmark/study.py): its fidelity measures against values
+"""The study of tools/study.py (afigan/benchmark/study/): its fidelity measures against values
 computed by hand, its statistics over seeds, its schedule compression, and the whole command on a
 2-iteration budget (all outputs written, every run recorded, a second call skipping them all)."""
 
@@ -16,12 +16,12 @@ pytest.importorskip("matplotlib")
 from conftest import one_sentence_error  # noqa: E402
 from d2_helpers import CONFIGS, REPO  # noqa: E402
 
-from afigan.benchmark.study import (
-    _budget,
+from afigan.benchmark.study import (  # noqa: E402
+    budget_overrides,
     fixed_x2,
     interpolation_fidelity,
     mean_std,
-    paired,  # noqa: E402
+    paired,
     seed_noise,
     subset_ap,
     summarize,
@@ -169,9 +169,21 @@ def test_subset_ap_scores_each_part_of_the_images_alone(tmp_path):
 
 def test_budget_compresses_the_yaml_schedule():
     stage3 = os.path.join(CONFIGS, "toy", "pipeline", "stage3.yaml")  # 300 iterations, step 240, warm-up 50
-    assert _budget(stage3, 240, []) == ["SOLVER.MAX_ITER", "240", "SOLVER.STEPS", "(192,)", "SOLVER.WARMUP_ITERS", "40"]
-    assert _budget(stage3, 2, [])[:4] == ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()"]  # no step at the last iteration
-    assert _budget(stage3, 0, []) == []
+    assert budget_overrides(stage3, 240, []) == [
+        "SOLVER.MAX_ITER",
+        "240",
+        "SOLVER.STEPS",
+        "(192,)",
+        "SOLVER.WARMUP_ITERS",
+        "40",
+    ]
+    assert budget_overrides(stage3, 2, [])[:4] == [
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.STEPS",
+        "()",
+    ]  # no step at the last iteration
+    assert budget_overrides(stage3, 0, []) == []
 
 
 def _clear_logging():
@@ -267,13 +279,20 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     assert reported["summary"]["afi"]["bbox"]["per_seed"].keys() == {"0"}  # seed 1 is left out, not zero
     assert not os.path.exists(out / "afi" / "stage3_seed1")
 
-    # Other settings on the same folder would mix two studies: one sentence, nothing run.
+    # Other settings on the same folder would mix two studies: the pipeline's stale-settings rule
+    # stops at the first run started with other settings, in one sentence; nothing is run.
     changed = list(TINY)
     changed[changed.index("--max-iter") + 1] = 3
     with pytest.raises(SystemExit) as e:
         study("--output-dir", out, *changed)
     assert e.value.code == 1
-    assert "holds a finished run made with other settings" in one_sentence_error(capsys.readouterr().err)
+    err = capsys.readouterr()
+    assert one_sentence_error(err.err) == (
+        f"stage0 in {str(out / 'teacher' / 'stage0')!r} was started with other settings than this run's: "
+        "SOLVER.MAX_ITER 2 -> 3, SOLVER.STEPS () -> (2,); give a new --output-dir, or delete that folder (and the study's runs that "
+        "start from it) to train it again."
+    )
+    assert "running" not in err.out
 
 
 def test_a_missing_config_set_is_one_sentence(tmp_path, capsys, study):

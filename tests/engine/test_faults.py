@@ -256,18 +256,18 @@ def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_
     assert code == 0, everything[-3000:]
 
     # (e) stopped after stage 1 finished, before stage 2 started.
-    original_maybe = Pipeline._maybe
+    original_run_stage = Pipeline.run_stage
 
-    def stop_before_stage2(self, stage):
+    def stop_before_stage2(self, stage, *args, **kwargs):
         if stage == "stage2":
             raise KeyboardInterrupt
-        return original_maybe(self, stage)
+        return original_run_stage(self, stage, *args, **kwargs)
 
-    monkeypatch.setattr(Pipeline, "_maybe", stop_before_stage2)
+    monkeypatch.setattr(Pipeline, "run_stage", stop_before_stage2)
     out = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         tool("pipeline", *_pipeline_opts(out))
-    monkeypatch.setattr(Pipeline, "_maybe", original_maybe)
+    monkeypatch.setattr(Pipeline, "run_stage", original_run_stage)
 
     # (c) killed inside stage 2 or 3 (chosen at random) after its first iteration; the per-stage test
     # above varies the iteration (two iterations per stage keep this four-stage test short).

@@ -1,0 +1,66 @@
+"""The study of ``tools/study.py``: does the AF interpolator do what AFI-GAN promises?
+
+Three questions, asked on one data set with one teacher (README, "What we measured"):
+
+* **Interpolation fidelity**: on held-out images (``DATASETS.TEST``), per pyramid level, how far
+  the x2 upsampling of the teacher's half-resolution features P^lr_l is from its full-resolution
+  features P^hr_l, for nearest, bilinear, every stage-1 G and every stage-2 interpolator of the
+  study (:func:`.fidelity.interpolation_fidelity`: L1, relative L2 and PSNR over the level's feature range).
+  The half-size image is made as stage 1 makes it (:class:`afigan.data.hr_lr_mapper.HRLRDatasetMapper`)
+  and each G is called as stage 1 calls it (:class:`afigan.engine.stage1.LevelwiseGenerator`).
+* **Detection**: stage-3 COCO bbox/segm AP of one detector config whose only difference is the
+  upsampler (:data:`ARMS`: nearest, bilinear, AFI from the whole progressive chain, AFI trained
+  by stage 3 alone from random init, DySample, CARAFE, FADE), each for several ``SEED`` values at
+  one stage-3 budget; mean, sample standard deviation and a paired per-seed comparison with nearest.
+* **Ablations** (:data:`ABLATIONS`): stage 1 with the reference's detached adversarial term
+  (``MODEL.AFI.ADV_GRAD_TO_G False``) and with one interpolator per level (``MODEL.AFI.SHARED
+  False``), compared with the chain's own stage 1 by content loss and fidelity.
+
+One teacher (stage 0) serves every run, and one stage-1/2 chain per learned kind serves all of
+its stage-3 seeds: the seeds vary stage 3 only. Every run goes through the pipeline's public stage
+API (:class:`afigan.engine.pipeline.Pipeline`, wiring from the stage table), is skipped when
+finished (stages 0-2: their final checkpoints; stage 3: its ``results.json``) and resumes from its
+last checkpoint when interrupted, both only when it was started with the same settings (the
+pipeline's stale-settings rule). ``study.json`` records every run's config, overrides, seed and
+wall time as it goes; ``study.md``, ``fidelity.png`` and ``detection.png`` are written at the end.
+
+Modules by job: :mod:`.settings` (arms, ablations, study sizes, the study's toy set),
+:mod:`.fidelity` (interpolation fidelity), :mod:`.stats` (seed statistics, subset AP),
+:mod:`.runner` (the runs, through the pipeline's public stage API), :mod:`.report` (study.json,
+study.md, charts).
+"""
+
+from .fidelity import ErrorSums, fixed_x2, interpolation_fidelity, learned_x2, teacher_pyramids
+from .report import format_markdown, plot_detection, plot_fidelity, write_outputs
+from .runner import StudyRunner, budget_overrides, content_loss, run_study
+from .settings import ABLATIONS, ARMS, FULL, QUICK, STUDY_TOY, Arm, StudySettings, ensure_study_toy
+from .stats import mean_std, paired, seed_noise, subset_ap, summarize
+
+__all__ = [
+    "ErrorSums",
+    "fixed_x2",
+    "interpolation_fidelity",
+    "learned_x2",
+    "teacher_pyramids",
+    "mean_std",
+    "paired",
+    "summarize",
+    "seed_noise",
+    "subset_ap",
+    "Arm",
+    "ARMS",
+    "ABLATIONS",
+    "StudySettings",
+    "QUICK",
+    "FULL",
+    "STUDY_TOY",
+    "ensure_study_toy",
+    "budget_overrides",
+    "StudyRunner",
+    "content_loss",
+    "run_study",
+    "write_outputs",
+    "format_markdown",
+    "plot_fidelity",
+    "plot_detection",
+]
