@@ -4,9 +4,19 @@ import datetime
 import logging
 
 from detectron2.engine import hooks
+from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
-__all__ = ["FinalCheckpointer", "checkpoint_keep", "TotalsPrinter", "non_finite_loss_error"]
+from afigan.seeding import MODEL, seed_all_rngs
+
+__all__ = [
+    "FinalCheckpointer",
+    "checkpoint_keep",
+    "NamedLRScheduler",
+    "SeedEachIteration",
+    "TotalsPrinter",
+    "non_finite_loss_error",
+]
 
 
 class FinalCheckpointer(hooks.PeriodicCheckpointer):
@@ -25,6 +35,34 @@ def checkpoint_keep(cfg):
     """``SOLVER.CHECKPOINT_KEEP`` as fvcore's ``max_to_keep`` (None = keep every periodic checkpoint)."""
     keep = cfg.SOLVER.CHECKPOINT_KEEP
     return keep if keep > 0 else None
+
+
+class NamedLRScheduler(hooks.LRScheduler):
+    """Detectron2's LRScheduler hook, logging the learning rate as ``lr_<name>`` so two
+    optimisers (G and D) do not overwrite each other's value."""
+
+    def __init__(self, optimizer, scheduler, name: str, enabled: bool = True):
+        super().__init__(optimizer, scheduler)
+        self._name = name
+        self._enabled = enabled
+
+    def after_step(self):
+        lr = self._optimizer.param_groups[self._best_param_group_id]["lr"]
+        self.trainer.storage.put_scalar(f"lr_{self._name}", lr, smoothing_hint=False)
+        if self._enabled:
+            self.scheduler.step()
+
+
+class SeedEachIteration(hooks.HookBase):
+    """Seed the global RNGs from (SEED, iteration, rank) before every step (the ``MODEL`` stream
+    of :mod:`afigan.seeding`), so random choices inside the model (RPN / RoI sampling) depend
+    only on the iteration and a resumed run repeats an uninterrupted one exactly."""
+
+    def __init__(self, seed: int):
+        self._seed = seed
+
+    def before_step(self):
+        seed_all_rngs(self._seed, self.trainer.iter, comm.get_rank(), MODEL)
 
 
 class TotalsPrinter(EventWriter):
