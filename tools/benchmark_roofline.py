@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quiet_logs():
     """The trainers' set-up lines (Detectron2 prints the whole model) would bury the table: keep
     Detectron2's logger configured (so DefaultTrainer does not set up its own) but silent."""
-    from afigan.engine.common import quiet_third_party
+    from afigan.engine.setup import quiet_third_party
 
     quiet_third_party()
     for name in ("detectron2", "afigan"):

@@ -6,12 +6,11 @@ import time
 from typing import Dict, List
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from torch import nn
 
-from afigan.config import add_afigan_config
+from afigan.config import load_config
 
 __all__ = ["NECKS", "neck_cfg", "benchmark", "format_table", "ConstantFeatures", "median_seconds"]
 
@@ -30,25 +29,20 @@ NECKS = {
 def neck_cfg(neck: str, kind: str, device: str):
     """Mask R-CNN R-50 config with ``neck`` upsampling with ``kind`` (reference sizes: 256 channels,
     3 dense blocks)."""
-    cfg = add_afigan_config(get_cfg())
     spec = NECKS[neck]
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.BACKBONE.NAME = spec["name"]
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.BIFPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.BIFPN.NORM = "BN"
-    cfg.MODEL.AFI.INTERP = kind
-    cfg.MODEL.RPN.IN_FEATURES = spec["rpn"]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = spec["roi"]
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    return cfg
+    levels = ["res2", "res3", "res4", "res5"]
+    return load_config(
+        None,
+        [
+            *("MODEL.DEVICE", device, "MODEL.MASK_ON", True, "MODEL.BACKBONE.NAME", spec["name"]),
+            *("MODEL.RESNETS.OUT_FEATURES", levels, "MODEL.FPN.IN_FEATURES", levels),
+            *("MODEL.BIFPN.IN_FEATURES", levels[1:], "MODEL.BIFPN.NORM", "BN", "MODEL.AFI.INTERP", kind),
+            *("MODEL.RPN.IN_FEATURES", spec["rpn"], "MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
+            *("MODEL.ROI_HEADS.IN_FEATURES", spec["roi"], "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"),
+            *("MODEL.ROI_BOX_HEAD.NUM_FC", 2, "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"),
+            *("MODEL.ROI_MASK_HEAD.NUM_CONV", 4, "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]),
+        ],
+    )
 
 
 class ConstantFeatures(nn.Module):

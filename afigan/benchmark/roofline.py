@@ -9,7 +9,6 @@ included (a whole training step); forward rows also give fvcore's ``FlopCountAna
 (x 2), which agrees on convolutions and adds norms and interpolation (tests/test_roofline.py).
 """
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -25,9 +24,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from afigan.config import fallback_syncbn
+from afigan.config import fallback_syncbn, load_config
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
-from afigan.engine.common import load_cfg
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator
 from afigan.modeling.meta_arch import build_guide_model
 
@@ -278,7 +276,7 @@ def module_rows(short_side: int, variants: List[str], device: str, repeats: int,
 def _cfg(config: str, opts: List[str], stage: str):
     """The stage's config with ``opts``, without Detectron2's default_setup (whose logging would bury
     the table; nothing is written but the random weights)."""
-    cfg = load_cfg(argparse.Namespace(config_file=config, opts=list(opts)))
+    cfg = load_config(config, opts)
     cfg.MODEL.AFI.STAGE = "" if stage == "plain" else stage
     fallback_syncbn(cfg)
     cfg.freeze()

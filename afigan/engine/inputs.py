@@ -7,7 +7,7 @@ from detectron2.data import MetadataCatalog
 
 from afigan.data.loader import check_dataset_names
 
-from .common import require_file
+from .errors import require_file
 
 __all__ = ["WEIGHT_KEYS", "check_inputs"]
 

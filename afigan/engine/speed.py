@@ -1,6 +1,6 @@
 """The switches that change how fast a stage runs, never what it computes (beyond float rounding):
 ``MODEL.AFI.CHANNELS_LAST`` (memory format) and ``MODEL.AFI.COMPILE`` (torch.compile of G, D and
-the neck's upsampler). Mixed precision is :class:`afigan.engine.common.AMPPolicy`. Which of them
+the neck's upsampler). Mixed precision is :class:`afigan.engine.amp.AMPPolicy`. Which of them
 pays off where is measured by tools/benchmark_roofline.py (README, "Performance")."""
 
 import logging

@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from stage_helpers import stage1_chain, stage_cfg  # noqa: E402
 
 from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer  # noqa: E402
-from afigan.engine.common import AMPPolicy, cpu_supports_bfloat16  # noqa: E402
+from afigan.engine.amp import AMPPolicy, cpu_supports_bfloat16  # noqa: E402
 from afigan.engine.speed import compile_modules, upsampler_modules  # noqa: E402
 
 
@@ -133,9 +133,9 @@ def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_pa
 
 
 def test_amp_on_a_cpu_without_bfloat16_kernels_warns_and_trains_in_float32(monkeypatch, afigan_log):
-    import afigan.engine.common as common
+    import afigan.engine.amp as amp_module
 
-    monkeypatch.setattr(common, "cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr(amp_module, "cpu_supports_bfloat16", lambda: False)
     amp = AMPPolicy(make_cfg(None, "SOLVER.AMP.ENABLED", True), torch.device("cpu"))
     assert not amp.enabled and amp.grad_scaler() is None
     assert "SOLVER.AMP.ENABLED is ignored on cpu: it has no bfloat16 convolution kernels" in afigan_log.text
