@@ -35,7 +35,6 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import afigan.data.datasets  # noqa: F401  (registers the toy data sets the toy configs name)
 import afigan.modeling  # noqa: F401  (registers afigan's backbones, necks and heads)
@@ -50,6 +49,7 @@ __all__ = [
     "expand_inputs",
     "Predictor",
     "readable_predictions",
+    "draw_instances",
     "DatasetIndex",
     "predict_images",
     "split_overrides",
@@ -212,6 +212,24 @@ def readable_predictions(
         yield position, path, rgb, instances[instances.scores >= threshold]
 
 
+def draw_instances(rgb, meta, instances, png: str) -> None:
+    """Write ``png``: the RGB image (H, W, 3) uint8 with ``instances`` drawn by Detectron2's
+    ``Visualizer`` (class names from ``meta``)."""
+    # Imported here, not at the top: the Visualizer needs OpenCV (the `vis` extra, which Detectron2
+    # does not declare), and training, the pipeline and evaluation import this module without drawing.
+    try:
+        from detectron2.utils.visualizer import ColorMode, Visualizer
+    except ModuleNotFoundError as e:
+        if e.name != "cv2":
+            raise
+        raise ModuleNotFoundError(
+            "Drawing predictions needs OpenCV, which Detectron2's Visualizer imports: "
+            "pip install -e '.[vis]' (or opencv-python-headless).",
+            name="cv2",
+        ) from None
+    Visualizer(rgb, meta, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances).save(png)
+
+
 def predict_images(cfg, paths: Sequence[str], output_dir: str, log=None) -> Dict:
     """Predict every file of ``paths`` (see the module docstring for what is written to
     ``output_dir``). An unreadable file gets one line (``log``, default: stderr above the
@@ -234,9 +252,8 @@ def predict_images(cfg, paths: Sequence[str], output_dir: str, log=None) -> Dict
         stem = os.path.splitext(os.path.basename(path))[0]
         stems[stem] = stems.get(stem, 0) + 1
         name = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
-        vis = Visualizer(rgb, meta, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
         png = os.path.join(output_dir, f"{name}.png")
-        vis.save(png)
+        draw_instances(rgb, meta, instances, png)
         images.append(png)
     out = os.path.join(output_dir, "predictions.json")
     with open(out, "w") as f:
