@@ -8,7 +8,9 @@
 
 # The active environment's interpreter (python3 where there is no `python`); `make PYTHON=...` overrides.
 PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
-QUICKSTART = $(PYTHON) tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline --make-toy-data
+# PIPELINE_OPTS: trailing KEY VALUE overrides for every stage of the quick start (the README test cuts
+# the iterations with it).
+QUICKSTART = $(PYTHON) tools/pipeline.py --config-dir configs/toy/quickstart --output-dir output/quickstart --make-toy-data $(PIPELINE_OPTS)
 TEST = $(PYTHON) -m pytest -q tests
 
 .PHONY: setup quickstart test

@@ -32,7 +32,8 @@ from importlib.util import find_spec
 from typing import List, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# realpath: run through a linked copy of the checkout, it still means this checkout.
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_dependencies import normalize, requirement_name, setup_requirements  # noqa: E402
 
