@@ -7,6 +7,7 @@ and empty top-level packages), so what counts as installed is exactly what a tes
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,16 +242,17 @@ def test_makefile_runs_setup_first_then_the_quick_start_or_the_tests():
     if not shutil.which("make"):
         pytest.skip("make is not installed on this machine")
 
-    def dry(target):
+    def dry(target, *variables):
         out = subprocess.run(
-            ["make", "-n", "-s", target, "PYTHON=py"], cwd=REPO, capture_output=True, text=True, timeout=60
+            ["make", "-n", "-s", target, "PYTHON=py", *variables], cwd=REPO, capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, out.stderr
         return out.stdout.splitlines()
 
     assert dry("setup") == ["py scripts/setup_env.py"]
-    assert dry("quickstart") == [
-        "py scripts/setup_env.py",
-        "py tools/pipeline.py --config-dir configs/toy/pipeline --output-dir output/toy_pipeline --make-toy-data",
-    ]
+    # The quick start is the README's command, with the trailing overrides PIPELINE_OPTS gives.
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    command = re.search(r"^python (tools/pipeline\.py --config-dir configs/toy/quickstart .*)$", readme, re.M).group(1)
+    assert [line.rstrip() for line in dry("quickstart")] == ["py scripts/setup_env.py", f"py {command}"]
+    assert dry("quickstart", "PIPELINE_OPTS=SEED 3")[1] == f"py {command} SEED 3"
     assert dry("test") == ["py scripts/setup_env.py", "py -m pytest -q tests"]
