@@ -199,9 +199,9 @@ class Pipeline:
         return make_record(self.stage_config(stage, overrides, name=name, wired=wired), stage, extra)
 
     def _state(self, step: str, folder: str, record: Dict, finished: bool, started: bool) -> str:
-        """ "done" (reuse it), "resume" or "fresh"; stops with one sentence when what would be reused
+        """'done' (reuse it), 'resume' or 'fresh'; stops with one sentence when what would be reused
         was started with other settings (:mod:`afigan.engine.stage_record`)."""
-        if step in self._retrain or not (finished or started):
+        if not (finished or started):
             return "fresh"
         state = "done" if finished else "resume"
         old = read_record(folder)

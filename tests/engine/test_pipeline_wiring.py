@@ -11,6 +11,7 @@ pytest.importorskip("detectron2")
 
 from d2_helpers import CONFIGS, make_cfg  # noqa: E402
 
+from afigan.config import flatten  # noqa: E402
 from afigan.engine.pipeline import Pipeline, stage_final_files  # noqa: E402
 from afigan.engine.stages import STAGES, final_files  # noqa: E402
 
@@ -96,3 +97,16 @@ def test_teacher_is_command_line_then_stage1_yaml_then_stage0(tmp_path):
     assert p.teacher_weights() == "teacher_cli.pkl"
     for stage in ("stage1", "stage2"):
         assert _stage_cfg(p, stage, out).MODEL.GUIDE_WEIGHTS == "teacher_cli.pkl"
+
+
+def test_option_and_stage_config_read_the_command_line_over_the_yaml(tmp_path):
+    out = str(tmp_path / "out")
+    config_dir = _config_set(tmp_path, stage2_weights="from_stage2_yaml.pth")
+    p = _pipeline(config_dir, out, "SOLVER.BASE_LR", "0.5")
+    assert p.option("MODEL.WEIGHTS", "stage2") == "from_stage2_yaml.pth"  # the YAML's (through _BASE_)
+    assert p.option("SOLVER.BASE_LR", "stage3") == 0.5  # the command line's
+    assert p.option("SOLVER.MAX_ITER", "stage3") == 300  # the YAML's
+    # The config a stage is trained (and recorded) with: YAML, command line, wiring, AFI.STAGE.
+    for stage in ("stage1", "stage2", "stage3"):
+        expected = dict(flatten(_stage_cfg(p, stage, out)), **{"MODEL.AFI.STAGE": stage})
+        assert flatten(p.stage_config(stage)) == expected
