@@ -289,8 +289,8 @@ def test_quick_study_on_two_iterations_writes_every_output_and_skips_finished_ru
     err = capsys.readouterr()
     assert one_sentence_error(err.err) == (
         f"stage0 in {str(out / 'teacher' / 'stage0')!r} was started with other settings than this run's: "
-        "SOLVER.MAX_ITER 2 -> 3, SOLVER.STEPS () -> (2,); give a new --output-dir, or delete that folder (and the study's runs that "
-        "start from it) to train it again."
+        "SOLVER.MAX_ITER 2 -> 3, SOLVER.STEPS () -> (2,); give a new --output-dir, or delete that folder (and "
+        "the study's runs that start from it) to train it again."
     )
     assert "running" not in err.out
 
