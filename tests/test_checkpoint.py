@@ -9,7 +9,7 @@ from conftest import load_listing, random_state_dict  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from afigan.checkpoint import AFICheckpointer, load_interpolator_weights  # noqa: E402
+from afigan.checkpoint import AFICheckpointer, PartialLoad, load_interpolator_weights  # noqa: E402
 
 RELEASED = {
     "mask_rcnn_R_50_FPN_afi.json": "inference/AFI-GAN_maskrcnn_R_50_FPN.yaml",
@@ -146,3 +146,78 @@ def test_checkpointer_saves_atomically(tmp_path):
     # And what was written holds the weights of that time.
     saved = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
     assert saved["iteration"] == 1 and torch.equal(saved["model"]["weight"], torch.arange(6.0))
+
+
+# ---------------------------------------------------------------- the upsampler tag, partial loads
+
+
+def test_every_save_of_a_model_with_an_upsampler_records_its_kind_and_layout(tmp_path, toy_model):
+    AFICheckpointer(toy_model, save_dir=str(tmp_path / "det")).save("model_final", iteration=3)
+    saved = torch.load(tmp_path / "det" / "model_final.pth", weights_only=False)
+    assert saved["upsampler"] == {"kind": "afi", "shared": True} and saved["iteration"] == 3
+    AFICheckpointer(_Dies(), save_dir=str(tmp_path / "plain")).save("model_final")
+    assert "upsampler" not in torch.load(tmp_path / "plain" / "model_final.pth", weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "tag, held",
+    [({"kind": "carafe", "shared": True}, "shared 'carafe'"), ({"kind": "afi", "shared": False}, "per-level 'afi'")],
+)
+def test_a_file_tagged_with_another_kind_or_layout_stops_before_anything_loads(tmp_path, toy_model, tag, held):
+    # The tensors fit the model key for key: only the tag tells that they are of another kind.
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in toy_model.state_dict().items()}, "upsampler": tag}, path)
+    before = {k: v.clone() for k, v in toy_model.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        AFICheckpointer(toy_model).load(path)
+    assert str(e.value) == (
+        f"{path!r} holds a {held} upsampler but the config asks for a shared 'afi' one; use the MODEL.AFI.INTERP / "
+        "MODEL.AFI.SHARED it was trained with (resuming: or start in a new OUTPUT_DIR)."
+    )
+    assert all(torch.equal(v, before[k]) for k, v in toy_model.state_dict().items())
+    # The same file without a tag (written before checkpoints carried one) loads whole.
+    torch.save({"model": torch.load(path, weights_only=False)["model"]}, path)
+    ckpt = AFICheckpointer(toy_model)
+    ckpt.load(path)
+    assert ckpt.last_incompatible.missing_keys == [] and ckpt.last_incompatible.unexpected_keys == []
+    assert all(not v.any() for k, v in toy_model.state_dict().items() if v.is_floating_point())
+    with torch.no_grad():  # the module-scoped model back as it was
+        for k, v in toy_model.state_dict().items():
+            v.copy_(before[k])
+
+
+def _records(caplog, level):
+    return [r for r in caplog.records if r.levelno == level]
+
+
+def test_a_partial_load_is_one_line_and_the_next_load_expects_nothing(tmp_path, toy_model, caplog):
+    import logging
+
+    sd = {k: v.clone() for k, v in toy_model.state_dict().items() if "srf_module" not in k}
+    sd["roi_heads.extra_head.weight"] = torch.zeros(2)
+    path = str(tmp_path / "teacher_like.pth")
+    torch.save({"model": sd}, path)
+    partial = PartialLoad("the test detector", missing_ok=("backbone.srf_module",), unused_ok=("roi_heads.extra",))
+    with caplog.at_level(logging.INFO):
+        AFICheckpointer(toy_model).load(path, partial=partial)
+    lines = [r.getMessage() for r in _records(caplog, logging.INFO) if r.name == "afigan.checkpoint"]
+    srf = sum(1 for k in toy_model.state_dict() if "srf_module" in k)
+    total = len(toy_model.state_dict())
+    assert lines == [
+        f"Loaded {total - srf} of {total} tensors of the test detector from {path}; left at their initialisation: "
+        f"backbone.srf_module.* ({srf}); not used from the file: roi_heads.* (1)."
+    ]
+    assert _records(caplog, logging.WARNING) == []
+    # The same checkpointer, the same file, no declaration: fvcore's lists, nothing left of the last call.
+    caplog.clear()
+    ckpt = AFICheckpointer(toy_model)
+    for declared in (partial, None):
+        with caplog.at_level(logging.INFO):
+            ckpt.load(path, partial=declared)
+    warned = " ".join(r.getMessage() for r in _records(caplog, logging.WARNING))
+    assert "backbone.srf_module" in warned and "roi_heads.extra_head.weight" in warned
+    # A declaration that does not cover what is missing is partial by accident: loud as well.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ckpt.load(path, partial=PartialLoad("the test detector", unused_ok=("roi_heads.extra",)))
+    assert "backbone.srf_module" in " ".join(r.getMessage() for r in _records(caplog, logging.WARNING))

@@ -13,6 +13,7 @@ PACKAGE = os.path.join(REPO, "afigan")
 RANKS = {
     "afigan.layers": 0,
     "afigan.seeding": 0,
+    "afigan.io": 0,  # the atomic writer: standard library only
     "afigan.config": 1,
     "afigan.checkpoint": 1,
     "afigan.data": 2,

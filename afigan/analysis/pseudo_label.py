@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -36,6 +35,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from pycocotools import mask as mask_utils
 
 from afigan.data.datasets import PSEUDO_INFO_KEY, PSEUDO_PREFIX
+from afigan.io import atomic_write_json
 
 from .predict import (
     DatasetIndex,
@@ -219,17 +219,7 @@ def pseudo_label_images(
         "annotations": annotations,
         "categories": categories,
     }
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".pseudo-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(coco, f)
-        os.replace(tmp, output)  # a kill mid-write leaves no truncated file under the final name
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_json(output, coco)  # a kill mid-write leaves no truncated file under the final name
     return {
         "output": output,
         "images": len(images),

@@ -22,6 +22,8 @@ from typing import Dict, List
 from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
+from afigan.io import atomic_write
+
 __all__ = ["AFICOCOEvaluator", "submission_name"]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ def submission_name(json_file: str, dataset_name: str, alg: str) -> str:
     (``test-dev2017`` for COCO test-dev), else the data set's name."""
     m = re.fullmatch(r"image_info_(.+)\.json", os.path.basename(json_file or ""))
     return f"detections_{_field(m.group(1) if m else dataset_name)}_{_field(alg)}_results"
+
+
+def _zip_json(f, name: str, obj) -> None:
+    """A zip archive holding one JSON file ``name`` (the COCO server's submission format), into ``f``."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, json.dumps(obj))
 
 
 class AFICOCOEvaluator(COCOEvaluator):
@@ -116,9 +124,7 @@ class AFICOCOEvaluator(COCOEvaluator):
             folder = os.path.join(self._output_dir, "submission", task)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, name + ".zip")
-            with zipfile.ZipFile(path + ".tmp", "w", compression=zipfile.ZIP_DEFLATED) as z:
-                z.writestr(name + ".json", json.dumps(entries))
-            os.replace(path + ".tmp", path)
+            atomic_write(path, lambda f: _zip_json(f, name + ".json", entries))
             written.append(path)
         print(
             f"{self._dataset_name} has no annotations, so nothing is scored here: {len(results)} detections on "

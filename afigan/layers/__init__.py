@@ -15,6 +15,9 @@ from .upsample import (
     build_upsampler,
     is_guided,
     register_upsampler,
+    unregister_upsampler,
+    upsampler_config_node,
+    upsampler_kind_of,
     upsampler_kinds,
     upsampler_kwargs,
 )

@@ -9,6 +9,12 @@ it, the others ignore it. Necks therefore never special-case one kind.
 Kinds: "nearest", "bilinear" (parameter-free), "afi" (the AF interpolator), "dysample", "carafe",
 "fade" (guided), "deconv", "pixelshuffle". :func:`upsampler_kwargs` lists each kind's keyword
 arguments and their defaults.
+
+A kind is one layer file plus one registration: the factory's keyword parameters with defaults are
+its options, and the config keys ``MODEL.AFI.<NODE>.<OPTION>`` are made from them
+(:func:`upsampler_config_node`, ``afigan.config``), so a new kind needs no edit anywhere else.
+Every module :func:`build_upsampler` returns carries its kind in ``upsampler_kind`` (what
+checkpoints record, see :func:`upsampler_kind_of`).
 """
 
 import inspect
@@ -30,22 +36,29 @@ __all__ = [
     "register_upsampler",
     "build_upsampler",
     "InterpolateUpsampler",
+    "unregister_upsampler",
     "upsampler_kinds",
     "upsampler_kwargs",
+    "upsampler_config_node",
+    "upsampler_kind_of",
     "is_guided",
 ]
 
 UPSAMPLERS: Dict[str, Callable[..., nn.Module]] = {}
 # Kind -> whether its modules need ``guide`` (known without building one).
 _GUIDED: Dict[str, bool] = {}
+# Kind -> the node under MODEL.AFI holding its options ("" = MODEL.AFI itself).
+_CONFIG_NODE: Dict[str, str] = {}
 
 
-def register_upsampler(name: str, guided: bool = False):
+def register_upsampler(name: str, guided: bool = False, config_node: Optional[str] = None):
     """Decorator adding a factory ``f(channels, **kwargs) -> nn.Module`` under ``name``.
 
     ``guided``: whether the modules it builds read ``guide`` (their class attribute ``guided``).
     Keyword parameters with defaults in the factory's signature are what :func:`upsampler_kwargs`
-    reports; a factory taking ``**kwargs`` accepts (and may ignore) anything.
+    reports, and each becomes the config key ``MODEL.AFI.<config_node>.<PARAMETER>`` (upper case;
+    ``config_node`` defaults to ``name.upper()``, "" puts the keys directly under ``MODEL.AFI``);
+    a factory taking ``**kwargs`` accepts (and may ignore) anything.
     """
 
     def wrap(factory):
@@ -53,9 +66,17 @@ def register_upsampler(name: str, guided: bool = False):
             raise KeyError(f"An upsampler named {name!r} is already registered.")
         UPSAMPLERS[name] = factory
         _GUIDED[name] = bool(guided)
+        _CONFIG_NODE[name] = name.upper() if config_node is None else config_node
         return factory
 
     return wrap
+
+
+def unregister_upsampler(name: str) -> None:
+    """Remove kind ``name`` from the registry (a kind registered for a test or an experiment)."""
+    _check_kind(name)
+    for table in (UPSAMPLERS, _GUIDED, _CONFIG_NODE):
+        table.pop(name, None)
 
 
 class InterpolateUpsampler(nn.Module):
@@ -92,32 +113,53 @@ def _bilinear(channels: int, **kwargs) -> nn.Module:
     return InterpolateUpsampler("bilinear", channels)
 
 
-@register_upsampler("afi")
+# The AF interpolator's options keep the reference's flat keys MODEL.AFI.NUM_BLOCKS, GROWTH, ...
+@register_upsampler("afi", config_node="")
 def _afi(
     channels: int,
     *,
-    num_blocks: int = 3,
-    growth: int = 32,
-    res_scale: float = 0.2,
-    skip: str = "bilinear",
-    init_scale: float = 0.1,
+    num_blocks: int = 3,  # dense blocks in the interpolator's RRDB
+    growth: int = 32,  # dense-block growth rate
+    res_scale: float = 0.2,  # residual scale beta
+    skip: str = "bilinear",  # the parallel x2 path: "bilinear" | "nearest" | "none"
+    init_scale: float = 0.1,  # multiplier of the Kaiming init (0.1 in the reference)
 ) -> nn.Module:
     # Spelled out (the AFInterpolator defaults) so that upsampler_kwargs("afi") can list them.
     return AFInterpolator(channels, num_blocks, growth, res_scale, skip, init_scale)
 
 
+# DySample (ICCV 2023): MODEL.AFI.DYSAMPLE.*
 @register_upsampler("dysample")
-def _dysample(channels: int, *, style: str = "lp", groups: int = 4, dyscope: bool = False) -> nn.Module:
+def _dysample(
+    channels: int,
+    *,
+    style: str = "lp",  # "lp" (linear then pixel shuffle) | "pl" (pixel shuffle first)
+    groups: int = 4,  # offset groups; channels must be divisible by it
+    dyscope: bool = False,  # dynamic offset scope (DySample+)
+) -> nn.Module:
     return DySample(channels, style=style, groups=groups, dyscope=dyscope)
 
 
+# CARAFE (ICCV 2019): MODEL.AFI.CARAFE.*
 @register_upsampler("carafe")
-def _carafe(channels: int, *, up_kernel: int = 5, encoder_kernel: int = 3, compressed_channels: int = 64) -> nn.Module:
+def _carafe(
+    channels: int,
+    *,
+    up_kernel: int = 5,  # reassembly kernel k_up
+    encoder_kernel: int = 3,  # content-encoder kernel k_enc
+    compressed_channels: int = 64,  # channel compressor width
+) -> nn.Module:
     return CARAFE(channels, up_kernel=up_kernel, encoder_kernel=encoder_kernel, compressed_channels=compressed_channels)
 
 
+# FADE (ECCV 2022), guided by the finer lateral: MODEL.AFI.FADE.*
 @register_upsampler("fade", guided=True)
-def _fade(channels: int, *, up_kernel: int = 5, embedding: int = 64) -> nn.Module:
+def _fade(
+    channels: int,
+    *,
+    up_kernel: int = 5,  # reassembly kernel k_up
+    embedding: int = 64,  # kernel-generator embedding width
+) -> nn.Module:
     return FADE(channels, up_kernel=up_kernel, embedding=embedding)
 
 
@@ -160,6 +202,20 @@ def upsampler_kwargs(kind: str) -> Dict[str, Any]:
     }
 
 
+def upsampler_config_node(kind: str) -> str:
+    """The node under ``MODEL.AFI`` holding ``kind``'s options: "DYSAMPLE" for "dysample", "" for
+    "afi" (its keys sit directly under ``MODEL.AFI``, as in the reference)."""
+    _check_kind(kind)
+    return _CONFIG_NODE[kind]
+
+
+def upsampler_kind_of(module: nn.Module) -> Optional[str]:
+    """The registry kind a module was built as (by :func:`build_upsampler`), or None for a module
+    built otherwise (a user's own upsampler)."""
+    kind = getattr(module, "upsampler_kind", None)
+    return kind if isinstance(kind, str) else None
+
+
 def is_guided(kind_or_module: Union[str, nn.Module]) -> bool:
     """Whether a kind (registry name) or an upsampler module needs ``guide`` in its call."""
     if isinstance(kind_or_module, str):
@@ -186,4 +242,6 @@ def build_upsampler(name: str, channels: int, **kwargs) -> nn.Module:
             raise ValueError(
                 f"Unknown keyword argument(s) {unknown} for upsampler kind {name!r}; accepted: {sorted(accepted)}."
             )
-    return factory(channels, **kwargs)
+    module = factory(channels, **kwargs)
+    module.upsampler_kind = name  # checkpoints record it, so nothing has to guess a kind from key names
+    return module

@@ -78,6 +78,10 @@ def test_stage2_trains_one_forward_per_step_and_checkpoints_both(chain, tmp_path
     assert t.optimizer_D.param_groups[0]["lr"] != lr_d  # and moved D's learning rate (warm-up)
     assert os.path.isfile(tmp_path / "AFExtractor" / "model_final.pth")
     assert os.path.isfile(tmp_path / "Disc" / "model_final.pth")
+    # M's checkpoint names the upsampler it holds (as stage 1's G does); D's holds none.
+    m = torch.load(tmp_path / "AFExtractor" / "model_final.pth", weights_only=False)
+    assert m["upsampler"] == {"kind": "afi", "shared": True} and m["iteration"] == 1
+    assert "upsampler" not in torch.load(tmp_path / "Disc" / "model_final.pth", weights_only=False)
     # Inference of the AF extractor on ordinary images works (B6 of docs/differences_from_reference.md of the
     # reference).
     t.model.eval()
@@ -144,10 +148,50 @@ def test_stage3_resume_equals_uninterrupted_run(tmp_path):
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
     resumed.train()
+    assert torch.load(tmp_path / "full" / "model_final.pth", weights_only=False)["upsampler"] == {
+        "kind": "afi",
+        "shared": True,
+    }
     a, b = full.model.state_dict(), resumed.model.state_dict()
     # Same batches, same sampling seeds, same optimizer state: equal up to float reordering.
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_a_kind_mismatch_at_stage_3_names_both_kinds_from_the_tags(tmp_path):
+    """The file's kind comes from its tag, the model's from its upsampler: the tensors of the
+    tagged file below fit the dysample model key for key, and still it is refused as carafe; a
+    file without a tag is refused without a kind, never a guessed one."""
+    torch.manual_seed(0)
+    t = DetectorTrainer(
+        stage_cfg(
+            "toy/pipeline/stage3.yaml",
+            str(tmp_path / "s3"),
+            "MODEL.AFI.INTERP",
+            "dysample",
+            "MODEL.AF_EXTRACTOR_WEIGHTS",
+            str(tmp_path / "m.pth"),
+        )
+    )
+    own = t.model.state_dict()
+    torch.save({"model": own, "upsampler": {"kind": "carafe", "shared": True}}, tmp_path / "m.pth")
+    with pytest.raises(ValueError) as e:
+        t.resume_or_load(resume=False)
+    assert str(e.value) == (
+        f"MODEL.AF_EXTRACTOR_WEIGHTS: {str(tmp_path / 'm.pth')!r} holds a 'carafe' upsampler, which does not fit "
+        "the model's 'dysample'; set MODEL.AFI.INTERP to the kind it was trained with ('carafe') or give a "
+        "'dysample' file."
+    )
+    # An older file (no tag) of the AF interpolator: the sentence without the file's kind.
+    afi = _stage3(tmp_path / "afi").model.state_dict()
+    torch.save({"model": afi}, tmp_path / "m.pth")
+    with pytest.raises(ValueError) as e:
+        t.resume_or_load(resume=False)
+    assert str(e.value).startswith(
+        f"MODEL.AF_EXTRACTOR_WEIGHTS: {str(tmp_path / 'm.pth')!r} holds an upsampler of another kind (the file "
+        "does not name it), which does not fit the model's 'dysample'; set MODEL.AFI.INTERP to the kind it was "
+        "trained with (one of ['afi', "
+    )
 
 
 def test_stage3_missing_af_extractor_file_is_one_sentence(tmp_path):

@@ -19,7 +19,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from afigan.checkpoint import AFICheckpointer
+from afigan.checkpoint import AFICheckpointer, PartialLoad
 
 __all__ = ["GUIDE_ARCH_REGISTRY", "RCNN_FPN_only", "build_guide_model"]
 
@@ -91,7 +91,7 @@ def build_guide_model(cfg, load_weights: bool = True) -> nn.Module:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"MODEL.GUIDE_WEIGHTS: file {path!r} does not exist.")
         ckpt = AFICheckpointer(model)
-        ckpt.load(path)
+        ckpt.load(path, partial=PartialLoad("the teacher", unused_ok=("",)))  # a detector file: only its backbone
         missing = [k for k in ckpt.last_incompatible.missing_keys if k.startswith("backbone.")]
         if missing or ckpt.last_incompatible.incorrect_shapes:
             first = missing[0] if missing else ckpt.last_incompatible.incorrect_shapes[0][0]

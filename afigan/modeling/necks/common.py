@@ -6,13 +6,13 @@ keyed by the level the step produces (``SHARED False``, mmdetection's layout for
 upsamplers). Guided kinds (FADE) also receive the finer level's lateral.
 """
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from afigan.config import afi_freeze
-from afigan.layers import build_upsampler, upsampler_kinds
+from afigan.layers import build_upsampler, upsampler_config_node, upsampler_kinds, upsampler_kwargs
 
 __all__ = [
     "upsampler_from_config",
@@ -26,34 +26,20 @@ __all__ = [
 
 Upsamplers = Union[nn.Module, Mapping[str, nn.Module]]
 
-# Per kind: (config node of its options, its keyword arguments from MODEL.AFI).
-_OPTIONS: Dict[str, Callable] = {
-    "afi": lambda a: (
-        "MODEL.AFI.{NUM_BLOCKS,GROWTH,RES_SCALE,SKIP}",
-        dict(num_blocks=a.NUM_BLOCKS, growth=a.GROWTH, res_scale=a.RES_SCALE, skip=a.SKIP),
-    ),
-    "dysample": lambda a: (
-        "MODEL.AFI.DYSAMPLE",
-        dict(style=a.DYSAMPLE.STYLE, groups=a.DYSAMPLE.GROUPS, dyscope=a.DYSAMPLE.DYSCOPE),
-    ),
-    "carafe": lambda a: (
-        "MODEL.AFI.CARAFE",
-        dict(
-            up_kernel=a.CARAFE.UP_KERNEL,
-            encoder_kernel=a.CARAFE.ENCODER_KERNEL,
-            compressed_channels=a.CARAFE.COMPRESSED_CHANNELS,
-        ),
-    ),
-    "fade": lambda a: ("MODEL.AFI.FADE", dict(up_kernel=a.FADE.UP_KERNEL, embedding=a.FADE.EMBEDDING)),
-}
-
 
 def upsampler_options(cfg, kind: str):
-    """``(config node name, keyword arguments)`` of ``kind``'s options in ``MODEL.AFI``; kinds
+    """``(config node name, keyword arguments)`` of ``kind``'s options in ``MODEL.AFI``, one per
+    keyword parameter of its factory (``afigan.config.add_upsampler_config`` made the keys). A key
+    the cfg lacks (a kind registered after the cfg was made) gives the factory's default. Kinds
     without options give ``("MODEL.AFI.INTERP", {})``."""
-    if kind in _OPTIONS:
-        return _OPTIONS[kind](cfg.MODEL.AFI)
-    return "MODEL.AFI.INTERP", {}
+    defaults = upsampler_kwargs(kind)
+    if not defaults:
+        return "MODEL.AFI.INTERP", {}
+    name = upsampler_config_node(kind)
+    node = cfg.MODEL.AFI.get(name, None) if name else cfg.MODEL.AFI
+    kwargs = {k: (node.get(k.upper(), v) if node is not None else v) for k, v in defaults.items()}
+    keys = f"MODEL.AFI.{name}" if name else "MODEL.AFI.{" + ",".join(k.upper() for k in defaults) + "}"
+    return keys, kwargs
 
 
 def upsampler_from_config(cfg, channels: int, kind: Optional[str] = None, freeze: Optional[bool] = None) -> nn.Module:
@@ -61,7 +47,10 @@ def upsampler_from_config(cfg, channels: int, kind: Optional[str] = None, freeze
     ``kind``) with its options (``upsampler_options``); frozen when ``MODEL.AFI_FREEZE`` (or
     ``freeze``). Used by every neck and by stage 1's G."""
     kind = cfg.MODEL.AFI.INTERP if kind is None else kind
-    node, kwargs = upsampler_options(cfg, kind)
+    try:
+        node, kwargs = upsampler_options(cfg, kind)
+    except ValueError as e:  # an unknown kind
+        raise ValueError(f"MODEL.AFI.INTERP: {e}") from None
     try:
         up = build_upsampler(kind, channels, **kwargs)
     except ValueError as e:
