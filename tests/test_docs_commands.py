@@ -52,6 +52,7 @@ CANNOT_RUN = [
     ("my_retinanet.yaml", "stands for the user's own config file"),
     ("datasets/coco/", "needs COCO"),
     ("weights/AFI-GAN_", "needs the authors' released weights"),
+    ("output/fcos_R_50_FPN_afi/", "evaluates the 8-GPU COCO run above"),
 ]
 
 # Trailing overrides that cut a training run to a few iterations; they come last, so they win.
@@ -67,13 +68,13 @@ SMALLEST = {
     "benchmark_training.py": {"--size": ["64"], "--iters": ["3"], "--batch": ["1"]},
     "benchmark_upsamplers.py": {"--repeats": ["1"], "--p2": ["16", "16"]},
     "benchmark_roofline.py": {"--sizes": ["64"], "--repeats": ["1"], "--iters": ["2"]},
-    "study.py": {"--max-iter": ["2", "2", "2", "2"]},
+    "study.py": {"--max-iter": ["2", "2", "2", "2"], "--fidelity-images": ["4"]},
     "lazy_train_net.py": {},
 }
 
 # A warning printed by a library on a command's console: Python's warnings ("path:line: XWarning:")
 # from outside afigan, and glog lines of torch's C++ core ("W1206 13:16:44.123 ...").
-PY_WARNING = re.compile(r"^(?P<path>\S+\.py):\d+: \w*Warning: ", re.M)
+PY_WARNING = re.compile(r"(?P<path>/\S+\.py):\d+: \w*Warning: ")
 GLOG_WARNING = re.compile(r"^[WE]\d{4} \d\d:\d\d:\d\d", re.M)
 
 
@@ -152,18 +153,25 @@ def _third_party_warnings(console):
     return found
 
 
+# What a clone holds besides the commands' own outputs (output/, datasets/afigan_toy*, ...).
+CLONE = ("afigan", "configs", "tools", "scripts", "Makefile", "setup.py", "pyproject.toml", "README.md", "docs")
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    """An empty working directory with the repository's configs/ and tools/, as after a clone."""
+    """A fresh working directory laid out like a clone of the repository (its files linked), with
+    no outputs and no data sets yet."""
     pytest.importorskip("detectron2")
     root = tmp_path_factory.mktemp("docs_commands")
-    for name in ("configs", "tools"):
+    for name in CLONE:
         os.symlink(os.path.join(REPO, name), root / name)
+    (root / "datasets").mkdir()
     return root
 
 
 def _env():
-    env = dict(os.environ, PYTHONWARNINGS="default", MPLBACKEND="Agg")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.pop("PYTHONWARNINGS", None)  # Python's default filters, as on a user's console
     env.pop("DETECTRON2_DATASETS", None)  # data sets are found under ./datasets, as for a new user
     return env
 
