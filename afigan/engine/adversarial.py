@@ -12,6 +12,7 @@ and implement ``resume_or_load`` and ``run_step``.
 import logging
 import os
 import time
+import weakref
 from typing import Dict
 
 import torch
@@ -21,17 +22,32 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
-from afigan.checkpoint import AFICheckpointer, expect_partial_load
+from afigan.checkpoint import AFICheckpointer
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, load_train_dataset
 from afigan.layers import FeaturePatchDiscriminator, discriminator_loss
 from afigan.modeling.meta_arch import build_guide_model
 
-from .common import AMPPolicy, NamedLRScheduler, SeedEachIteration, backward_and_step, ddp
-from .hooks import FinalCheckpointer, TotalsPrinter, checkpoint_keep, non_finite_loss_error
+from .amp import AMPPolicy, backward_and_step
+from .hooks import (
+    FinalCheckpointer,
+    NamedLRScheduler,
+    SeedEachIteration,
+    TotalsPrinter,
+    checkpoint_keep,
+    non_finite_loss_error,
+)
+from .parallel import ddp
 from .speed import compile_modules, to_memory_format, upsampler_modules
 
-__all__ = ["AdversarialTrainer", "DiscriminatorLoss", "build_discriminator", "discriminator_cfg", "select"]
+__all__ = [
+    "AdversarialTrainer",
+    "DiscriminatorLoss",
+    "GradScalerState",
+    "build_discriminator",
+    "discriminator_cfg",
+    "select",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +91,26 @@ def select(features: Dict[str, torch.Tensor], levels, what: str) -> Dict[str, to
     return {l: features[l] for l in levels}
 
 
+class GradScalerState:
+    """A trainer's ``GradScaler`` (attribute ``attr``: ``scaler`` or ``scaler_D``) as a checkpointable,
+    so a float16 run resumed after a kill keeps its loss scale. Read at each save and load (the
+    attribute may be replaced after the checkpointer is built); without a scaler (float32, bfloat16)
+    it saves ``{}``. A checkpoint without the entry (written before it existed, or without a
+    scaler) leaves the scaler as it is: it starts again from its initial scale."""
+
+    def __init__(self, trainer, attr: str):
+        self._trainer, self._attr = weakref.proxy(trainer), attr  # the trainer owns the checkpointer
+
+    def state_dict(self) -> Dict:
+        scaler = getattr(self._trainer, self._attr)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        scaler = getattr(self._trainer, self._attr)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
+
+
 class AdversarialTrainer(TrainerBase):
     """Base of the stage-1 and stage-2 trainers (see module docstring).
 
@@ -92,9 +128,7 @@ class AdversarialTrainer(TrainerBase):
         self.cfg = cfg
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.levels = list(cfg.MODEL.AFI.LEVELS)
-        # The teacher takes only the backbone of its checkpoint (a whole detector, usually).
-        with expect_partial_load("the teacher", unused_ok=("",)):
-            self.teacher = build_guide_model(cfg)
+        self.teacher = build_guide_model(cfg)  # only the backbone of its checkpoint (a whole detector, usually)
         self.model = model.to(self.device)
         self.D = build_discriminator(cfg).to(self.device)
         to_memory_format(cfg, self.teacher, self.model, self.D)
@@ -113,6 +147,9 @@ class AdversarialTrainer(TrainerBase):
         model_dir, dis_dir = (os.path.join(cfg.OUTPUT_DIR, d) for d in self.checkpoint_dirs)
         self.checkpointer = AFICheckpointer(self.model, model_dir, optimizer=self.optimizer, scheduler=self.scheduler)
         self.checkpointer_D = AFICheckpointer(self.D, dis_dir, optimizer=self.optimizer_D, scheduler=self.scheduler_D)
+        # Each network's GradScaler travels with its own checkpoint (stage 3 keeps its own, too).
+        self.checkpointer.add_checkpointable("grad_scaler", GradScalerState(self, "scaler"))
+        self.checkpointer_D.add_checkpointable("grad_scaler", GradScalerState(self, "scaler_D"))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.register_hooks(self.build_hooks())

@@ -13,24 +13,27 @@ Per iteration, for the levels ``MODEL.AFI.LEVELS``:
 
 Both networks have their own SGD optimiser and warm-up multi-step schedule (both stepped) and
 their own checkpoints under ``OUTPUT_DIR/G_0`` and ``OUTPUT_DIR/D_0`` (model, optimizer,
-scheduler, iteration); ``resume_or_load(resume=True)`` restores both and continues.
+scheduler, iteration, GradScaler; G's also the upsampler's kind and layout);
+``resume_or_load(resume=True)`` restores both and continues.
 """
 
 import logging
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 
-from afigan.checkpoint import UPSAMPLER_TAG, UpsamplerTag
 from afigan.config import lr_key
 from afigan.layers import generator_loss
+from afigan.modeling.interpolator import LevelwiseGenerator, guided_levels
 from afigan.modeling.necks import standalone_upsampler_from_config
 
 from .adversarial import AdversarialTrainer, select
-from .common import backward_and_step, ddp
+from .amp import backward_and_step
+from .parallel import ddp
 
-__all__ = ["Stage1Trainer", "build_generator", "LevelwiseGenerator", "guided_levels"]
+# LevelwiseGenerator and guided_levels live in afigan.modeling.interpolator (imported here too).
+__all__ = ["Stage1Trainer", "build_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,39 +42,6 @@ def build_generator(cfg) -> nn.Module:
     """G: the upsampler ``MODEL.AFI.INTERP`` of the neck (any learned kind, with its options), one
     shared or one per level (``MODEL.AFI.SHARED``), never frozen here: stage 1 trains it."""
     return standalone_upsampler_from_config(cfg, freeze=False, what="stage 1")
-
-
-def guided_levels(levels) -> Dict[str, str]:
-    """``{level: finer level}`` for the levels that have a finer one (``p3 -> p2``, ...); a
-    guided upsampler is trained only on these (``p2`` has no finer level)."""
-    # The teacher's pyramid has every level from p2 up, so each level above p2 has its finer one.
-    return {l: f"p{int(l[1:]) - 1}" for l in levels if int(l[1:]) > 2}
-
-
-class LevelwiseGenerator(nn.Module):
-    """Runs G on every level in a single forward, so DDP sees one call per step.
-    {"p2": (N, C, h, w), ...} -> {"p2": (N, C, 2h, 2w), ...}. ``generator`` is one shared
-    upsampler or an ``nn.ModuleDict`` with one per level. A guided upsampler (FADE) gets, for
-    level l, the low-resolution pyramid's finer level l-1 (``guides``), which has the target's
-    size (never the target itself); levels without a guide are left out of the result."""
-
-    def __init__(self, generator: nn.Module):
-        super().__init__()
-        self.generator = generator
-
-    def _for(self, level: str) -> nn.Module:
-        return self.generator[level] if isinstance(self.generator, nn.ModuleDict) else self.generator
-
-    def forward(
-        self, features: Dict[str, torch.Tensor], guides: Optional[Dict[str, torch.Tensor]] = None
-    ) -> Dict[str, torch.Tensor]:
-        if guides is None:
-            return {k: self._for(k)(v) for k, v in features.items()}
-        return {
-            k: self._for(k)(v, output_size=guides[k].shape[-2:], guide=guides[k])
-            for k, v in features.items()
-            if k in guides
-        }
 
 
 class Stage1Trainer(AdversarialTrainer):
@@ -85,8 +55,6 @@ class Stage1Trainer(AdversarialTrainer):
         super().__init__(cfg, generator)
         self.lr_key = lr_key("image", cfg.MODEL.AFI.SCALE_RATIO)
         self.G_ddp = ddp(LevelwiseGenerator(self.model))
-        # Every G checkpoint says which upsampler it holds (only AFI's key names would tell).
-        self.checkpointer.add_checkpointable(UPSAMPLER_TAG, UpsamplerTag(cfg.MODEL.AFI.INTERP, cfg.MODEL.AFI.SHARED))
         self.guides = None
         one = next(iter(generator.values())) if isinstance(generator, nn.ModuleDict) else generator
         if getattr(one, "guided", False):

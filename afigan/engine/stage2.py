@@ -22,11 +22,13 @@ import torch
 from detectron2.modeling import build_model
 from torch.nn import functional as F
 
-from afigan.checkpoint import expect_partial_load, load_interpolator_weights, read_checkpoint
+from afigan.checkpoint import PartialLoad, load_interpolator_weights, read_checkpoint
 from afigan.layers import generator_loss
 
 from .adversarial import AdversarialTrainer, select
-from .common import backward_and_step, ddp, float32_losses, require_file
+from .amp import backward_and_step, float32_losses
+from .errors import require_file
+from .parallel import ddp
 
 __all__ = ["Stage2Trainer", "downsample_targets"]
 
@@ -67,10 +69,8 @@ class Stage2Trainer(AdversarialTrainer):
         if not (resume and self.resume_both("stage 2")):
             if cfg.WEIGHTS:
                 # The teacher's detector has no interpolator: it comes from MODEL.AFI_GEN_WEIGHTS next.
-                with expect_partial_load(
-                    "the AF extractor M (MODEL.WEIGHTS)", missing_ok=("backbone.srf_module",)
-                ):  # srf_module. or srf_modules.
-                    self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
+                partial = PartialLoad("the AF extractor M (MODEL.WEIGHTS)", missing_ok=("backbone.srf_module",))
+                self.checkpointer.load(cfg.WEIGHTS, checkpointables=[], partial=partial)  # srf_module(s).
             load_interpolator_weights(
                 self.model, require_file(cfg.AFI_GEN_WEIGHTS, "MODEL.AFI_GEN_WEIGHTS"), what="MODEL.AFI_GEN_WEIGHTS"
             )

@@ -125,6 +125,62 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, teacher
             assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), (net, k)
 
 
+def _scaler(scale, tracker):
+    """A GradScaler in a state of its own (torch.amp.GradScaler("cpu") is enabled on a CPU: a real
+    scaler, not a stub), as a float16 run would have it after some steps."""
+    s = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2000)
+    s.load_state_dict(
+        {
+            "scale": scale,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": tracker,
+        }
+    )
+    return s
+
+
+def test_grad_scaler_states_travel_with_g_and_d_checkpoints(tmp_path, teacher):
+    t = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 1)
+    assert t.scaler is None and t.scaler_D is None  # float32 on a CPU: no scaling ...
+    t.scaler, t.scaler_D = _scaler(2.0**13, 37), _scaler(2.0**9, 5)  # ... so give it the float16 ones
+    t.checkpointer.save("model_0000004", iteration=4)
+    t.checkpointer_D.save("model_0000004", iteration=4)
+    g = torch.load(tmp_path / "G_0" / "model_0000004.pth", weights_only=False)
+    d = torch.load(tmp_path / "D_0" / "model_0000004.pth", weights_only=False)
+    assert g["grad_scaler"] == t.scaler.state_dict() and g["grad_scaler"]["_growth_tracker"] == 37  # G's with G
+    assert d["grad_scaler"] == t.scaler_D.state_dict() and d["grad_scaler"]["scale"] == 2.0**9  # D's with D
+
+    resumed = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 6)
+    resumed.scaler, resumed.scaler_D = _scaler(65536.0, 0), _scaler(65536.0, 0)  # a fresh float16 run's
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 5
+    assert resumed.scaler.state_dict() == g["grad_scaler"] and resumed.scaler_D.state_dict() == d["grad_scaler"]
+
+    # A float32 run resumed from a float16 one's checkpoints has no scaler to restore: it goes on.
+    f32 = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 6)
+    f32.resume_or_load(resume=True)
+    assert f32.start_iter == 5 and f32.scaler is None and f32.scaler_D is None
+
+    # A checkpoint written before scaler states were saved (or by a float32 run) still loads; the
+    # scaler keeps its initial state.
+    for net in ("G_0", "D_0"):
+        path = tmp_path / net / "model_0000004.pth"
+        old = torch.load(path, weights_only=False)
+        del old["grad_scaler"]
+        torch.save(old, path)
+    older = _trainer(tmp_path, teacher, "SOLVER.MAX_ITER", 6)
+    older.scaler, older.scaler_D = _scaler(65536.0, 0), _scaler(65536.0, 0)
+    older.resume_or_load(resume=True)
+    assert older.start_iter == 5 and older.scaler.state_dict()["scale"] == 65536.0
+    assert older.scaler_D.state_dict()["_growth_tracker"] == 0
+    # A float32 run (no scaler) writes an empty entry.
+    assert older.checkpointer.checkpointables["grad_scaler"].state_dict() == older.scaler.state_dict()
+    older.scaler = None
+    assert older.checkpointer.checkpointables["grad_scaler"].state_dict() == {}
+
+
 def test_missing_teacher_weights_is_one_sentence(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"MODEL.GUIDE_WEIGHTS: file '.*nope.pkl' does not exist"):
         _trainer(tmp_path, str(tmp_path / "nope.pkl"))
