@@ -15,11 +15,10 @@ from detectron2.data import build_detection_test_loader
 from torch import nn
 from torch.nn import functional as F
 
-from afigan.analysis.feature_figures import load_interpolator
 from afigan.config import lr_key
 from afigan.data.hr_lr_mapper import HRLRDatasetMapper
-from afigan.engine.stage1 import LevelwiseGenerator, guided_levels
 from afigan.layers import crop_to_common, is_guided
+from afigan.modeling.interpolator import LevelwiseGenerator, guided_levels, load_interpolator
 from afigan.modeling.meta_arch import build_guide_model
 
 __all__ = [
