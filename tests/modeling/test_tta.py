@@ -11,9 +11,9 @@ pytest.importorskip("detectron2")
 import detectron2.data.transforms as T  # noqa: E402
 import torch  # noqa: E402
 from d2_helpers import make_cfg  # noqa: E402
-from detectron2.modeling import GeneralizedRCNNWithTTA, build_model  # noqa: E402
+from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA, build_model  # noqa: E402
 
-from afigan.modeling.test_time_augmentation import OneStageWithTTA, build_tta_model  # noqa: E402
+from afigan.modeling.test_time_augmentation import OneStageWithTTA, build_tta_model, is_one_stage  # noqa: E402
 
 SMALL = [
     "INPUT.MIN_SIZE_TEST",
@@ -111,36 +111,92 @@ def _hflip(x):
     return dict(x, image=x["image"].flip(dims=[2]))
 
 
+def _iou(box, boxes):
+    """IoU of one XYXY box with each of ``boxes``."""
+    w = (torch.minimum(box[2], boxes[:, 2]) - torch.maximum(box[0], boxes[:, 0])).clamp(min=0)
+    h = (torch.minimum(box[3], boxes[:, 3]) - torch.maximum(box[1], boxes[:, 1])).clamp(min=0)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return w * h / (area(box) + area(boxes) - w * h)
+
+
+def _merge_by_hand(parts, thresh, top_k):
+    """The documented merge: the union of every augmented image's detections (already in the
+    original image), greedy class-aware NMS (highest score first; a box overlapping a kept box
+    of its class by IoU > ``thresh`` is dropped), the ``top_k`` best kept."""
+    boxes = torch.cat([p.pred_boxes.tensor for p in parts])
+    scores = torch.cat([p.scores for p in parts])
+    classes = torch.cat([p.pred_classes for p in parts])
+    keep = []
+    for i in sorted(range(len(scores)), key=lambda i: -float(scores[i])):
+        same = [j for j in keep if classes[j] == classes[i]]
+        if not same or float(_iou(boxes[i], boxes[same]).max()) <= thresh:
+            keep.append(i)
+    keep = keep[:top_k]
+    return boxes[keep], scores[keep], classes[keep]
+
+
+def _by_hand(cfg, model, x, sizes, flip):
+    """Each augmentation run through the plain model on its own (height/width = the original's, so
+    its boxes come back scaled to the original image; a flipped image's boxes mirrored back), then
+    merged by hand at the merge's NMS threshold and detection count."""
+    img = x["image"].permute(1, 2, 0).numpy()
+    width = x["width"]
+    parts = []
+    for s in sizes:
+        resized = T.ResizeShortestEdge(s, cfg.INPUT.MAX_SIZE_TEST).get_transform(img).apply_image(img)
+        for f in (False, True) if flip else (False,):
+            image = torch.as_tensor(np.ascontiguousarray((resized[:, ::-1] if f else resized).transpose(2, 0, 1)))
+            with torch.no_grad():
+                (out,) = model([dict(x, image=image)])
+            inst = out["instances"]
+            if f:
+                b = inst.pred_boxes.tensor
+                inst.pred_boxes.tensor = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+            parts.append(inst)
+    if isinstance(model, GeneralizedRCNN) and not is_one_stage(model):  # Detectron2's box-head merge
+        thresh, top_k = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE
+    else:  # FCOS's own post-processing
+        thresh, top_k = cfg.MODEL.FCOS.NMS_TH, cfg.MODEL.FCOS.POST_NMS_TOPK_TEST
+    return parts, _merge_by_hand(parts, thresh, top_k)
+
+
+def _run_one_by_one(cfg, model, x, sizes, flip):
+    """The TTA wrapper on ``x``, one augmented image per forward (as the plain model runs them by hand)."""
+    cfg = cfg.clone()
+    cfg.merge_from_list(
+        ["TEST.AUG.MIN_SIZES", tuple(sizes), "TEST.AUG.MAX_SIZE", cfg.INPUT.MAX_SIZE_TEST, "TEST.AUG.FLIP", flip]
+    )
+    wrapper = (OneStageWithTTA if is_one_stage(model) else GeneralizedRCNNWithTTA)(cfg, model, batch_size=1)
+    with torch.no_grad():
+        return wrapper([x])[0]["instances"]
+
+
 @pytest.mark.parametrize("case", ["mask_rcnn_pafpn", "cascade_mask_rcnn_pafpn", "fcos_fpn", "centermask_bifpn"])
-def test_flips_and_scales_merge_to_at_most_the_sum_of_the_parts(case):
+def test_flips_and_scales_merge_to_the_nms_of_the_parts(case):
     cfg, model = _model(CASES[case])
     x = _input(cfg, _image(2))
     size = cfg.INPUT.MIN_SIZE_TEST
-    with torch.no_grad():
-        plain = len(model([x])[0]["instances"])
-        flipped = len(model([_hflip(x)])[0]["instances"])
-    (merged,) = _run(cfg, model, [x], [size], True)
-    assert 0 < len(merged) <= plain + flipped
-    # Merging removed duplicates: plain and flipped each found boxes on the same rectangles.
-    assert len(merged) < plain + flipped
-    parts = []
-    for s in (size, size + 32):
-        for f in (False, True):
-            (one,) = _run(cfg, model, [_hflip(x) if f else x], [s], False)
-            parts.append(len(one))
+    for sizes, flip in (([size], True), ([size, size + 32], True)):
+        parts, (boxes, scores, classes) = _by_hand(cfg, model, x, sizes, flip)
+        merged = _sorted(_run_one_by_one(cfg, model, x, sizes, flip))
+        assert len(parts) == 2 * len(sizes) and all(len(p) > 0 for p in parts)
+        # Merging removed duplicates: the augmented images found boxes on the same rectangles.
+        assert 0 < len(merged) == len(boxes) < sum(len(p) for p in parts)
+        assert torch.equal(merged.pred_classes, classes)
+        torch.testing.assert_close(merged.scores, scores)
+        torch.testing.assert_close(merged.pred_boxes.tensor, boxes, atol=1e-3, rtol=0)
+        if case == "centermask_bifpn":
+            assert merged.pred_masks.shape == (len(merged), x["height"], x["width"])
+            assert (
+                merged.has("mask_scores")
+                and 0 <= float(merged.mask_scores.min()) <= float(merged.mask_scores.max()) <= 1
+            )
+    # The wrapper as built (three augmented images per forward): within the detection count and the image.
     (multi,) = _run(cfg, model, [x], [size, size + 32], True)
-    assert (
-        0
-        < len(multi)
-        <= min(
-            sum(parts), cfg.TEST.DETECTIONS_PER_IMAGE if case not in ONE_STAGE else cfg.MODEL.FCOS.POST_NMS_TOPK_TEST
-        )
-    )
-    boxes = multi.pred_boxes.tensor
-    assert boxes[:, 0].min() >= 0 and boxes[:, 2].max() <= x["width"] and boxes[:, 3].max() <= x["height"]
-    if case == "centermask_bifpn":
-        assert multi.pred_masks.shape == (len(multi), x["height"], x["width"])
-        assert multi.has("mask_scores") and 0 <= float(multi.mask_scores.min()) <= float(multi.mask_scores.max()) <= 1
+    limit = cfg.MODEL.FCOS.POST_NMS_TOPK_TEST if case in ONE_STAGE else cfg.TEST.DETECTIONS_PER_IMAGE
+    assert 0 < len(multi) <= limit
+    b = multi.pred_boxes.tensor
+    assert b[:, 0].min() >= 0 and b[:, 2].max() <= x["width"] and b[:, 3].max() <= x["height"]
 
 
 def test_flipped_image_alone_gives_the_plain_model_on_the_mirror_image():
