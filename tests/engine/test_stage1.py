@@ -33,6 +33,10 @@ def _features(trainer):
     return real, low
 
 
+# One adversarial term per level of MODEL.AFI.LEVELS (p2..p6 in the toy stage-1 config).
+ADV_KEYS = ["loss_adv_p2", "loss_adv_p3", "loss_adv_p4", "loss_adv_p5", "loss_adv_p6"]
+
+
 def test_g_step_leaves_d_alone_and_gets_adversarial_gradient(tmp_path, teacher):
     t = _trainer(tmp_path, teacher, "MODEL.AFI.CONTENT_WEIGHT", 0.0)
     with EventStorage():
@@ -42,7 +46,8 @@ def test_g_step_leaves_d_alone_and_gets_adversarial_gradient(tmp_path, teacher):
         d_before = params(t.D)
         d_grads = [p.grad.clone() for p in t.D.parameters()]
         g_before = params(t.model)
-        t.g_step(real, fake)
+        losses = t.g_step(real, fake)
+    assert sorted(k for k in losses if k.startswith("loss_adv")) == ADV_KEYS  # the term whose gradient is checked
     for k, v in params(t.D).items():
         assert torch.equal(v, d_before[k]), k  # parameters and BN statistics
     assert all(torch.equal(p.grad, g) for p, g in zip(t.D.parameters(), d_grads))  # no gradient from the G step
@@ -58,7 +63,8 @@ def test_legacy_detached_adversarial_term_gives_g_no_gradient(tmp_path, teacher)
         real, low = _features(t)
         fake = t.G_ddp(low)
         losses = t.g_step(real, fake)
-    assert all(v > 0 for k, v in losses.items() if k.startswith("loss_adv"))
+    assert sorted(k for k in losses if k.startswith("loss_adv")) == ADV_KEYS  # computed, just without gradient
+    assert all(losses[k] > 0 for k in ADV_KEYS)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in t.model.parameters())
 
 
