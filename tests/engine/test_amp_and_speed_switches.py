@@ -31,6 +31,11 @@ def afigan_log(caplog):
         log.removeHandler(caplog.handler)
 
 
+# The toy stage-1/2 configs' levels (MODEL.AFI.LEVELS) and the loss names one GAN step writes.
+LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+GAN_LOSSES = {f"loss_{term}_{level}" for term in ("adv", "content", "d_real", "d_fake") for level in LEVELS}
+RCNN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}  # stage 2's detector
+
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bfloat16(), reason="this CPU has no bfloat16 kernels")
 
 
@@ -98,8 +103,10 @@ def test_bf16_autocast_steps_of_stages_1_and_2_give_finite_float32_losses(tmp_pa
         seen = []
         trainer.D.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         losses = _losses_of_one_step(trainer)
-        assert seen and all(d == torch.bfloat16 for d in seen)  # D really ran in bfloat16
-        assert len(losses) > 6 and all(dt == torch.float32 for _, dt in losses.values()), losses
+        # D really ran in bfloat16: per level on real and fake in the D step, on fake in the G step.
+        assert len(seen) == 3 * len(LEVELS) and all(d == torch.bfloat16 for d in seen)
+        assert set(losses) == (GAN_LOSSES if isinstance(trainer, Stage1Trainer) else GAN_LOSSES | RCNN_LOSSES)
+        assert all(dt == torch.float32 for _, dt in losses.values()), losses
         assert all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values()), losses
 
 
@@ -122,13 +129,14 @@ def test_bf16_autocast_stage3_step_trains_in_bfloat16_with_float32_losses(tmp_pa
     t.model.backbone.srf_module.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     losses = _losses_of_one_step(t)
-    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert len(seen) == (7 * 4 if "BiFPN" in config else 3)  # top-down steps: 7 layers x 4 (BiFPN), 3 (FPN)
+    assert all(d == torch.bfloat16 for d in seen)
     assert expected <= set(losses)
     assert all(dt == torch.float32 for _, dt in losses.values()) and all(
         torch.isfinite(torch.tensor(v)) for v, _ in losses.values()
     )
     after = t.model.state_dict()
-    assert all(after[k].dtype == v.dtype for k, v in before.items())  # the weights stay float32
+    assert list(after) == list(before) and all(after[k].dtype == v.dtype for k, v in before.items())  # float32
     assert any(not torch.equal(after[k], v) for k, v in before.items())  # and were updated
 
 
@@ -152,6 +160,7 @@ def test_cuda_amp_stage1_step(tmp_path, chain, precision):
     t = _stage1(tmp_path, chain, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision, "MODEL.DEVICE", "cuda")
     assert t.amp.enabled and (t.scaler is not None) == (precision == "float16")
     losses = _losses_of_one_step(t)
+    assert set(losses) == GAN_LOSSES
     assert all(dt == torch.float32 for _, dt in losses.values()) and all(
         torch.isfinite(torch.tensor(v)) for v, _ in losses.values()
     )
@@ -162,7 +171,8 @@ def test_channels_last_stage1_step_equals_the_plain_one(tmp_path, chain):
     for flag in (False, True):
         t = _stage1(tmp_path / str(flag), chain, "MODEL.AFI.CHANNELS_LAST", flag)
         if flag:
-            assert all(p.is_contiguous(memory_format=torch.channels_last) for p in t.D.parameters() if p.dim() == 4)
+            convs = [p for p in t.D.parameters() if p.dim() == 4]
+            assert len(convs) == 4 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
         losses = _losses_of_one_step(t)
         results.append((losses, {k: v.clone() for k, v in t.model.state_dict().items()}))
     (plain, g_plain), (fast, g_fast) = results
@@ -183,9 +193,9 @@ def test_small_patches_make_d_see_fewer_pixels(tmp_path, chain):
     sizes = []
     t.D.register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape[-2:])))
     losses = _losses_of_one_step(t)
-    assert sizes and all(h <= 8 and w <= 8 for h, w in sizes)
+    assert len(sizes) == 3 * len(LEVELS) and all(h <= 8 and w <= 8 for h, w in sizes)
     assert any(h == 8 and w == 8 for h, w in sizes)  # p2 is larger than 8 x 8
-    assert all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values())
+    assert set(losses) == GAN_LOSSES and all(torch.isfinite(torch.tensor(v)) for v, _ in losses.values())
 
 
 def test_teacher_runs_once_per_scale_without_a_graph(tmp_path, chain):
@@ -193,7 +203,7 @@ def test_teacher_runs_once_per_scale_without_a_graph(tmp_path, chain):
 
     def count(m, inputs, out):
         calls.append(inputs[1] if len(inputs) > 1 else "image")
-        assert all(not v.requires_grad for v in out.values())
+        assert sorted(out) == LEVELS and all(not v.requires_grad for v in out.values())
 
     def inside(m, inputs, out):  # inside the teacher's forward
         grad_modes.append(torch.is_grad_enabled())
@@ -217,7 +227,12 @@ def test_compile_keeps_keys_and_outputs(tmp_path, chain):
     t = _stage2(tmp_path, chain, "MODEL.AFI.COMPILE", True, "MODEL.AFI.COMPILE_BACKEND", "eager")
     srf = t.model.backbone.srf_module
     assert srf._compiled_call_impl is not None and t.D._compiled_call_impl is not None
-    assert all(k.startswith(("Generators.",)) for k in srf.state_dict())  # no _orig_mod. prefix
+    from afigan.modeling.necks import upsampler_from_config
+
+    # The keys of an eager upsampler of the same kind, all under Generators. (no _orig_mod. prefix).
+    keys = list(srf.state_dict())
+    assert keys == list(upsampler_from_config(t.cfg, srf.channels).state_dict())
+    assert keys and all(k.startswith("Generators.") for k in keys)
     x = torch.randn(1, srf.channels, 5, 7)
     with torch.no_grad():
         assert torch.allclose(srf(x), srf._call_impl(x), rtol=1e-5, atol=1e-6)
