@@ -20,8 +20,11 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 
+from afigan.layers import upsampler_config_node, upsampler_kinds, upsampler_kwargs
+
 __all__ = [
     "add_afigan_config",
+    "add_upsampler_config",
     "add_fe_config",
     "add_fcos_config",
     "add_centermask_config",
@@ -121,10 +124,7 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(
         a, "SHARED", True
     )  # one upsampler srf_module for every top-down step (AFI-GAN); False: one per step (srf_modules.<level>)
-    _set_default(a, "NUM_BLOCKS", 3)  # dense blocks in the interpolator's RRDB
-    _set_default(a, "GROWTH", 32)  # dense-block growth rate
-    _set_default(a, "RES_SCALE", 0.2)  # residual scale beta
-    _set_default(a, "SKIP", "bilinear")  # interpolator's parallel x2 path: bilinear | nearest | none
+    add_upsampler_config(a)  # every kind's options, from its factory (NUM_BLOCKS, ..., DYSAMPLE.*, CARAFE.*, FADE.*)
     _set_default(a, "ADV_WEIGHT", 1e-3)  # lambda_adv of the generator loss
     _set_default(a, "CONTENT_WEIGHT", 1.0)  # lambda_content (L1) of the generator loss
     _set_default(a, "LEVELS", ["p2", "p3", "p4", "p5", "p6"])  # pyramid levels in the feature losses
@@ -136,17 +136,6 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(a, "CHANNELS_LAST", False)  # G, D, the teacher and the trained network in channels_last memory format
     _set_default(a, "COMPILE", False)  # torch.compile G and D (stages 1-2) and the neck's upsampler (stages 2-3)
     _set_default(a, "COMPILE_BACKEND", "inductor")  # torch.compile backend of MODEL.AFI.COMPILE
-    ds = _node(a, "DYSAMPLE")  # options of INTERP "dysample" (DySample, ICCV 2023)
-    _set_default(ds, "STYLE", "lp")  # "lp" (linear then pixel shuffle) | "pl" (pixel shuffle first)
-    _set_default(ds, "GROUPS", 4)  # offset groups; channels must be divisible by it
-    _set_default(ds, "DYSCOPE", False)  # dynamic offset scope (DySample+)
-    ca = _node(a, "CARAFE")  # options of INTERP "carafe" (CARAFE, ICCV 2019)
-    _set_default(ca, "UP_KERNEL", 5)  # reassembly kernel k_up
-    _set_default(ca, "ENCODER_KERNEL", 3)  # content-encoder kernel k_enc
-    _set_default(ca, "COMPRESSED_CHANNELS", 64)  # channel compressor width
-    fa = _node(a, "FADE")  # options of INTERP "fade" (FADE, ECCV 2022; guided by the finer lateral)
-    _set_default(fa, "UP_KERNEL", 5)  # reassembly kernel k_up
-    _set_default(fa, "EMBEDDING", 64)  # kernel-generator embedding width
     d = _node(a, "DIS")
     _set_default(d, "NORM", "BN")  # discriminator norm: "BN" (reference) | "SyncBN" | ""
     _set_default(d, "SPECTRAL_NORM", False)  # spectral norm on D's convs (changes checkpoint keys)
@@ -166,6 +155,24 @@ def add_afigan_config(cfg: CN) -> CN:
     if was_frozen:
         cfg.freeze()
     return cfg
+
+
+def add_upsampler_config(afi: CN) -> CN:
+    """Add the options of every registered upsampler kind under ``afi`` (``MODEL.AFI``), read from
+    the kind's factory signature (``afigan.layers.upsample``): keyword ``groups=4`` of "dysample"
+    becomes ``MODEL.AFI.DYSAMPLE.GROUPS: 4``; the AF interpolator's sit directly under ``MODEL.AFI``
+    (``NUM_BLOCKS``, ``GROWTH``, ``RES_SCALE``, ``SKIP``, ``INIT_SCALE``: the reference's names).
+    What each option means is said beside it in its factory. A kind registered later (a user's
+    own) gets its keys from the next call; until then it is built with its factory's defaults."""
+    for kind in upsampler_kinds():
+        options = upsampler_kwargs(kind)
+        if not options:
+            continue
+        name = upsampler_config_node(kind)
+        node = _node(afi, name) if name else afi
+        for option, default in options.items():
+            _set_default(node, option.upper(), default)
+    return afi
 
 
 def add_fe_config(cfg: CN) -> CN:

@@ -18,7 +18,6 @@ A Detectron2 ``DefaultTrainer`` with:
 * a resumable data stream (same batches after a resume), atomic checkpoints, readable errors.
 """
 
-import contextlib
 import logging
 import os
 import time
@@ -31,7 +30,7 @@ from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpolator_weights
+from afigan.checkpoint import AFICheckpointer, PartialLoad, load_interpolator_weights
 from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
 from afigan.modeling.test_time_augmentation import build_tta_model
@@ -184,10 +183,11 @@ class DetectorTrainer(DefaultTrainer):
             if cfg.WEIGHTS:
                 # With MODEL.AF_EXTRACTOR_WEIGHTS the interpolator comes from that file next.
                 partial = (
-                    ("the detector (MODEL.WEIGHTS)", ("backbone.srf_module",)) if cfg.AF_EXTRACTOR_WEIGHTS else None
+                    PartialLoad("the detector (MODEL.WEIGHTS)", ("backbone.srf_module",))
+                    if cfg.AF_EXTRACTOR_WEIGHTS
+                    else None
                 )
-                with expect_partial_load(*partial) if partial else contextlib.nullcontext():
-                    self.checkpointer.load(cfg.WEIGHTS, checkpointables=[])
+                self.checkpointer.load(cfg.WEIGHTS, checkpointables=[], partial=partial)
             if cfg.AF_EXTRACTOR_WEIGHTS:
                 load_interpolator_weights(
                     self.model, require_file(cfg.AF_EXTRACTOR_WEIGHTS, "MODEL.AF_EXTRACTOR_WEIGHTS")
