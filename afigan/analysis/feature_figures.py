@@ -30,11 +30,11 @@ from detectron2.modeling.backbone.fpn import FPN
 from torch import nn
 from torch.nn import functional as F
 
-from afigan.checkpoint import AFICheckpointer, expect_partial_load, load_interpolator_weights
+from afigan.checkpoint import AFICheckpointer
 from afigan.data.image_io import read_image_or_raise
 from afigan.layers import crop_to_common, is_guided
+from afigan.modeling.interpolator import finer_level, load_interpolator
 from afigan.modeling.meta_arch import build_guide_model
-from afigan.modeling.necks import standalone_upsampler_from_config
 
 from .gradcam import GradCAM, grad_cam, quiet_inference
 from .report import load_config
@@ -248,23 +248,6 @@ def _makedirs_for(path: str) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
-def load_interpolator(cfg, weights: str) -> nn.Module:
-    """Stage 1's G for ``cfg``: the upsampler ``MODEL.AFI.INTERP`` with ``MODEL.FPN.OUT_CHANNELS``
-    channels and its ``MODEL.AFI`` options (with ``MODEL.AFI.SHARED False``, an ``nn.ModuleDict``
-    with one per level of ``MODEL.AFI.LEVELS``), holding the upsampler tensors of ``weights`` (a
-    stage-1 ``G_0`` file, a stage-2 ``AFExtractor`` checkpoint or a detector; ``""``: random
-    init), loaded by :func:`afigan.checkpoint.load_interpolator_weights`."""
-    g = standalone_upsampler_from_config(cfg, freeze=True, what="--interpolation")
-    holder = nn.Module()  # load_interpolator_weights finds upsamplers by their neck attribute names
-    if isinstance(g, nn.ModuleDict):
-        holder.srf_modules = g
-    else:
-        holder.srf_module = g
-    if weights:
-        load_interpolator_weights(holder, weights, "--interpolation WEIGHTS")
-    return g.eval().to(torch.device(cfg.MODEL.DEVICE))
-
-
 def _learned_x2(g: nn.Module, level: str, x: torch.Tensor, half: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
     """G's x2 of ``x`` (level ``level`` of the half-size pyramid ``half``), called as stage 1 calls
     it: a guided upsampler (FADE) gets the half-size pyramid's finer level as guide and output
@@ -272,7 +255,7 @@ def _learned_x2(g: nn.Module, level: str, x: torch.Tensor, half: Dict[str, torch
     up = g[level] if isinstance(g, nn.ModuleDict) else g
     if not is_guided(up):
         return up(x)
-    finer = f"p{int(level[1:]) - 1}"
+    finer = finer_level(level)
     if finer not in half:
         return None
     return up(x, output_size=half[finer].shape[-2:], guide=half[finer])
@@ -283,8 +266,7 @@ def interpolation_maps(cfg, weights: str, image_path: str) -> Dict[str, Dict[str
     P_lr}`` (each (C, h, w), cropped to common sizes; "learned" is missing where a guided G has no
     guide) for the teacher (``MODEL.GUIDE_WEIGHTS``) on the resized image and on its
     ``MODEL.AFI.SCALE_RATIO`` twin (made as stage 1's mapper makes it), G from :func:`load_interpolator`."""
-    with expect_partial_load("the teacher", unused_ok=("",)):  # a detector file: its heads go unused, as in stage 1
-        teacher = build_guide_model(cfg)
+    teacher = build_guide_model(cfg)  # a detector file: its heads go unused, as in stage 1
     g = load_interpolator(cfg, weights)
     image, _ = resized_image(cfg, image_path)
     hwc = image.permute(1, 2, 0).numpy().astype(np.uint8)
