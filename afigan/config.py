@@ -34,6 +34,7 @@ __all__ = [
     "load_config",
     "merge_readably",
     "device_fallback",
+    "cuda_missing",
     "cfg_get",
     "flatten",
     "changed_keys",
@@ -102,7 +103,7 @@ def add_afigan_config(cfg: CN) -> CN:
     _set_default(cfg.SOLVER, "OPTIMIZER", "SGD")  # kept for config compatibility; SGD is used
     _set_default(cfg.SOLVER, "CHECKPOINT_KEEP", 3)  # periodic checkpoints kept (the newest); <= 0 keeps all
     # SOLVER.AMP.ENABLED's autocast dtype: "float16" (with gradient scaling) or "bfloat16" on CUDA;
-    # on a CPU AMP always runs in bfloat16 (afigan/engine/common.py, AMPPolicy).
+    # on a CPU AMP always runs in bfloat16 (afigan/engine/amp.py, AMPPolicy).
     _set_default(cfg.SOLVER.AMP, "PRECISION", "float16")
     # Read by Detectron2 (and afigan's loader) for SAMPLER_TRAIN RandomSubsetTrainingSampler, but
     # missing from Detectron2's defaults: the share of the training set kept.
@@ -259,14 +260,6 @@ def afi_freeze(cfg: CN) -> bool:
     return bool(cfg.MODEL.AFI_FREEZE)
 
 
-def _walk_norm_keys(node: CN, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, CN):
-            yield from _walk_norm_keys(value, f"{prefix}{key}.")
-        elif key == "NORM" or key.endswith("_NORM"):
-            yield node, key, f"{prefix}{key}"
-
-
 def fallback_syncbn(cfg: CN) -> CN:
     """Replace every ``*.NORM == "SyncBN"`` by "BN" where synchronisation cannot work or is moot.
 
@@ -279,9 +272,10 @@ def fallback_syncbn(cfg: CN) -> CN:
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     changed = []
-    for node, key, full in _walk_norm_keys(cfg):
-        if node[key] in ("SyncBN", "nnSyncBN", "naiveSyncBN"):
-            node[key] = "BN"
+    for full, value in flatten(cfg).items():
+        parent, _, key = full.rpartition(".")
+        if (key == "NORM" or key.endswith("_NORM")) and value in ("SyncBN", "nnSyncBN", "naiveSyncBN"):
+            cfg_get(cfg, parent)[key] = "BN"
             changed.append(full)
     if changed:
         logging.getLogger(__name__).info("Not running distributed on GPUs: SyncBN -> BN for %s.", ", ".join(changed))
@@ -396,11 +390,18 @@ def merge_readably(cfg: CN, where: str, merge: Callable[[], Any]) -> None:
         ) from None
 
 
-def device_fallback(cfg: CN, what: str = "running") -> CN:
-    """``MODEL.DEVICE cpu`` (with one warning) when the config asks for CUDA on a machine without it."""
-    if not torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda"):
-        logging.getLogger(__name__).warning("CUDA is not available: %s on CPU (MODEL.DEVICE cpu).", what)
-        cfg.MODEL.DEVICE = "cpu"
+def cuda_missing(device) -> bool:
+    """Whether ``device`` ("cuda", "cuda:1", "cpu", a torch.device) asks for CUDA on a machine without it."""
+    return str(device).startswith("cuda") and not torch.cuda.is_available()
+
+
+def device_fallback(cfg, what: str = "running", key: str = "MODEL.DEVICE"):
+    """The device ``key`` set to "cpu" (with one warning) when the config asks for CUDA on a machine
+    without it. ``cfg``: a CfgNode, or a LazyConfig with ``key="train.device"``. Returns ``cfg``."""
+    if cuda_missing(cfg_get(cfg, key)):
+        logging.getLogger(__name__).warning("CUDA is not available: %s on CPU (%s cpu).", what, key)
+        parent, _, leaf = key.rpartition(".")
+        setattr(cfg_get(cfg, parent) if parent else cfg, leaf, "cpu")
     return cfg
 
 
@@ -410,12 +411,14 @@ def load_config(
     *,
     option: str = "--config-file",
     fallback: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> CN:
     """get_cfg() + add_afigan_config + ``config_file`` + ``KEY VALUE`` ``opts``, with one sentence
     for a missing file, a YAML syntax error, an unknown key (and the closest valid one) or a value
     of the wrong type. ``fallback`` (e.g. "training") moves a CUDA config to the CPU on a machine
-    without CUDA, saying so. ``option`` names where the file came from in the missing-file
-    sentence. Not frozen."""
+    without CUDA, saying so. ``device`` (e.g. "cpu", for the analysis tools) is the
+    ``MODEL.DEVICE`` that replaces the file's, before ``opts`` (which may set another). ``option``
+    names where the file came from in the missing-file sentence. Not frozen."""
     cfg = add_afigan_config(get_cfg())
     if config_file:
         if not os.path.isfile(config_file):
@@ -424,6 +427,8 @@ def load_config(
                 "configs/toy/pipeline/stage3.yaml."
             )
         merge_readably(cfg, config_file, lambda: cfg.merge_from_file(config_file))
+    if device:
+        cfg.MODEL.DEVICE = device
     merge_readably(cfg, "the command line", lambda: cfg.merge_from_list(list(opts)))
     if fallback:
         device_fallback(cfg, fallback)

@@ -122,3 +122,152 @@ def test_syncbn_falls_back_to_bn_in_a_single_process():
         "BN",
     ) * 4
     assert cfg.MODEL.AFI.DIS.NORM == "BN"
+
+
+def test_syncbn_fallback_leaves_other_norms_and_names_what_it_changed(caplog):
+    from afigan.config import fallback_syncbn
+
+    cfg = afigan.add_afigan_config(get_cfg())
+    cfg.MODEL.FPN.NORM, cfg.MODEL.AFI.DIS.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM = "GN", "naiveSyncBN", "SyncBN"
+    cfg.freeze()
+    with caplog.at_level("INFO", logger="afigan.config"):
+        fallback_syncbn(cfg)
+    assert (cfg.MODEL.FPN.NORM, cfg.MODEL.AFI.DIS.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM) == ("GN", "BN", "BN")
+    assert cfg.is_frozen()
+    assert [r.getMessage() for r in caplog.records] == [
+        "Not running distributed on GPUs: SyncBN -> BN for MODEL.ROI_BOX_HEAD.NORM, MODEL.BIFPN.NORM, "
+        "MODEL.AFI.DIS.NORM."
+    ]
+
+
+# ---- the one config loader ----
+
+
+def _yaml(tmp_path, text: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text("VERSION: 2\n" + text)
+    return str(path)
+
+
+def test_load_config_merges_the_file_then_the_overrides_and_is_not_frozen(tmp_path):
+    from afigan.config import config_changes, load_config
+
+    f = _yaml(tmp_path, "MODEL:\n  AFI:\n    INTERP: nearest\nSOLVER:\n  MAX_ITER: 7\n")
+    cfg = load_config(f, ["SOLVER.MAX_ITER", "9", "MODEL.AFI.LEVELS", "['p3']"])
+    assert not cfg.is_frozen()
+    assert config_changes(cfg) == [
+        ("MODEL.AFI.INTERP", "nearest"),
+        ("MODEL.AFI.LEVELS", ["p3"]),
+        ("SOLVER.MAX_ITER", 9),
+    ]
+    assert config_changes(load_config()) == []
+
+
+def test_load_config_names_an_unknown_key_and_the_closest_valid_one(tmp_path):
+    from afigan.config import load_config
+
+    f = _yaml(tmp_path, "MODEL:\n  AFI:\n    INTREP: nearest\n")
+    with pytest.raises(KeyError) as e:
+        load_config(f)
+    assert e.value.args == (f"{f}: unknown config key MODEL.AFI.INTREP; did you mean MODEL.AFI.INTERP?",)
+    with pytest.raises(KeyError) as e:
+        load_config(None, ["SOLVER.BASE_LRR", "0.1"])
+    assert e.value.args == ("the command line: unknown config key SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?",)
+    with pytest.raises(KeyError) as e:
+        load_config(None, ["QQQ.ZZZ", "1"])
+    assert e.value.args == (
+        "the command line: unknown config key QQQ.ZZZ; see afigan/config.py and Detectron2's defaults for the "
+        "valid keys.",
+    )
+
+
+def test_load_config_names_a_value_of_the_wrong_type(tmp_path):
+    from afigan.config import load_config
+
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["SOLVER.MAX_ITER", "many"])
+    assert str(e.value) == (
+        "the command line: SOLVER.MAX_ITER takes a value of type int (it was 40000), not the str many; give a "
+        "value of that type."
+    )
+    f = _yaml(tmp_path, "MODEL:\n  AFI:\n    SHARED: [1, 2]\n")
+    with pytest.raises(ValueError, match=rf"^{f}: MODEL.AFI.SHARED takes a value of type bool \(it was True\), not "):
+        load_config(f)
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["SOLVER.MAX_ITER"])
+    assert (
+        str(e.value) == "the command line: the trailing overrides must be KEY VALUE pairs, got an odd number of words."
+    )
+
+
+def test_load_config_names_a_missing_file_and_a_broken_one(tmp_path):
+    from afigan.config import load_config
+
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError) as e:
+        load_config(missing, option="--interpolation")
+    assert str(e.value) == (
+        f"--interpolation {missing!r} does not exist; give the path of a YAML config, e.g. "
+        "configs/toy/pipeline/stage3.yaml."
+    )
+    child = _yaml(tmp_path, "_BASE_: base.yaml\n", "child.yaml")
+    with pytest.raises(FileNotFoundError, match=rf"^{child}: its _BASE_ file '.*base.yaml' does not exist; fix"):
+        load_config(child)
+    broken = _yaml(tmp_path, "MODEL:\n  AFI: [\n", "broken.yaml")
+    with pytest.raises(ValueError, match=rf"^YAML syntax error in {broken}, line 4, column 1: "):
+        load_config(broken)
+
+
+def test_device_fallback_moves_only_a_cuda_config_and_only_without_cuda(tmp_path, monkeypatch, caplog):
+    import torch
+    from omegaconf import OmegaConf
+
+    from afigan.config import cuda_missing, device_fallback, load_config
+
+    f = _yaml(tmp_path, "MODEL:\n  DEVICE: cuda:1\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (cuda_missing("cuda:1"), cuda_missing(torch.device("cuda")), cuda_missing("cpu")) == (True, True, False)
+    assert load_config(f).MODEL.DEVICE == "cuda:1"  # no fallback asked for: check_launch stops such a run
+    with caplog.at_level("WARNING", logger="afigan.config"):
+        assert load_config(f, fallback="training").MODEL.DEVICE == "cpu"
+    assert [r.getMessage() for r in caplog.records] == ["CUDA is not available: training on CPU (MODEL.DEVICE cpu)."]
+    assert load_config(f, device="cpu").MODEL.DEVICE == "cpu"  # the analysis tools' CPU default
+    assert load_config(f, ["MODEL.DEVICE", "cuda:0"], device="cpu").MODEL.DEVICE == "cuda:0"  # opts come last
+    lazy = OmegaConf.create({"train": {"device": "cuda"}})  # a LazyConfig keeps its device elsewhere
+    assert device_fallback(lazy, key="train.device").train.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(f, fallback="training").MODEL.DEVICE == "cuda:1" and not cuda_missing("cuda")
+
+
+def test_cfg_get_reads_dotted_keys_of_configs_and_dicts():
+    from afigan.config import cfg_get, load_config
+
+    cfg = load_config(None, ["MODEL.AFI.INTERP", "carafe"])
+    assert cfg_get(cfg, "MODEL.AFI.INTERP") == "carafe"
+    assert cfg_get(cfg, "MODEL.AFI.DIS") is cfg.MODEL.AFI.DIS
+    assert cfg_get(cfg, "MODEL.AFI.NOPE", 3) == 3
+    assert cfg_get(cfg, "MODEL.AFI.INTERP.DEEPER", None) is None  # a leaf has no children
+    with pytest.raises(KeyError) as e:
+        cfg_get(cfg, "MODEL.AFI.NOPE")
+    assert e.value.args == ("unknown config key MODEL.AFI.NOPE",)
+    assert cfg_get({"A": {"B": [1, 2]}}, "A.B") == [1, 2]
+
+
+def test_flatten_and_changed_keys_walk_configs_and_dicts():
+    from afigan.config import changed_keys, flatten, load_config
+
+    assert flatten({"A": {"B": 1, "C": {"D": [2]}}, "E": "x"}) == {"A.B": 1, "A.C.D": [2], "E": "x"}
+    old = load_config()
+    new = load_config(None, ["SOLVER.MAX_ITER", "9", "MODEL.AFI.INTERP", "nearest", "SEED", "5"])
+    assert changed_keys(old, new) == [
+        ("MODEL.AFI.INTERP", "afi", "nearest"),
+        ("SOLVER.MAX_ITER", 40000, 9),
+        ("SEED", -1, 5),
+    ]  # in the config's key order, not the order of the overrides
+    assert changed_keys(new, new.clone()) == []
+    # Flat and nested dicts, in the new one's key order; a key on one side only is None on the other.
+    assert changed_keys({"A.B": 1, "A.C": 2, "X": 0}, {"A": {"C": 3, "B": 1, "D": 4}}) == [
+        ("A.C", 2, 3),
+        ("A.D", None, 4),
+        ("X", 0, None),
+    ]

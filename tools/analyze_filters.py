@@ -17,7 +17,8 @@ import os
 import sys
 
 from afigan.analysis.filters import DEFAULT_CUT
-from afigan.analysis.report import analyze_checkpoint, format_table, load_config, verdicts, write_report
+from afigan.analysis.report import analyze_checkpoint, format_table, verdicts, write_report
+from afigan.config import load_config
 
 
 def parse_args(argv=None):
@@ -59,7 +60,7 @@ def parse_args(argv=None):
 def _fe_stages(args):
     sharp, smooth = args.sharp_stages or ["res3"], args.smooth_stages or ["res5"]
     if args.config_file and not (args.sharp_stages and args.smooth_stages):
-        fe = load_config(args.config_file, args.opts).MODEL.FE
+        fe = load_config(args.config_file, args.opts, device="cpu").MODEL.FE
         sharp, smooth = args.sharp_stages or list(fe.SHARP_STAGES), args.smooth_stages or list(fe.SMOOTH_STAGES)
     return sharp, smooth
 

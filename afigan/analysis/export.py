@@ -28,10 +28,10 @@ from detectron2.export.flatten import DictSchema, InstancesSchema, ListSchema, T
 from detectron2.modeling import GeneralizedRCNN, build_model
 
 from afigan.checkpoint import AFICheckpointer
+from afigan.config import load_config
 from afigan.data.image_io import read_image_or_raise
 
 from .gradcam import quiet_inference
-from .report import load_config
 
 __all__ = [
     "FORMATS",
@@ -320,7 +320,7 @@ def export_model(
     """``tools/export_model.py``: the config's detector (see :func:`build_detector`, on the CPU
     unless ``opts`` set ``MODEL.DEVICE``) exported by :func:`export_detector` on
     :func:`sample_image`."""
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, device="cpu")
     with quiet_inference():
         model = build_detector(cfg)
     image, description = sample_image(cfg, sample)

@@ -31,13 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from afigan.checkpoint import AFICheckpointer
+from afigan.config import load_config
 from afigan.data.image_io import read_image_or_raise
 from afigan.layers import crop_to_common, is_guided
 from afigan.modeling.interpolator import finer_level, load_interpolator
 from afigan.modeling.meta_arch import build_guide_model
 
 from .gradcam import GradCAM, grad_cam, quiet_inference
-from .report import load_config
 
 __all__ = [
     "CELL_PX",
@@ -91,7 +91,7 @@ def load_detector(config_file: str, weights: str, opts: Sequence[str] = ()):
     """``(cfg, model, label)``: the config's detector (on the CPU unless ``opts`` say otherwise)
     in eval mode with ``weights`` loaded; ``weights == ""`` keeps the random initialisation (and
     loads neither ``MODEL.WEIGHTS`` nor ``MODEL.AF_EXTRACTOR_WEIGHTS``)."""
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, device="cpu")
     with quiet_inference():
         model = build_model(cfg)
     if weights:
@@ -340,7 +340,7 @@ def visualize_interpolation(
     image_path: str, output: str, config_file: str, weights: str, opts: Sequence[str] = ()
 ) -> str:
     """``tools/visualize_features.py --interpolation CONFIG WEIGHTS``."""
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, device="cpu")
     maps = interpolation_maps(cfg, weights, image_path)
     title = (
         f"{os.path.basename(image_path)}: channel-mean |teacher features| and x2 interpolations of the half-size "

@@ -13,12 +13,11 @@ import detectron2.data.transforms as T
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
 from afigan.checkpoint import read_checkpoint
-from afigan.config import add_afigan_config
+from afigan.config import load_config
 from afigan.modeling.feature_enhancement import find_stage_root
 
 from .features import stage_responses
@@ -26,7 +25,6 @@ from .filters import DEFAULT_CUT, stage_weight_stats, stage_weights_from_state_d
 
 __all__ = [
     "read_state_dict",
-    "load_config",
     "load_model",
     "load_images",
     "analyze_checkpoint",
@@ -56,23 +54,12 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in read_checkpoint(path, "checkpoint")["model"].items() if isinstance(v, torch.Tensor)}
 
 
-def load_config(config_file: str, opts: Sequence[str] = ()):
-    """``get_cfg()`` + afigan's keys + ``config_file`` + ``opts``, on the CPU unless ``opts`` say otherwise."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file {config_file!r} does not exist.")
-    cfg = get_cfg()
-    add_afigan_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
-
-
 def load_model(config_file: str, checkpoint: str, opts: Sequence[str] = ()):
-    """``(cfg, model)``: the config's detector (see :func:`load_config`) in eval mode with
-    ``checkpoint`` loaded through Detectron2's checkpointer."""
+    """``(cfg, model)``: the config's detector (on the CPU unless ``opts`` set ``MODEL.DEVICE``)
+    in eval mode with ``checkpoint`` loaded through Detectron2's checkpointer."""
     if "://" not in checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, device="cpu")
     model = build_model(cfg)
     DetectionCheckpointer(model).load(checkpoint)
     return cfg, model.eval()

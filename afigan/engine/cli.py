@@ -8,16 +8,17 @@ import os
 import re
 import sys
 
-import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer
+from afigan.config import cuda_missing, load_config
 
-from .common import USER_ERRORS, debug_enabled, load_cfg, setup_cfg, user_message
 from .detector import DetectorTrainer
+from .errors import USER_ERRORS, debug_enabled, is_user_error_name, user_message
 from .inputs import check_inputs
 from .lazy import lazy_main
+from .setup import setup_cfg
 from .stages import STAGES
 
 __all__ = [
@@ -117,11 +118,13 @@ def tool_parser(description: str, hide=()) -> argparse.ArgumentParser:
 
 def check_launch(args, cfg=None) -> None:
     """Checks of ``--num-gpus`` that must run before processes are spawned: GPUs asked for on a
-    machine without them, and ``SOLVER.IMS_PER_BATCH`` not divisible by the number of processes."""
+    machine without them, and ``SOLVER.IMS_PER_BATCH`` not divisible by the number of processes.
+    Unlike a one-process run (:func:`afigan.config.device_fallback` moves it to the CPU), several
+    processes asked for as GPUs stop: the user meant GPUs, and CPU processes need gloo."""
     world = args.num_gpus * args.num_machines
     if world <= 1 or cfg is None:
         return
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+    if cuda_missing(cfg.MODEL.DEVICE):
         raise ValueError(
             f"--num-gpus {args.num_gpus}: this machine has no GPU; to train with {args.num_gpus} CPU processes "
             "(gloo, as "
@@ -151,8 +154,9 @@ _LAST_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*): (.*)", re.M)
 
 
 def _rank_error(e: BaseException):
-    """(rank, type name, message) of a worker's exception as torch.multiprocessing reports it
-    (a ProcessRaisedException carrying the worker's formatted traceback), else None."""
+    """(rank, type name as the traceback prints it, message) of a worker's exception as
+    torch.multiprocessing reports it (a ProcessRaisedException carrying the worker's formatted
+    traceback), else None."""
     m = _FAILED_RANK.search(str(e))
     if not m:
         return None
@@ -162,26 +166,12 @@ def _rank_error(e: BaseException):
     name, message = found[-1].group(1), m.group(2)[found[-1].start(2) :].strip()
     if name.rsplit(".", 1)[-1] == "KeyError" and message[:1] in "'\"" and message[-1:] == message[:1]:
         message = message[1:-1]
-    return int(m.group(1)), name.rsplit(".", 1)[-1], message
-
-
-_USER_ERROR_NAMES = {
-    "ValueError",
-    "KeyError",
-    "OSError",
-    "FloatingPointError",
-    "FileNotFoundError",
-    "PermissionError",
-    "NotADirectoryError",
-    "IsADirectoryError",
-    "UnreadableImageError",
-    "JSONDecodeError",
-}
+    return int(m.group(1)), name, message
 
 
 def run_tool(main, args, *main_args):
     """Run an entry point's ``main(*main_args)`` (``args``: its parsed arguments). An input error
-    (:data:`afigan.engine.common.USER_ERRORS`, in this process or in a spawned rank) prints one
+    (:data:`afigan.engine.errors.USER_ERRORS`, in this process or in a spawned rank) prints one
     sentence on stderr and exits with status 1; ``--debug`` / ``AFIGAN_DEBUG=1`` re-raise it with
     its traceback. Any other exception is a bug and keeps its traceback."""
     if getattr(args, "debug", False):
@@ -194,7 +184,7 @@ def run_tool(main, args, *main_args):
         _fail(_with_origin(user_message(e), e))
     except Exception as e:  # noqa: BLE001 - only to recognise a spawned rank's user error
         failed = _rank_error(e)
-        if failed is None or failed[1] not in _USER_ERROR_NAMES or debug_enabled():
+        if failed is None or not is_user_error_name(failed[1]) or debug_enabled():
             raise
         rank, _, message = failed
         _fail(f"rank {rank} of {args.num_gpus * args.num_machines}: {' '.join(message.split())}")
@@ -226,7 +216,7 @@ def _fail(sentence: str):
 def _launch_checked(main, args):
     # The config is read once here, before any process is spawned, so a bad file, key or value
     # stops with one sentence and --num-gpus is checked against it.
-    return _launch(main, args, load_cfg(args) if args.config_file or args.opts else None)
+    return _launch(main, args, load_config(args.config_file, args.opts) if args.config_file or args.opts else None)
 
 
 def launch_stage(stage: str, description: str, argv=None):

@@ -35,22 +35,41 @@ from afigan.data.hr_lr_mapper import FileCheckingDatasetMapper
 from afigan.data.loader import build_resumable_train_loader, check_dataset_names, dataset_errors, load_train_dataset
 from afigan.modeling.test_time_augmentation import build_tta_model
 
-from .common import AMPPolicy, SeedEachIteration, ddp, float32_losses, require_file
+from .amp import AMPPolicy, float32_losses
+from .errors import require_file
 from .evaluation import AFICOCOEvaluator
-from .hooks import FinalCheckpointer, checkpoint_keep, non_finite_loss_error
+from .hooks import FinalCheckpointer, SeedEachIteration, checkpoint_keep, non_finite_loss_error
+from .parallel import ddp
 from .speed import compile_modules, to_memory_format, upsampler_modules
 
-__all__ = ["DetectorTrainer", "AutocastTrainer"]
+__all__ = ["DetectorTrainer", "StepTrainer", "AutocastTrainer"]
 
 logger = logging.getLogger(__name__)
 
 
-class AutocastTrainer(SimpleTrainer):
-    """Detectron2's ``SimpleTrainer`` step with the forward under ``torch.autocast`` of an
-    :class:`AMPPolicy` (bfloat16 on a CPU, or on CUDA; a ``GradScaler`` for float16) and the losses
-    in float32. Detectron2's ``AMPTrainer`` asserts CUDA, and its step cannot be told the device,
-    so its run_step is repeated here with those two changes; its checkpoint entry
-    ``grad_scaler`` is kept for float16."""
+class StepTrainer(SimpleTrainer):
+    """Detectron2's ``SimpleTrainer`` (its float32 step unchanged) whose non-finite-loss error
+    names the loss terms and the last good checkpoint (:func:`afigan.engine.hooks.non_finite_loss_error`)
+    of ``checkpointers``."""
+
+    checkpointers = ()
+
+    # Detectron2 checks the losses inside the private _write_metrics of its run_step (before the
+    # optimiser step) and has no public hook to word that error; this is the one private method
+    # overridden (tests/engine/test_detectron2_contract.py pins how run_step calls it).
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        try:
+            super()._write_metrics(loss_dict, data_time, prefix, iter)
+        except FloatingPointError:
+            at = self.iter if iter is None else iter
+            raise non_finite_loss_error(loss_dict, at, self.checkpointers, prefix) from None
+
+
+class AutocastTrainer(StepTrainer):
+    """The step with the forward under ``torch.autocast`` of an :class:`AMPPolicy` (bfloat16 on a
+    CPU, or on CUDA; a ``GradScaler`` for float16) and the losses in float32. Detectron2's
+    ``AMPTrainer`` asserts CUDA and cannot be told the device, so its run_step is repeated here
+    with those two changes; its checkpoint entry ``grad_scaler`` is kept for float16."""
 
     def __init__(self, model, data_loader, optimizer, amp: AMPPolicy, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
@@ -98,17 +117,20 @@ class DetectorTrainer(DefaultTrainer):
     """Trains any registered detector (heads and afigan neck from the cfg) with an initialised
     interpolator; ``test(cfg, model)`` runs COCO evaluation on every ``DATASETS.TEST``.
 
-    The training loader is built when ``train()`` starts, from the start iteration that
-    ``resume_or_load`` set (the data set itself is loaded, and checked, in the constructor).
+    Built on DefaultTrainer's public extension points (``build_model``, ``build_hooks``,
+    ``build_train_loader``, ``build_test_loader``, ``build_evaluator``, ``resume_or_load``,
+    ``train``). The training loader is built when ``train()`` starts, from the start iteration
+    that ``resume_or_load`` set (the data set itself is loaded, and checked, in the constructor).
     """
 
     checkpoint_dirs = ("",)
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ with three changes it cannot be told to make: its
-        # create_ddp_model call passes no device_ids, so DDP gets the local rank and rejects CPU
-        # modules (multi-process CPU runs use gloo); AMP runs where AMPPolicy allows it, on a CPU
-        # too (AMPTrainer asserts CUDA); the checkpointer writes atomically. The loader comes later.
+        # DefaultTrainer.__init__'s steps, because two of them cannot be told otherwise: its
+        # create_ddp_model fills device_ids with the local rank, which DDP rejects for a CPU module
+        # (multi-process CPU runs use gloo), and it picks AMPTrainer, which asserts CUDA. Here also
+        # the checkpointer writes atomically and the loader comes later. The attributes it must set
+        # are pinned by tests/engine/test_detectron2_contract.py.
         TrainerBase.__init__(self)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
@@ -117,11 +139,11 @@ class DetectorTrainer(DefaultTrainer):
         model = ddp(model)
         amp = AMPPolicy(cfg, torch.device(cfg.MODEL.DEVICE))
         self._trainer = (
-            AutocastTrainer(model, None, optimizer, amp) if amp.enabled else SimpleTrainer(model, None, optimizer)
+            AutocastTrainer(model, None, optimizer, amp) if amp.enabled else StepTrainer(model, None, optimizer)
         )
-        self._trainer._write_metrics = self._checked_write_metrics(self._trainer._write_metrics)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AFICheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self._trainer.checkpointers = [self.checkpointer]
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -135,18 +157,6 @@ class DetectorTrainer(DefaultTrainer):
         to_memory_format(cfg, model)
         compile_modules(cfg, upsampler_modules(model), "the neck's upsampler")
         return model
-
-    def _checked_write_metrics(self, write):
-        """SimpleTrainer's metric writer, whose non-finite-loss error names the loss terms and the
-        last good checkpoint (:func:`afigan.engine.hooks.non_finite_loss_error`)."""
-
-        def checked(loss_dict, data_time, *args, **kwargs):
-            try:
-                write(loss_dict, data_time, *args, **kwargs)
-            except FloatingPointError:
-                raise non_finite_loss_error(loss_dict, self.iter, [self.checkpointer]) from None
-
-        return checked
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -195,8 +205,8 @@ class DetectorTrainer(DefaultTrainer):
             self.start_iter = 0
 
     def train(self):
-        if self._trainer.data_loader is None:
-            self._trainer.data_loader = self.build_train_loader(self.cfg, self.start_iter, self.train_dataset)
+        if self.data_loader is None:
+            self.data_loader = self.build_train_loader(self.cfg, self.start_iter, self.train_dataset)
         return super().train()
 
     @classmethod

@@ -12,16 +12,16 @@ are written atomically, and ``train.seed`` (default 0) seeds every iteration.
 import logging
 import os
 
-import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from afigan.checkpoint import AFICheckpointer
+from afigan.config import device_fallback
 
-from .common import SeedEachIteration, ddp
-from .hooks import FinalCheckpointer
+from .hooks import FinalCheckpointer, SeedEachIteration
+from .parallel import ddp
 
 __all__ = ["load_lazy_config", "lazy_test", "lazy_train", "lazy_main"]
 
@@ -29,14 +29,15 @@ logger = logging.getLogger("afigan")
 
 
 def load_lazy_config(config_file: str, overrides=()):
-    """``LazyConfig.load`` + ``apply_overrides``, with one sentence for a missing file."""
+    """``LazyConfig.load`` + ``apply_overrides``, with one sentence for a missing file. A LazyConfig
+    is another config system than the yacs one of :func:`afigan.config.load_config` (a Python
+    file, ``key=value`` overrides, no defaults tree to check keys against), so it keeps this loader;
+    the CUDA fallback is the shared :func:`afigan.config.device_fallback` on ``train.device``."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
     cfg = LazyConfig.load(config_file)
     cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on CPU (train.device=cpu).")
-        cfg.train.device = "cpu"
+    device_fallback(cfg, "running", key="train.device")
     if cfg.train.get("amp", {}).get("enabled", False) and not cfg.train.device.startswith("cuda"):
         logger.warning("train.amp.enabled is ignored on %s; training in float32.", cfg.train.device)
         cfg.train.amp.enabled = False

@@ -128,7 +128,7 @@ def test_sample_image_is_resized_like_the_predictor(tmp_path):
     from PIL import Image
 
     from afigan.analysis.export import sample_image
-    from afigan.analysis.report import load_config
+    from afigan.config import load_config
 
     Image.new("RGB", (200, 100), (10, 200, 30)).save(tmp_path / "a.png")
     cfg = load_config(MASK_RCNN, SMALL)

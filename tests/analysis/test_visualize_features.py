@@ -134,7 +134,7 @@ def test_interpolation_mode_writes_its_figure_with_the_loaded_interpolator(image
     from stage_helpers import save_teacher
 
     from afigan.analysis.feature_figures import grid_size_px, interpolation_maps, load_interpolator
-    from afigan.analysis.report import load_config
+    from afigan.config import load_config
     from afigan.layers import AFInterpolator
 
     teacher = save_teacher(str(tmp_path / "teacher.pth"))
@@ -182,7 +182,7 @@ def test_interpolation_mode_loads_what_stage_1_writes(image, tmp_path):
     from stage_helpers import save_teacher, stage_cfg
 
     from afigan.analysis.feature_figures import load_interpolator
-    from afigan.analysis.report import load_config
+    from afigan.config import load_config
     from afigan.engine import Stage1Trainer
 
     teacher = save_teacher(str(tmp_path / "teacher.pth"))

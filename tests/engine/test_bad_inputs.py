@@ -357,6 +357,79 @@ def test_a_bug_keeps_its_traceback():
         run_tool(buggy, argparse.Namespace(debug=False))
 
 
+# What a spawned rank raised reaches the parent only as text: torch.multiprocessing's
+# ProcessRaisedException carries the rank's formatted traceback.
+def _rank_failure(rank: int, last_line: str):
+    from torch.multiprocessing import ProcessRaisedException
+
+    tb = f'Traceback (most recent call last):\n  File "x.py", line 1, in main\n    f()\n{last_line}\n'
+    return ProcessRaisedException(f"\n\n-- Process {rank} terminated with the following error:\n{tb}", rank, 4242)
+
+
+def test_user_error_types_are_one_list_and_the_names_of_spawned_ranks_are_derived_from_it():
+    from afigan.data.image_io import UnreadableImageError
+    from afigan.engine.errors import USER_ERRORS, is_user_error_name
+
+    assert USER_ERRORS == (ValueError, KeyError, OSError, FloatingPointError)
+    assert issubclass(UnreadableImageError, USER_ERRORS)
+    # As a traceback prints them: built-in types bare, the others with their module.
+    names = {
+        "ValueError": True,
+        "KeyError": True,
+        "FloatingPointError": True,
+        "FileNotFoundError": True,
+        "PermissionError": True,
+        "json.decoder.JSONDecodeError": True,
+        "afigan.data.image_io.UnreadableImageError": True,
+        "ConnectionResetError": True,  # an OSError: one sentence in-process, so from a rank too
+        "UnicodeDecodeError": True,  # a ValueError
+        "RuntimeError": False,
+        "AssertionError": False,
+        "AttributeError": False,
+        "torch.OutOfMemoryError": False,  # a RuntimeError
+        "no_such_module.ValueError": False,  # a type this process cannot see is not trusted
+        "UnreadableImageError": False,  # not a built-in: the traceback would name its module
+    }
+    assert {n: is_user_error_name(n) for n in names} == names
+
+
+@pytest.mark.parametrize(
+    "last_line, sentence",
+    [
+        ("ValueError: MODEL.AFI.LEVELS: bad value; fix the config.", "MODEL.AFI.LEVELS: bad value; fix the config."),
+        ("KeyError: 'unknown config key X'", "unknown config key X"),
+        ("json.decoder.JSONDecodeError: Expecting value: line 1", "Expecting value: line 1"),
+        ("ConnectionResetError: [Errno 104] Connection reset by peer", "[Errno 104] Connection reset by peer"),
+    ],
+)
+def test_a_spawned_ranks_user_error_is_one_sentence(last_line, sentence, capsys):
+    import argparse
+
+    from afigan.engine.cli import run_tool
+
+    def failing():
+        raise _rank_failure(1, last_line)
+
+    with pytest.raises(SystemExit) as stop:
+        run_tool(failing, argparse.Namespace(debug=False, num_gpus=2, num_machines=1))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == f"Error: rank 1 of 2: {sentence}\n"
+
+
+def test_a_spawned_ranks_bug_keeps_its_traceback():
+    import argparse
+
+    from torch.multiprocessing import ProcessRaisedException
+
+    from afigan.engine.cli import run_tool
+
+    def failing():
+        raise _rank_failure(1, "RuntimeError: shape mismatch")
+
+    with pytest.raises(ProcessRaisedException):
+        run_tool(failing, argparse.Namespace(debug=False, num_gpus=2, num_machines=1))
+
+
 def test_pipeline_tool_checks_every_stage_config_first(tool, tmp_path):
     shutil.copytree(CONFIGS, tmp_path / "configs")
     configs = tmp_path / "configs" / "toy" / "pipeline"
