@@ -31,7 +31,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import detectron2.data.transforms as T
 import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
@@ -39,7 +38,7 @@ from detectron2.modeling import build_model
 import afigan.data.datasets  # noqa: F401  (registers the toy data sets the toy configs name)
 import afigan.modeling  # noqa: F401  (registers afigan's backbones, necks and heads)
 from afigan.checkpoint import AFICheckpointer
-from afigan.config import add_afigan_config, fallback_syncbn
+from afigan.config import fallback_syncbn, load_config
 from afigan.data.image_io import read_image_or_raise
 
 __all__ = [
@@ -73,19 +72,14 @@ SCORE_THRESHOLD_KEYS = (
 
 
 def setup_predict_cfg(config_file: str, opts: Sequence[str] = (), confidence_threshold: float = 0.5):
-    """get_cfg() + add_afigan_config + ``config_file`` + ``opts``, every key of
-    :data:`SCORE_THRESHOLD_KEYS` set to ``confidence_threshold`` (after ``opts``, as Detectron2's
-    demo does), CPU when CUDA is missing, SyncBN -> BN; frozen."""
-    if not config_file or not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist.")
-    if not config_file.endswith((".yaml", ".yml")):
+    """:func:`afigan.config.load_config` of ``config_file`` and ``opts`` (CPU when CUDA is
+    missing), every key of :data:`SCORE_THRESHOLD_KEYS` set to ``confidence_threshold`` (after
+    ``opts``, as Detectron2's demo does), SyncBN -> BN; frozen."""
+    if not config_file:
+        raise FileNotFoundError("--config-file is empty; give the path of a YAML config.")
+    if os.path.isfile(config_file) and not config_file.endswith((".yaml", ".yml")):
         raise ValueError(f"--config-file {config_file!r}: the demo reads yacs YAML configs only.")
-    cfg = add_afigan_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        logger.warning("CUDA is not available: predicting on CPU (MODEL.DEVICE cpu).")
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(config_file, opts, fallback="predicting")
     cfg.merge_from_list([x for key in SCORE_THRESHOLD_KEYS for x in (key, confidence_threshold)])
     fallback_syncbn(cfg)
     cfg.freeze()
