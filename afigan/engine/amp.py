@@ -5,10 +5,18 @@ Kept apart from :mod:`afigan.engine.speed`, whose switches (channels_last, torch
 only how fast a step runs; AMP changes the arithmetic (dtype, scaled gradients)."""
 
 import logging
+from typing import Optional
 
 import torch
 
-__all__ = ["AMPPolicy", "cpu_supports_bfloat16", "float32_losses", "backward_and_step"]
+__all__ = [
+    "AMPPolicy",
+    "autocast_dtype",
+    "precision_name",
+    "cpu_supports_bfloat16",
+    "float32_losses",
+    "backward_and_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +30,29 @@ def cpu_supports_bfloat16() -> bool:
         return False
 
 
+def autocast_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``SOLVER.AMP`` runs the networks' forward passes in on ``device``, None for
+    float32: on CUDA ``SOLVER.AMP.PRECISION``; on a CPU bfloat16 where it has bfloat16 kernels
+    (float16 autocast on a CPU has no fast kernels), else float32."""
+    precision = cfg.SOLVER.AMP.get("PRECISION", "float16")
+    if precision not in ("float16", "bfloat16"):
+        raise ValueError(f"SOLVER.AMP.PRECISION must be 'float16' or 'bfloat16', got {precision!r}.")
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bfloat16() else None
+
+
+def precision_name(cfg, device: torch.device) -> str:
+    """What a training run of ``cfg`` computes in on ``device``, for the console: "float32",
+    "bfloat16 autocast" or "float16 autocast with gradient scaling"."""
+    dtype = autocast_dtype(cfg, device)
+    if dtype is None:
+        return "float32"
+    return "float16 autocast with gradient scaling" if dtype == torch.float16 else "bfloat16 autocast"
+
+
 class AMPPolicy:
     """Whether and how to run mixed precision (``SOLVER.AMP.ENABLED``): on CUDA in
     ``SOLVER.AMP.PRECISION`` (float16 with gradient scaling, or bfloat16); on a CPU in bfloat16
@@ -30,16 +61,12 @@ class AMPPolicy:
 
     def __init__(self, cfg, device: torch.device):
         precision = cfg.SOLVER.AMP.get("PRECISION", "float16")
-        if precision not in ("float16", "bfloat16"):
-            raise ValueError(f"SOLVER.AMP.PRECISION must be 'float16' or 'bfloat16', got {precision!r}.")
         wanted = bool(cfg.SOLVER.AMP.ENABLED)
         self.device_type = device.type
-        if device.type == "cuda":
-            self.enabled = wanted
-            self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
-        else:
-            self.enabled = wanted and device.type == "cpu" and cpu_supports_bfloat16()
-            self.dtype = torch.bfloat16  # float16 autocast on a CPU has no fast kernels
+        dtype = autocast_dtype(cfg, device)
+        self.enabled = dtype is not None
+        self.dtype = dtype or torch.bfloat16
+        if device.type != "cuda":
             if wanted and not self.enabled:
                 logger.warning(
                     "SOLVER.AMP.ENABLED is ignored on %s: it has no bfloat16 convolution kernels; training in float32.",

@@ -39,6 +39,7 @@ import shutil
 import sys
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import torch
 from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils import logger as d2_logger
@@ -46,10 +47,11 @@ from detectron2.utils import logger as d2_logger
 from afigan.analysis.metrics import plot_metrics
 from afigan.analysis.predict import setup_predict_cfg
 from afigan.analysis.pseudo_label import head_threshold, pseudo_label_images, resolve_images
-from afigan.config import cfg_get, flatten, load_config
+from afigan.config import cfg_get, cuda_missing, flatten, load_config
 from afigan.data.datasets import PSEUDO_PREFIX
 from afigan.io import atomic_write_json
 
+from .amp import precision_name
 from .cli import eval_only, train_stage
 from .stage_record import StaleStageError, make_record, read_record, record_differences, stale_sentence, write_record
 from .stages import STAGES, Output, Teacher, final_files
@@ -267,10 +269,13 @@ class Pipeline:
             if stage == SELF_TRAINING
             else STAGES[stage].description
         )
+        cfg = self.stage_config(stage, overrides, name=name, wired=wired)
+        device = torch.device("cpu" if cuda_missing(cfg.MODEL.DEVICE) else cfg.MODEL.DEVICE)
         self.status.info(
-            "%s: %s: %s -> %s%s",
+            "%s: %s in %s: %s -> %s%s",
             name or stage,
             f"resuming at iteration {start}" if state == "resume" else "running",
+            precision_name(cfg, device),
             description,
             folder,
             f" (with {' '.join(map(str, full))})" if full else "",

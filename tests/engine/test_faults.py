@@ -290,7 +290,7 @@ def test_pipeline_interrupted_between_stages_and_inside_one_resumes_to_the_same_
     lines = _status(everything)
     assert [l.split(":")[0] for l in lines[:4]] == ["stage0", "stage1", "stage2", "stage3"], (why, lines)
     assert all(": skipped, already done" in l for l in lines[:2]), (why, lines)
-    assert f"{stage}: resuming at iteration {kill + 1}: " in "\n".join(lines), (why, lines)
+    assert f"{stage}: resuming at iteration {kill + 1} in float32: " in "\n".join(lines), (why, lines)
     if stage == "stage3":
         assert ": skipped, already done" in lines[2], (why, lines)
     for folder in ("stage2/AFExtractor", "stage2/Disc", "stage3"):

@@ -160,7 +160,7 @@ def test_a_resumed_stage_keeps_the_record_it_was_checked_against(tool, fake, tmp
     code, _, everything = tool("pipeline", *_argv(out))
     assert code == 0, everything[-2000:]
     assert fake.trained() == ["stage1", "stage2", "stage3"]
-    assert "stage1: resuming at iteration 3: " in everything
+    assert "stage1: resuming at iteration 3 in float32: " in everything
     after = os.stat(record)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
 
