@@ -14,6 +14,7 @@ RANKS = {
     "afigan.layers": 0,
     "afigan.seeding": 0,
     "afigan.io": 0,  # the atomic writer: standard library only
+    "afigan.quiet": 0,  # third-party notes the entry points filter: standard library only
     "afigan.config": 1,
     "afigan.checkpoint": 1,
     "afigan.data": 2,

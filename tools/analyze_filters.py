@@ -19,6 +19,7 @@ import sys
 from afigan.analysis.filters import DEFAULT_CUT
 from afigan.analysis.report import analyze_checkpoint, format_table, verdicts, write_report
 from afigan.config import load_config
+from afigan.quiet import quiet_third_party
 
 
 def parse_args(argv=None):
@@ -93,6 +94,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     try:
         main()
     except (FileNotFoundError, KeyError, ValueError) as e:

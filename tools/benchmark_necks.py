@@ -14,6 +14,7 @@ import torch
 
 import afigan  # noqa: F401  (registers the necks)
 from afigan.benchmark.necks import NECKS, benchmark, format_table
+from afigan.quiet import quiet_third_party
 
 
 def main():
@@ -44,4 +45,5 @@ def main():
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

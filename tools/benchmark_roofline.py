@@ -31,6 +31,7 @@ from afigan.benchmark.roofline import (
     step_rows,
     targets,
 )
+from afigan.quiet import quiet_third_party
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +39,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quiet_logs():
     """The trainers' set-up lines (Detectron2 prints the whole model) would bury the table: keep
     Detectron2's logger configured (so DefaultTrainer does not set up its own) but silent."""
-    from afigan.engine.setup import quiet_third_party
-
     quiet_third_party()
     for name in ("detectron2", "afigan"):
         log = logging.getLogger(name)
@@ -166,4 +165,5 @@ def patch_study(args):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from afigan.quiet import quiet_third_party
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,4 +88,5 @@ def main():
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

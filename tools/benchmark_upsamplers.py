@@ -15,6 +15,7 @@ import torch
 
 import afigan  # noqa: F401  (registers the necks)
 from afigan.benchmark.upsamplers import VARIANTS, benchmark, format_table, plot
+from afigan.quiet import quiet_third_party
 
 
 def main():
@@ -62,4 +63,5 @@ def main():
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

@@ -18,6 +18,7 @@ import sys
 
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.analysis.export import FORMATS, ExportError, export_model
+from afigan.quiet import quiet_third_party
 
 
 def parse_args(argv=None):
@@ -60,6 +61,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     try:
         sys.exit(0 if main().ok else 1)
     except (

@@ -9,6 +9,8 @@ trailing key=value overrides. See afigan/engine/lazy.py.
 
 import afigan  # noqa: F401  (registers afigan's components and data sets)
 from afigan.engine.cli import launch_lazy
+from afigan.quiet import quiet_third_party
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     launch_lazy(__doc__)

@@ -18,6 +18,7 @@ from afigan.data.datasets import toy_root
 from afigan.data.toy_shapes import make_toy_dataset
 from afigan.engine.cli import check_launch, run_tool, tool_parser
 from afigan.engine.pipeline import PIPELINE_STEPS, Pipeline
+from afigan.quiet import quiet_third_party
 
 
 def run(args):
@@ -56,4 +57,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

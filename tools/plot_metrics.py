@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from afigan.analysis.metrics import plot_metrics
+from afigan.quiet import quiet_third_party
 
 
 def main(argv=None):
@@ -24,6 +25,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     try:
         main()
     except FileNotFoundError as e:

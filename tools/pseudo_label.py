@@ -14,8 +14,10 @@ import sys
 
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.analysis.pseudo_label import pseudo_label_main
+from afigan.quiet import quiet_third_party
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     try:
         pseudo_label_main(description=__doc__)
     except (FileNotFoundError, KeyError, ValueError) as e:

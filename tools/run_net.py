@@ -7,6 +7,8 @@ python tools/run_net.py --config-file CONFIG [--resume] [--num-gpus N] [KEY VALU
 
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
+from afigan.quiet import quiet_third_party
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     launch_stage("stage3", __doc__)

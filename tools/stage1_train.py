@@ -6,6 +6,8 @@ python tools/stage1_train.py --config-file CONFIG [--resume] [--num-gpus N] [KEY
 
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.engine.cli import launch_stage
+from afigan.quiet import quiet_third_party
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     launch_stage("stage1", __doc__)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.benchmark.study import ABLATIONS, ARMS, FULL, QUICK, run_study
 from afigan.engine.cli import run_tool, tool_parser
+from afigan.quiet import quiet_third_party
 
 
 def run(args):
@@ -84,4 +85,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     main()

@@ -27,6 +27,7 @@ import sys
 
 import afigan  # noqa: F401  (registers afigan's components)
 from afigan.analysis.feature_figures import visualize_features, visualize_interpolation
+from afigan.quiet import quiet_third_party
 
 
 def parse_args(argv=None):
@@ -74,6 +75,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_third_party()  # notes of torch and Detectron2 a user cannot act on
     try:
         main()
     except (OSError, KeyError, ValueError) as e:  # missing/unreadable files, bad keys, one sentence each

@@ -6,17 +6,17 @@ import contextlib
 import logging
 import os
 import sys
-import warnings
 
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from afigan.config import config_changes, fallback_syncbn, load_config
+from afigan.quiet import quiet_third_party
 
 from .errors import USER_ERRORS, debug_enabled
 
-__all__ = ["setup_cfg", "quiet_third_party", "quiet_user_error_tracebacks"]
+__all__ = ["setup_cfg", "quiet_user_error_tracebacks"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,30 +66,6 @@ def setup_cfg(args, stage: str = ""):
         "\n".join(f"  {k}: {v!r}" for k, v in changed),
     )
     return cfg
-
-
-def _drop_fx_tracing_note(record: logging.LogRecord) -> bool:
-    return "is_fx_tracing will return true" not in record.getMessage()
-
-
-def _drop_no_cuda_note(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("No CUDA runtime is found")
-
-
-def quiet_third_party() -> None:
-    """Filter the third-party warnings of every training run that a user cannot act on (each
-    narrowly, by its message; tests/conftest.py filters the same ones in the test suite)."""
-    # Detectron2's anchor_generator.py calls torch.meshgrid without indexing= (torch asks for it).
-    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
-    # torch logs this note (once per process) when Detectron2's code asks torch.fx whether it is tracing.
-    fx = logging.getLogger("torch.fx._symbolic_trace")
-    if _drop_fx_tracing_note not in fx.filters:
-        fx.addFilter(_drop_fx_tracing_note)
-    # Detectron2's default_setup collects the environment, importing torch.utils.cpp_extension, which
-    # logs that a CPU-only machine has no CUDA runtime.
-    ext = logging.getLogger("torch.utils.cpp_extension")
-    if _drop_no_cuda_note not in ext.filters:
-        ext.addFilter(_drop_no_cuda_note)
 
 
 def _drop_user_error_tracebacks(record: logging.LogRecord) -> bool:
