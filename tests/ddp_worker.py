@@ -33,6 +33,13 @@ def stage1_two_ranks(out_dir: str, teacher: str, result_file: str):
         name: torch.cat([p.detach().flatten() for p in net.parameters()])
         for name, net in (("G", trainer.model), ("D", trainer.D))
     }
+    # D's BatchNorm buffers stay per rank (afigan/engine/adversarial.py, where D is wrapped): each
+    # rank writes its own for the test to compare with the checkpoint the main process saved.
+    buffers = {n for n, _ in trainer.D.named_buffers()}
+    torch.save(
+        {k: v for k, v in trainer.D.state_dict().items() if k in buffers},
+        os.path.join(os.path.dirname(result_file), f"D_buffers_rank{comm.get_rank()}.pt"),
+    )
     gathered = comm.all_gather({k: v.tolist() for k, v in flat.items()})
     if comm.is_main_process():
         diff = {k: max(abs(a - b) for a, b in zip(gathered[0][k], gathered[1][k])) for k in flat}

@@ -134,7 +134,10 @@ class AdversarialTrainer(TrainerBase):
         to_memory_format(cfg, self.teacher, self.model, self.D)
         compile_modules(cfg, upsampler_modules(self.model) + [self.D], f"{self.model_name}'s upsampler and D")
         # Every forward whose parameter gradients must be synchronised goes through a DDP wrapper
-        # (docs/differences_from_reference.md, B3).
+        # (docs/differences_from_reference.md, B3). D's BatchNorm buffers are not broadcast
+        # (afigan/engine/parallel.py): each rank's statistics follow its own images, as in the
+        # reference (a broadcast at this wrapper's forward would not cover the G step's D pass, which
+        # runs outside DDP and updates them again). Only the main process saves: rank 0's are kept.
         self.D_loss = ddp(DiscriminatorLoss(self.D, self.levels, cfg.MODEL.AFI.DIS.PATCH_SIZE))
         self.optimizer = build_optimizer(cfg, self.model)
         self.optimizer_D = build_optimizer(discriminator_cfg(cfg), self.D)

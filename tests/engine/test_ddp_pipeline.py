@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("detectron2")
 
@@ -14,6 +15,8 @@ from stage_helpers import TINY, save_teacher  # noqa: E402
 
 from afigan.engine.pipeline import Pipeline, stage_final_files  # noqa: E402
 
+D_BATCHNORMS = 3  # BatchNorm layers of the toy D (MODEL.AFI.DIS.NORM "BN")
+
 
 def test_stage1_ddp_two_cpu_processes_keep_g_and_d_identical(tmp_path):
     teacher = save_teacher(str(tmp_path / "teacher.pth"))
@@ -23,6 +26,16 @@ def test_stage1_ddp_two_cpu_processes_keep_g_and_d_identical(tmp_path):
         res = json.load(f)
     assert res["world_size"] == 2
     assert res["max_abs_diff"] == {"G": 0.0, "D": 0.0}
+    # D's BatchNorm buffers are not broadcast (the reference's and Detectron2's choice): each rank's
+    # statistics saw its own share of the batch, and the checkpoint holds rank 0's.
+    ranks = [torch.load(str(tmp_path / f"D_buffers_rank{r}.pt")) for r in (0, 1)]
+    saved = torch.load(str(tmp_path / "out" / "D_0" / "model_final.pth"), weights_only=False)["model"]
+    names = sorted(ranks[0])
+    assert names == sorted(ranks[1]) and len(names) == 3 * D_BATCHNORMS  # running mean, var, batches tracked
+    assert all(torch.equal(saved[k], ranks[0][k]) for k in names), [
+        k for k in names if not torch.equal(saved[k], ranks[0][k])
+    ]
+    assert any(not torch.equal(ranks[0][k], ranks[1][k]) for k in names if "running_" in k)
 
 
 def _pipeline_args(output_dir):
@@ -63,7 +76,7 @@ def _run_pipeline_twice(out, opts, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "afigan_pipeline"]
     assert [l.split(":")[0] for l in lines] == ["stage0", "stage1", "stage2", "stage3", "results", "metrics"]
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 0  # afigan/analysis/metrics.py
-    assert all(": running: " in l for l in lines[:4]), lines
+    assert len(lines) >= 4 and all(": running in float32: " in l for l in lines[:4]), lines
     caplog.clear()
     for files in stage_final_files(out).values():
         assert all(os.path.isfile(f) for f in files), files
