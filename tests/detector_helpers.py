@@ -4,10 +4,11 @@ import os
 from typing import Dict, List
 
 import torch
+from d2_helpers import CONFIGS, REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DETECTORS = os.path.join(ROOT, "configs", "detectors")
-TOY = os.path.join(ROOT, "configs", "toy", "detectors")
+ROOT = REPO  # the repository root
+DETECTORS = os.path.join(CONFIGS, "detectors")
+TOY = os.path.join(CONFIGS, "toy", "detectors")
 
 
 def toy_dicts(root: str, split: str = "train") -> List[Dict]:

@@ -47,7 +47,10 @@ def stage_args(config: str, *opts, resume: bool = False, eval_only: bool = False
 
 
 def stage_cfg(config: str, output_dir: str, *opts):
-    """A frozen cfg for a stage config at TINY sizes, writing to ``output_dir``."""
+    """A stage tool's set-up of ``config`` (relative to configs/) at TINY sizes, writing to ``output_dir``:
+    ``afigan.engine.setup_cfg`` as the tools run it (the same ``afigan.config.load_config`` as
+    ``d2_helpers.make_cfg``, then the device fallback, the output folder, logging; frozen). Tests of a
+    model or a layer that need no set-up use ``make_cfg``."""
     from afigan.engine import setup_cfg
 
     return setup_cfg(stage_args(config, *TINY, "OUTPUT_DIR", output_dir, *opts))
