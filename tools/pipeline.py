@@ -30,8 +30,10 @@ def run(args):
         if os.path.isfile(path):
             check_launch(args, load_config(path, args.opts))
     results = pipeline.run()
-    for task, metrics in results.items():
-        print(f"stage-3 {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "-" not in k))
+    last = "stage-3 (self-trained)" if pipeline.self_training else "stage-3"
+    for name, stage_results in (("stage-0 (teacher)", pipeline.teacher_results), (last, results)):
+        for task, metrics in stage_results.items():
+            print(f"{name} {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "-" not in k))
     return results
 
 
