@@ -20,17 +20,9 @@ import platform
 import torch
 
 import afigan  # noqa: F401  (registers the necks and data sets)
-from afigan.benchmark.roofline import (
-    DEFAULT_VARIANTS,
-    STEP_CONFIGS,
-    VARIANTS,
-    format_table,
-    module_rows,
-    patch_ablation,
-    plot,
-    step_rows,
-    targets,
-)
+from afigan.benchmark.roofline import DEFAULT_VARIANTS, STEP_CONFIGS, VARIANTS, module_rows
+from afigan.benchmark.roofline_report import format_table, plot, targets
+from afigan.benchmark.roofline_steps import patch_ablation, step_rows
 from afigan.quiet import quiet_third_party
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,8 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from afigan.benchmark.roofline import counted_flops, fvcore_flops, module_rows, plain_conv, targets  # noqa: E402
+from afigan.benchmark.roofline import counted_flops, fvcore_flops, module_rows, plain_conv  # noqa: E402
+from afigan.benchmark.roofline_report import targets  # noqa: E402
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator  # noqa: E402
 
 
