@@ -20,6 +20,9 @@ def quiet_third_party() -> None:
     """Filter the third-party warnings and log notes that every run of a Detectron2 model prints."""
     # Detectron2's anchor_generator.py calls torch.meshgrid without indexing= (torch asks for it).
     warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+    # Detectron2 moves inputs with a torch.jit.script_if_tracing function, which scripts it (and torch
+    # warns that scripting is deprecated) whenever a model is traced: fvcore's FLOP counts, exports.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     # torch logs this note (once per process) when Detectron2's code asks torch.fx whether it is tracing.
     fx = logging.getLogger("torch.fx._symbolic_trace")
     if _drop_fx_tracing_note not in fx.filters:

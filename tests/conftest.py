@@ -54,6 +54,18 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _loggers_propagate():
+    """Every test sees afigan's and Detectron2's log records in caplog: a run through the tools'
+    set-up (Detectron2's setup_logger, in an earlier test or a module fixture) stops those loggers
+    propagating to the root logger, where caplog listens."""
+    import logging
+
+    for name in ("afigan", "detectron2", "fvcore"):
+        logging.getLogger(name).propagate = True
+    yield
+
+
 @pytest.fixture
 def tool(capsys):
     """Run an entry point in this process as its ``__main__`` would: ``tool(main, *argv)`` with

@@ -67,11 +67,14 @@ TRAINING_TOOLS = ("pipeline.py", "stage1_train.py", "stage2_train.py", "stage3_t
 
 # The smallest settings of the tools that measure or study: flag -> values replacing the command's.
 SMALLEST = {
-    "benchmark_necks.py": {"--size": ["64", "96"], "--repeats": ["1"]},
-    "benchmark_training.py": {"--size": ["64"], "--iters": ["3"], "--batch": ["1"]},
+    # 128 px: stage 2 halves the teacher's P6, which a 64-px image makes 1 px high.
+    "benchmark_necks.py": {"--size": ["128", "128"], "--repeats": ["1"], "--necks": ["FPN"], "--kinds": ["afi"]},
+    "benchmark_training.py": {"--size": ["128"], "--iters": ["3"], "--batch": ["1"]},
     "benchmark_upsamplers.py": {"--repeats": ["1"], "--p2": ["16", "16"]},
-    "benchmark_roofline.py": {"--sizes": ["64"], "--repeats": ["1"], "--iters": ["2"]},
-    "study.py": {"--max-iter": ["2", "2", "2", "2"], "--fidelity-images": ["4"]},
+    "benchmark_roofline.py": {"--sizes": ["128"], "--repeats": ["1"], "--iters": ["2"], "--stages": ["stage3"]},
+    # Its own budget flag (its budgets override trailing keys), one seed: the full study's other
+    # seeds are the same runs again.
+    "study.py": {"--max-iter": ["2", "2", "2", "2"], "--fidelity-images": ["4"], "--seeds": ["0"]},
     "lazy_train_net.py": {},
 }
 
@@ -197,8 +200,8 @@ def _check_without_running(argv):
     flags = {tok for tok in argv[2:] if tok.startswith("--")}
     unknown = flags - _tool_flags(tool)
     assert not unknown, f"tools/{tool} has no flag {sorted(unknown)}"
-    if "--config-file" in argv:
-        config = argv[argv.index("--config-file") + 1]
+    if "--config-file" in argv and argv[argv.index("--config-file") + 1].startswith("configs/"):
+        config = argv[argv.index("--config-file") + 1]  # (not a placeholder such as my_retinanet.yaml)
         assert os.path.isfile(os.path.join(REPO, config)), f"{config} does not exist"
         if config.endswith(".yaml"):
             # Overrides after the flags; values that are paths of files made by the run are fine.
