@@ -76,6 +76,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="output/benchmark_roofline.json")
     args = p.parse_args()
+    if args.patch_ablation and args.iters < 4:
+        p.error("--iters must be at least 4: Detectron2 times the iterations after its 3 warm-up ones")
     quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
