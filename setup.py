@@ -38,7 +38,7 @@ setup(
         "timm",
         "numpy",
         "Pillow",
-        "PyYAML",  # afigan/config.py, afigan/benchmark/study.py
+        "PyYAML",  # afigan/config.py, afigan/benchmark/study/
         "omegaconf",  # the LazyConfig files under configs/
         # Detectron2 lists both too; afigan uses them itself: the feature figures and the metrics plot
         # need matplotlib, the demo's progress bar tqdm.
