@@ -17,7 +17,7 @@ from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
 from afigan.modeling.meta_arch import build_guide_model
 
 from .roofline import STEP_CONFIGS, VARIANTS, counted_flops, plain_conv, timed
-from .training import random_stage_inputs
+from .training import REFERENCE_SIZES, random_stage_inputs
 
 __all__ = ["step_rows", "top_ops", "patch_ablation"]
 
@@ -57,18 +57,7 @@ def _trainer(stage: str, configs_dir: str, short_side: int, batch: int, variant:
         "()",
         "DATALOADER.NUM_WORKERS",
         "0",
-        "MODEL.FPN.OUT_CHANNELS",
-        "256",
-        "MODEL.AFI.NUM_BLOCKS",
-        "3",
-        "MODEL.AFI.GROWTH",
-        "32",
-        "MODEL.AFI.DIS.BASE_WIDTH",
-        "0",
-        "MODEL.RESNETS.DEPTH",
-        "50",
-        "MODEL.RESNETS.RES2_OUT_CHANNELS",
-        "256",
+        *REFERENCE_SIZES,
         # Detectron2's Mask R-CNN heads and sampling (the toy configs shrink them)
         "MODEL.ROI_BOX_HEAD.FC_DIM",
         "1024",

@@ -18,7 +18,7 @@ from afigan.engine.adversarial import build_discriminator
 from afigan.engine.stage1 import build_generator
 from afigan.modeling.meta_arch import build_guide_model
 
-__all__ = ["BENCHMARK_CONFIGS", "measure", "random_stage_inputs"]
+__all__ = ["BENCHMARK_CONFIGS", "REFERENCE_SIZES", "measure", "random_stage_inputs"]
 
 # measured stage -> its toy config; "plain_nn" is Detectron2's own DefaultTrainer on the NN-FPN detector.
 BENCHMARK_CONFIGS = {
@@ -42,6 +42,13 @@ class _Timer(HookBase):
         if self.trainer.device_sync:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t)
+
+
+# The paper's sizes over the toy configs: 256-channel FPN, 3 dense blocks, full-width D, R-50.
+REFERENCE_SIZES = [
+    "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.AFI.NUM_BLOCKS", "3", "MODEL.AFI.GROWTH", "32",
+    "MODEL.AFI.DIS.BASE_WIDTH", "0", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+]  # fmt: skip
 
 
 def _args(config: str, opts: List[str]):
@@ -100,21 +107,8 @@ def measure(
         "SOLVER.AMP.ENABLED",
         str(amp),
     ]
-    if reference:  # the paper's sizes: 256-channel FPN, 3 dense blocks, full-width D, R-50
-        opts += [
-            "MODEL.FPN.OUT_CHANNELS",
-            "256",
-            "MODEL.AFI.NUM_BLOCKS",
-            "3",
-            "MODEL.AFI.GROWTH",
-            "32",
-            "MODEL.AFI.DIS.BASE_WIDTH",
-            "0",
-            "MODEL.RESNETS.DEPTH",
-            "50",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS",
-            "256",
-        ]
+    if reference:
+        opts += REFERENCE_SIZES
     config = os.path.join(configs_dir, BENCHMARK_CONFIGS[stage])
     if stage in ("stage1", "stage2"):
         opts += random_stage_inputs(setup_cfg(_args(config, list(opts))), stage, out)
