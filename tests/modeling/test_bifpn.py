@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model  # noqa: E402
@@ -25,9 +26,7 @@ WIDTH = 16
 
 def small_cfg(**overrides):
     """R-18 bottom-up (res3..res5), BiFPN of width 16, a one-block AF interpolator."""
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = make_cfg()
     cfg.MODEL.BACKBONE.NAME = "build_resnet_bifpn_sr_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.DEPTH = 18
@@ -222,9 +221,7 @@ def test_released_swin_config_with_stale_srf_freeze_key_loads(tmp_path):
 
 
 def test_toy_config_trains_one_step():
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    cfg.merge_from_file(TOY_CONFIG)
+    cfg = make_cfg(TOY_CONFIG)
     model = build_model(cfg).train()
     assert type(model.backbone).__name__ == "AFIBiFPN" and model.backbone.output_shape()["p3"].channels == 64
     batch = []

@@ -1,15 +1,13 @@
 """ResNeSt backbone: exact reference key/shape layout, checkpoint round trip, a small forward/backward,
 split-attention properties and clear config errors."""
 
-import os
-
 import pytest
 
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
 from conftest import load_listing, random_state_dict  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -17,16 +15,11 @@ from torch.nn import functional as F  # noqa: E402
 import afigan  # noqa: E402,F401  (registers the builders)
 from afigan.modeling.backbones.resnest import ResNeStBottleneckBlock, build_resnest_backbone  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
 NECKS = ["FPN", "PAFPN"]
 
 
 def inference_cfg(neck: str):
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "inference", f"AFI-GAN_cascade_mask_rcnn_ResNeSt101_{neck}.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return make_cfg(f"inference/AFI-GAN_cascade_mask_rcnn_ResNeSt101_{neck}.yaml")
 
 
 @pytest.fixture(scope="module", params=NECKS)
@@ -87,9 +80,7 @@ def small_cfg(neck: str = "fpn"):
     """ResNeSt-50 (radix 2) + AFI neck kept small: 64-channel FPN, one dense block of growth 16.
     NORM stays Detectron2's default FrozenBN (training-mode BN cannot normalise the attention
     branch's 1x1 pooled map of a single image); STRIDE_IN_1X1 stays d2's default True."""
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-RCNN-FPN-AFIGAN.yaml"))
+    cfg = make_cfg("Base-RCNN-FPN-AFIGAN.yaml")
     cfg.MODEL.BACKBONE.NAME = f"build_resnest_{neck}_sr_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.DEPTH = 50

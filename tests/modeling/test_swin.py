@@ -11,14 +11,14 @@ pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
 from conftest import load_listing, random_state_dict  # noqa: E402
+from d2_helpers import make_cfg  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402
-from detectron2.config import get_cfg, instantiate
+from detectron2.config import instantiate
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, build_model  # noqa: E402
 from detectron2.modeling.backbone.swin import SwinTransformer as D2SwinTransformer  # noqa: E402
 from detectron2.modeling.backbone.swin import WindowAttention, window_partition  # noqa: E402
 
-import afigan  # noqa: E402
 from afigan.modeling.backbones.swin import SwinTransformer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<folder>/ -> repo
@@ -40,11 +40,7 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
 
 
 def swin_cfg():
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
-    cfg.merge_from_file(SWIN_CONFIG)
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return make_cfg(SWIN_CONFIG)
 
 
 def test_released_swin_bifpn_keys_and_shapes_match_listing_and_load_strictly():
@@ -211,8 +207,7 @@ def test_ape_and_backward():
 
 
 def test_builder_registered_and_reads_config():
-    cfg = get_cfg()
-    afigan.add_afigan_config(cfg)
+    cfg = make_cfg()
     cfg.MODEL.SWINT.EMBED_DIM = 8
     cfg.MODEL.SWINT.NUM_HEADS = [1, 1, 2, 2]
     cfg.MODEL.SWINT.OUT_FEATURES = ["stage4", "stage5"]
