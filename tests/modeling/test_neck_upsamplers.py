@@ -384,26 +384,18 @@ def test_per_level_upsamplers_must_match_the_steps():
 def test_configs_of_each_kind_differ_from_the_baseline_only_in_the_upsampler():
     from d2_helpers import CONFIGS
 
+    from afigan.config import changed_keys
+
     base = make_cfg("upsamplers/mask_rcnn_R_50_FPN_1x_nn.yaml")
     names = sorted(f for f in os.listdir(os.path.join(CONFIGS, "upsamplers")) if f.endswith(".yaml"))
     assert len(names) == 9
     for name in names:
         cfg = make_cfg(f"upsamplers/{name}")
-        diff = {k for k in _flat(cfg) if _flat(cfg)[k] != _flat(base)[k]}
+        diff = {key for key, _, _ in changed_keys(base, cfg)}
         assert diff <= {"OUTPUT_DIR", "MODEL.AFI.INTERP", "MODEL.AFI.SHARED", "MODEL.AFI.DYSAMPLE.DYSCOPE"}, (
             name,
             diff,
         )
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for k, v in node.items():
-        if hasattr(v, "items"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------- a new kind: one file + its registration
