@@ -194,7 +194,8 @@ class FeatureEnhancementRegularizer:
         (``fe/sharp_var``) of those terms."""
         losses, stats = {}, {}
         # A frozen stage gives a constant 0 on the model's device, so the loss dict keeps its keys.
-        device = next(iter(root.parameters()), torch.zeros(())).device
+        first = next(iter(root.parameters()), None)  # (a default tensor would be made on every call)
+        device = first.device if first is not None else torch.device("cpu")
         if self.smooth_weight > 0 and self.smooth_stages:
             s = frobenius_term(
                 self.weights(root, self.smooth_stages), self.smooth_norm == "fro_sq", self.reduction, device

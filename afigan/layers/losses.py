@@ -46,8 +46,9 @@ def random_window(t: torch.Tensor, size: int):
     if size <= 0:
         return 0, 0, h, w
     ph, pw = min(size, h), min(size, w)
-    top = int(torch.randint(h - ph + 1, ())) if ph < h else 0
-    left = int(torch.randint(w - pw + 1, ())) if pw < w else 0
+    # Drawn on the host whatever t's device: the same windows on a GPU as on a CPU, and no device sync.
+    top = int(torch.randint(h - ph + 1, (), device="cpu")) if ph < h else 0
+    left = int(torch.randint(w - pw + 1, (), device="cpu")) if pw < w else 0
     return top, left, ph, pw
 
 

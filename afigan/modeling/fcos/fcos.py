@@ -271,7 +271,8 @@ class FCOS(nn.Module):
             self.moving_num_fg = 0.9 * self.moving_num_fg + 0.1 * num_pos_avg
             cls_norm = self.moving_num_fg
         else:
-            cls_norm = max(_reduce_mean(torch.tensor(float(labels.numel()))), 1.0)
+            # On the logits' device: NCCL's all_reduce in _reduce_mean takes CUDA tensors only.
+            cls_norm = max(_reduce_mean(torch.tensor(float(labels.numel()), device=logits.device)), 1.0)
         target = F.one_hot(labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
         loss_cls = (
             sigmoid_focal_loss_jit(

@@ -120,7 +120,11 @@ class CenterROIHeads(ROIHeads):
         losses = {"loss_mask": mask_rcnn_loss(logits, fg, self.mask_head.vis_period) * self.mask_head.loss_weight}
         if self.maskiou_head is not None:
             gt_classes = cat([x.gt_classes for x in fg]) if fg else logits.new_zeros((0,), dtype=torch.long)
-            selected = logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(len(logits)), gt_classes]
+            selected = (
+                logits[:, 0]
+                if logits.shape[1] == 1
+                else logits[torch.arange(len(logits), device=logits.device), gt_classes]
+            )
             targets = mask_iou_targets(selected, fg)
             pred_iou = self.maskiou_head(roi_features, selected[:, None].sigmoid())
             losses["loss_maskiou"] = mask_iou_loss(pred_iou, gt_classes, targets, self.maskiou_weight)

@@ -95,12 +95,13 @@ def build_maskiou_head(cfg, input_shape: ShapeSpec) -> nn.Module:
     return ROI_MASKIOU_HEAD_REGISTRY.get(cfg.MODEL.ROI_MASKIOU_HEAD.NAME)(cfg, input_shape)
 
 
-def mask_areas(masks) -> Tensor:
-    """Area in image pixels of each mask of a ``PolygonMasks`` or ``BitMasks`` -> (M,) float."""
+def mask_areas(masks, device=None) -> Tensor:
+    """Area in image pixels of each mask of a ``PolygonMasks`` or ``BitMasks`` -> (M,) float, on
+    ``device`` (polygons: made there directly; bit masks: where they are, unless given)."""
     if isinstance(masks, PolygonMasks):
-        return torch.as_tensor(masks.area(), dtype=torch.float32)
+        return torch.as_tensor(masks.area(), dtype=torch.float32, device=device)
     if isinstance(masks, BitMasks):
-        return masks.tensor.flatten(1).sum(dim=1).float()
+        return masks.tensor.flatten(1).sum(dim=1).float().to(device or masks.tensor.device)
     raise TypeError(f"gt_masks must be PolygonMasks or BitMasks, got {type(masks).__name__}.")
 
 
@@ -120,7 +121,7 @@ def mask_iou_targets(mask_logits: Tensor, instances: List[Instances]) -> Tensor:
         boxes = inst.proposal_boxes.tensor
         gt_roi.append(inst.gt_masks.crop_and_resize(boxes, side).to(mask_logits.device))
         box_area = inst.proposal_boxes.area().clamp(min=1e-6)
-        full.append(mask_areas(inst.gt_masks).to(mask_logits.device) * side * side / box_area)
+        full.append(mask_areas(inst.gt_masks, mask_logits.device) * side * side / box_area)
     if not gt_roi:
         return mask_logits.new_zeros((0,))
     gt_roi, full = cat(gt_roi).bool(), cat(full)
