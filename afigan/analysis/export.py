@@ -9,10 +9,12 @@ order, already resized (normalisation and padding are inside the graph); outputs
 ``Instances`` of that image (for R-CNN meta-architectures ``inference(..., do_postprocess=False)``,
 so boxes are in the input image's coordinates and masks are the per-box ``M x M`` mask
 probabilities, not pasted; one-stage detectors ``model(inputs)`` with the input's own size as the
-output size). Tracing records one execution: the graph is checked at the sample image's size only.
+output size). The image's height and width are dynamic axes of the ONNX graph (and the number of
+detections of every per-detection output), so the file takes any size where the model's shape logic
+survives tracing. The written file is checked on the sample and on ``check_sizes`` more sizes by
+matching its detections with PyTorch's one-to-one (:mod:`afigan.analysis.export_match`).
 """
 
-import json
 import logging
 import os
 import warnings
@@ -30,7 +32,11 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from afigan.checkpoint import AFICheckpointer
 from afigan.config import load_config
 from afigan.data.image_io import read_image_or_raise
+from afigan.io import atomic_write_json
 
+from .export_check import ExportError, cut_offs, default_check_sizes, exported_runner, resized
+from .export_check import check_sizes as _check_sizes
+from .export_match import TOLERANCES, SizeCheck
 from .gradcam import quiet_inference
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "NOT_EXPORTABLE",
     "ExportError",
     "ExportResult",
+    "dynamic_axes",
     "sample_image",
     "upsampler_kind",
     "export_model",
@@ -60,16 +67,13 @@ FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 NOT_EXPORTABLE: Dict[Tuple[str, str], str] = {}
 
 
-class ExportError(ValueError):
-    """A model that cannot be exported, or whose exported outputs could not be compared; the
-    message is one sentence."""
-
-
 @dataclass
 class ExportResult:
     """What :func:`export_detector` did: the file it wrote, the sample it traced on, the output
-    names (in the order of the exported graph's outputs) and, per output, the largest absolute
-    and relative difference between the exported model's and the PyTorch model's values."""
+    names (in the order of the exported graph's outputs), the sample's PyTorch detection count,
+    one :class:`~afigan.analysis.export_match.SizeCheck` per image the written file was run on
+    (the sample first), the largest matched-pair differences over all of them (``box_px``,
+    ``score``, ``mask``) and the tolerances they were judged by. ``ok``: no size has a problem."""
 
     format: str
     path: str
@@ -77,23 +81,37 @@ class ExportResult:
     input_size: Tuple[int, int]
     outputs: List[str]
     detections: int
+    sizes: List[SizeCheck] = field(default_factory=list)
     differences: Dict[str, float] = field(default_factory=dict)
-    relative: Dict[str, float] = field(default_factory=dict)
-    tolerance: float = 1e-4
-    ok: bool = True
+    tolerances: Dict[str, float] = field(default_factory=lambda: dict(TOLERANCES))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.sizes)
 
     def summary(self) -> str:
-        """One line: the largest difference per output, and whether all are within tolerance."""
-        diffs = ", ".join(
-            f"{k} {v:.3g}" + (f" (relative {self.relative[k]:.3g})" if self.relative.get(k, v) != v else "")
-            for k, v in self.differences.items()
+        """One line: sizes checked, largest matched differences, unmatched count, verdict."""
+        sizes = ", ".join(f"{c.size[0]}x{c.size[1]}" for c in self.sizes)
+        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.differences.items()) or "none"
+        unmatched = sum(len(c.unmatched) for c in self.sizes)
+        near = sum(u["near_cut"] for c in self.sizes for u in c.unmatched)
+        bad = [c for c in self.sizes if not c.ok]
+        verdict = (
+            "all within tolerance"
+            if not bad
+            else "DIFFERENT at " + "; ".join(f"{c.size[0]}x{c.size[1]}: {c.problems[0]}" for c in bad)
         )
-        worst = max(self.relative.values(), default=0.0)
-        verdict = "within" if self.ok else "EXCEEDS"
         return (
-            f"{self.format}: {self.detections} detections; largest difference to PyTorch: {diffs or 'none'}; "
-            f"worst {worst:.3g} {verdict} tolerance {self.tolerance:g}"
+            f"{self.format}: checked at {len(self.sizes)} sizes ({sizes}); {self.detections} detections at the "
+            f"sample; largest matched difference to PyTorch: {diffs}; unmatched {unmatched} "
+            f"({near} near a cut); {verdict}"
         )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sizes"] = [c.to_dict() for c in self.sizes]
+        d["ok"] = self.ok
+        return d
 
 
 @contextmanager
@@ -190,45 +208,28 @@ def _export_torchscript(adapter, image: torch.Tensor, path: str):
     torch.jit.save(traced, path)
 
 
+def dynamic_axes(names: Sequence[str]) -> Dict[str, Dict[int, str]]:
+    """The ONNX graph's dynamic axes: the image's height and width, and the detection count (the
+    first axis) of every output but ``image_size``."""
+    axes = {"image": {1: "height", 2: "width"}}
+    axes.update({n: {0: "detections"} for n in names if not n.endswith("image_size")})
+    return axes
+
+
 def _export_onnx(adapter, image: torch.Tensor, path: str, names: List[str]):
     # dynamo=False: torch 2.14's default torch.export-based exporter stops at data-dependent
     # sizes (GuardOnDataDependentSymNode, first at the x2 map's crop/pad in afigan/layers/shape.py
     # for a Mask R-CNN); the TorchScript-based exporter traces TracingAdapter as torch.jit.trace does.
     torch.onnx.export(
-        adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"], output_names=names
+        adapter,
+        (image,),
+        path,
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+        input_names=["image"],
+        output_names=names,
+        dynamic_axes=dynamic_axes(names),
     )
-
-
-def _run_onnx(path: str, image: torch.Tensor) -> List[torch.Tensor]:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ExportError("Checking an ONNX export needs onnxruntime: pip install -e '.[onnx]'.") from None
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return [torch.as_tensor(x) for x in session.run(None, {session.get_inputs()[0].name: image.cpu().numpy()})]
-
-
-def compare(
-    names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]
-) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Per output: largest absolute difference and largest difference relative to
-    ``max(1, |expected|)`` (absolute below 1, relative above: box coordinates are pixels)."""
-    if len(expected) != len(actual):
-        raise ExportError(f"The exported model returns {len(actual)} tensors, the PyTorch model {len(expected)}.")
-    absolute, relative = {}, {}
-    for name, e, a in zip(names, expected, actual):
-        e, a = e.detach().cpu(), a.detach().cpu()
-        if tuple(e.shape) != tuple(a.shape):
-            raise ExportError(
-                f"Output {name!r} of the exported model has shape {list(a.shape)}, the PyTorch model's {list(e.shape)}."
-            )
-        if not e.numel():
-            absolute[name] = relative[name] = 0.0
-            continue
-        diff = (a.double() - e.double()).abs()
-        absolute[name] = float(diff.max())
-        relative[name] = float((diff / e.double().abs().clamp(min=1.0)).max())
-    return absolute, relative
 
 
 def export_detector(
@@ -238,12 +239,13 @@ def export_detector(
     fmt: str,
     output_dir: str,
     sample: str = "",
-    tolerance: float = 1e-4,
+    check_sizes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> ExportResult:
-    """Trace ``model`` (eval mode) on ``image``, write ``output_dir/model.ts`` or ``model.onnx``
-    and ``output_dir/export.json``, run the written file on ``image`` and compare its outputs with
-    the PyTorch model's. Raises :class:`ExportError` (one sentence) when the model cannot be
-    exported in ``fmt`` or the exported outputs do not have the PyTorch outputs' structure."""
+    """Trace ``model`` (eval mode) on ``image``, write ``output_dir/model.ts`` or ``model.onnx``,
+    run the written file on ``image`` and on ``image`` resized to each (H, W) of ``check_sizes``,
+    match its detections with the PyTorch model's on the same image, and write
+    ``output_dir/export.json``. Raises :class:`ExportError` (one sentence) when the model cannot be
+    exported in ``fmt``; a difference, or a size the file fails on, makes ``ok`` false."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}.")
     kind = upsampler_kind(cfg, model)
@@ -251,17 +253,19 @@ def export_detector(
     if (fmt, kind) in NOT_EXPORTABLE:
         raise ExportError(f"MODEL.AFI.INTERP {kind!r} cannot be exported to {fmt}: {NOT_EXPORTABLE[fmt, kind]}.")
     model.eval()
-    image = image.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    image = image.to(device)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FILES[fmt])
-    adapter = TracingAdapter(model, [{"image": image}], _inference_func(model))
+    # eval(): torch.onnx.export puts the module back in the mode it found it in, and a new
+    # TracingAdapter is in training mode, which would switch the model to training after export.
+    adapter = TracingAdapter(model, [{"image": image}], _inference_func(model)).eval()
     try:
         with torch.no_grad(), quiet_export():
-            expected = adapter(image)
+            adapter(image)  # sets adapter.outputs_schema
             names = output_names(adapter.outputs_schema)
             if fmt == "torchscript":
                 _export_torchscript(adapter, image, path)
-                actual = torch.jit.load(path)(image)
             else:
                 _export_onnx(adapter, image, path, names)
     except ExportError:
@@ -269,34 +273,43 @@ def export_detector(
     except Exception as e:  # noqa: BLE001 - whatever the tracer or exporter raises becomes one sentence
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"{what} could not be exported to {fmt} ({type(e).__name__}: {first[:300]}).") from e
-    if fmt == "onnx":
-        actual = _run_onnx(path, image)
-    absolute, relative = compare(names, expected, actual)
-    boxes = [n for n in names if n.endswith("pred_boxes")]
+    h, w = int(image.shape[1]), int(image.shape[2])
+    images = [(image, "the sample")] + [
+        (resized(image, size), f"the sample resized from {h}x{w}") for size in (check_sizes or ())
+    ]
+    threshold, topk = cut_offs(model)
+    with torch.no_grad(), quiet_export():
+        checks = _check_sizes(adapter, exported_runner(fmt, path), names, images, threshold, topk)
     result = ExportResult(
         format=fmt,
         path=path,
         sample=sample,
-        input_size=(int(image.shape[1]), int(image.shape[2])),
+        input_size=(h, w),
         outputs=names,
-        detections=int(expected[names.index(boxes[0])].shape[0]) if boxes else 0,
-        differences={k: v for k, v in absolute.items() if not k.endswith("image_size")},
-        relative={k: v for k, v in relative.items() if not k.endswith("image_size")},
-        tolerance=tolerance,
+        detections=checks[0].pytorch,
+        sizes=checks,
+        differences=worst_differences(checks),
     )
-    result.ok = all(v <= tolerance for v in result.relative.values())
-    with open(os.path.join(output_dir, "export.json"), "w") as f:
-        json.dump(
-            {
-                **asdict(result),
-                "model": what,
-                "input": f"image: float32 (3, H, W), INPUT.FORMAT {cfg.INPUT.FORMAT}, resized, not normalised",
-                "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
-            },
-            f,
-            indent=2,
-        )
+    info = {
+        **result.to_dict(),
+        "model": what,
+        "input": f"image: float32 (3, H, W), any H and W, INPUT.FORMAT {cfg.INPUT.FORMAT}, resized, not normalised",
+        "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
+        "cut_offs": {"score_threshold": threshold, "topk": topk},
+    }
+    atomic_write_json(os.path.join(output_dir, "export.json"), info)
     return result
+
+
+def worst_differences(checks: Sequence[SizeCheck]) -> Dict[str, float]:
+    """The largest matched box (px), score and mask differences over ``checks`` (a key only where
+    something was compared)."""
+    out = {}
+    for key in ("box_px", "score", "mask"):
+        values = [getattr(c, key) for c in checks if getattr(c, key) is not None]
+        if values:
+            out[key] = max(values)
+    return out
 
 
 def build_detector(cfg) -> torch.nn.Module:
@@ -315,13 +328,15 @@ def export_model(
     fmt: str = "torchscript",
     sample: Optional[str] = None,
     opts: Sequence[str] = (),
-    tolerance: float = 1e-4,
+    check_sizes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> ExportResult:
     """``tools/export_model.py``: the config's detector (see :func:`build_detector`, on the CPU
     unless ``opts`` set ``MODEL.DEVICE``) exported by :func:`export_detector` on
-    :func:`sample_image`."""
+    :func:`sample_image`, checked at the sample's size and at ``check_sizes`` (None:
+    :func:`~afigan.analysis.export_check.default_check_sizes`; ``[]``: the sample only)."""
     cfg = load_config(config_file, opts, device="cpu")
     with quiet_inference():
         model = build_detector(cfg)
     image, description = sample_image(cfg, sample)
-    return export_detector(cfg, model, image, fmt, output_dir, sample=description, tolerance=tolerance)
+    sizes = default_check_sizes(cfg) if check_sizes is None else check_sizes
+    return export_detector(cfg, model, image, fmt, output_dir, sample=description, check_sizes=sizes)

@@ -58,17 +58,22 @@ def _has(module: str) -> bool:
 def _export(config, fmt, out, *opts):
     from afigan.analysis.export import export_model
 
-    return export_model(config, str(out), fmt, opts=[*SMALL, *opts])
+    # The sample only: other sizes are tests/analysis/test_export_sizes.py's.
+    return export_model(config, str(out), fmt, opts=[*SMALL, *opts], check_sizes=[])
 
 
 def _check(result, masks=False):
+    from afigan.analysis.export_match import BOX_TOLERANCE_PX, MASK_TOLERANCE, SCORE_TOLERANCE
+
     assert result.ok, result.summary()
     assert result.detections > 0  # something was compared
-    assert result.relative["pred_boxes"] <= 1e-4 and result.differences["scores"] <= 1e-4, result.summary()
-    assert result.differences["pred_classes"] == 0
-    assert ("pred_masks" in result.differences) == masks
+    sample = result.sizes[0]
+    assert sample.matched == sample.pytorch == sample.exported == result.detections, result.summary()
+    assert result.differences["box_px"] <= BOX_TOLERANCE_PX, result.summary()
+    assert result.differences["score"] <= SCORE_TOLERANCE, result.summary()
+    assert ("mask" in result.differences) == masks
     if masks:
-        assert result.differences["pred_masks"] <= 1e-4
+        assert result.differences["mask"] <= MASK_TOLERANCE
     assert os.path.isfile(result.path) and os.path.isfile(os.path.join(os.path.dirname(result.path), "export.json"))
 
 
@@ -105,16 +110,28 @@ def test_fcos_retinanet_and_pafpn_export_through_the_tool(model, fmt, tmp_path, 
     import json
 
     result = runpy.run_path(TOOL)["main"](
-        ["--config-file", model[0], "--output", str(tmp_path), "--format", fmt, *SMALL, *model[1:]]
+        [
+            "--config-file",
+            model[0],
+            "--output",
+            str(tmp_path),
+            "--format",
+            fmt,
+            "--check-sizes",
+            "none",
+            *SMALL,
+            *model[1:],
+        ]
     )
     masks = model[0] == PAFPN[0]
     _check(result, masks=masks)
     out = capsys.readouterr().out
     assert "traced on a random 64x85 image (seed 0" in out  # the default sample, named
-    assert f"{fmt}: {result.detections} detections; largest difference to PyTorch: pred_boxes " in out
-    assert "within tolerance 0.0001" in out
+    assert f"{fmt}: checked at 1 sizes (64x85); {result.detections} detections at the sample; " in out
+    assert out.rstrip().endswith("all within tolerance")
     info = json.load(open(tmp_path / "export.json"))
     assert info["format"] == fmt and info["outputs"] == result.outputs and info["ok"] is True
+    assert [s["size"] for s in info["sizes"]] == [[64, 85]] and info["sizes"][0]["matched"] == result.detections
     assert result.outputs == ["pred_boxes", "pred_classes", *(["pred_masks"] if masks else []), "scores", "image_size"]
     if fmt == "onnx":
         onnx = pytest.importorskip("onnx")
