@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import float32_island, is_half
 from .shape import check_feature_map, resize_to
 
-__all__ = ["CARAFE", "carafe_reassemble", "check_odd_kernel"]
+__all__ = ["CARAFE", "carafe_reassemble", "reassemble_in_float32", "check_odd_kernel"]
 
 
 def check_odd_kernel(value, name: str) -> int:
@@ -52,6 +53,16 @@ def carafe_reassemble(x: torch.Tensor, kernels: torch.Tensor, k_up: int, scale: 
     return out.view(n, c, h * scale, w * scale)
 
 
+def reassemble_in_float32(x: torch.Tensor, kernels: torch.Tensor, k_up: int, scale: int) -> torch.Tensor:
+    """:func:`carafe_reassemble` accumulated in float32 for a float16/bfloat16 ``x`` (its k_up^2
+    taps summed in half precision carry several roundings of the result), returned in ``x``'s
+    dtype; for a float32 (or float64) ``x`` exactly :func:`carafe_reassemble` (afigan/layers/precision.py)."""
+    if not is_half(x):
+        return carafe_reassemble(x, kernels, k_up, scale)
+    with float32_island(x):
+        return carafe_reassemble(x.float(), kernels.float(), k_up, scale).to(x.dtype)
+
+
 class CARAFE(nn.Module):
     """CARAFE x2 upsampler (mmcv ``CARAFEPack`` form, ``up_group=1``, ``encoder_dilation=1``).
 
@@ -67,6 +78,8 @@ class CARAFE(nn.Module):
     """
 
     guided = False
+    # The reassembly accumulated in float32 for a half-precision x (reassemble_in_float32); False: in x's dtype.
+    float32_island = True
 
     def __init__(self, channels: int, up_kernel: int = 5, encoder_kernel: int = 3, compressed_channels: int = 64):
         super().__init__()
@@ -98,7 +111,8 @@ class CARAFE(nn.Module):
     ) -> torch.Tensor:
         if not torch.jit.is_tracing():  # fixed shapes when traced; the check would only warn
             check_feature_map(x, self.channels, type(self).__name__)
-        out = carafe_reassemble(x, self.kernels(x), self.up_kernel, self.scale)
+        reassemble = reassemble_in_float32 if self.float32_island else carafe_reassemble
+        out = reassemble(x, self.kernels(x), self.up_kernel, self.scale)
         return resize_to(out, output_size, x.shape[-2:])
 
     def extra_repr(self) -> str:

@@ -6,12 +6,14 @@ follow the authors' public ``tiny-smart/dysample`` (``dysample.py``), including 
 buffer names (``offset``, ``scope``, ``init_pos``), so its state dicts load unchanged.
 """
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import float32_island, is_half
 from .shape import check_feature_map, resize_to
 
 __all__ = ["DySample"]
@@ -40,6 +42,9 @@ class DySample(nn.Module):
     """
 
     guided = False
+    # Sampling positions and grid_sample in float32 for a float16/bfloat16 x, the result cast back
+    # (afigan/layers/precision.py); False: all in x's dtype, as the authors' code.
+    float32_island = True
 
     def __init__(self, channels: int, style: str = "lp", groups: int = 4, dyscope: bool = False):
         super().__init__()
@@ -105,20 +110,24 @@ class DySample(nn.Module):
         n, _, h, w = x.shape
         s, g = self.scale, self.groups
         off = self._offsets(x).view(n, 2, g * s * s, h, w)
+        # In half precision a position near column 300 is 1/4 px (float16) or 2 px (bfloat16) coarse.
+        island = self.float32_island and is_half(x)
+        src, off = (x.float(), off.float()) if island else (x, off)
         # Source pixel centres (j + 0.5, i + 0.5) plus offsets, normalised for grid_sample with
         # align_corners=False (-1 and 1 are the outer edges of the map).
-        xs = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, 1, w)
-        ys = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5).view(1, 1, 1, h, 1)
+        xs = (torch.arange(w, dtype=src.dtype, device=x.device) + 0.5).view(1, 1, 1, 1, w)
+        ys = (torch.arange(h, dtype=src.dtype, device=x.device) + 0.5).view(1, 1, 1, h, 1)
         gx = 2 * (xs + off[:, 0:1]) / w - 1
         gy = 2 * (ys + off[:, 1:2]) / h - 1
         grid = torch.cat([gx, gy], 1).reshape(n, 2 * g * s * s, h, w)
         # 4-D pixel shuffle (ONNX DepthToSpace is 4-D): (N, 2*g*s^2, h, w) -> (N, 2*g, s*h, s*w).
         grid = F.pixel_shuffle(grid, s).view(n, 2, g, s * h, s * w)
         grid = grid.permute(0, 2, 3, 4, 1).reshape(n * g, s * h, s * w, 2)
-        out = F.grid_sample(
-            x.reshape(n * g, -1, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False
-        ).view(n, -1, s * h, s * w)
-        return resize_to(out, output_size, x.shape[-2:])
+        with float32_island(x) if island else contextlib.nullcontext():
+            out = F.grid_sample(
+                src.reshape(n * g, -1, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False
+            ).view(n, -1, s * h, s * w)
+        return resize_to(out.to(x.dtype) if island else out, output_size, x.shape[-2:])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, style={self.style!r}, groups={self.groups}, dyscope={self.scope is not None}"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .carafe import carafe_reassemble, check_odd_kernel
+from .carafe import carafe_reassemble, check_odd_kernel, reassemble_in_float32
 from .shape import check_feature_map, fit_to, resize_to
 
 __all__ = ["FADE", "FADEGateGenerator", "SemiShift"]
@@ -81,6 +81,8 @@ class FADE(nn.Module):
     """
 
     guided = True
+    # The reassembly accumulated in float32 for a half-precision x (reassemble_in_float32); False: in x's dtype.
+    float32_island = True
 
     def __init__(self, channels: int, up_kernel: int = 5, embedding: int = 64):
         super().__init__()
@@ -116,7 +118,8 @@ class FADE(nn.Module):
             en = fit_to(guide, (2 * h, 2 * w))
         gate = self.gate_generator(x)
         kernels = F.softmax(self.kernel_generator(en, x), dim=1)
-        out = gate * en + (1 - gate) * carafe_reassemble(x, kernels, self.up_kernel, 2)
+        reassemble = reassemble_in_float32 if self.float32_island else carafe_reassemble
+        out = gate * en + (1 - gate) * reassemble(x, kernels, self.up_kernel, 2)
         return resize_to(out, output_size, x.shape[-2:])
 
     def _check_inputs(self, x: torch.Tensor, guide: torch.Tensor) -> None:
