@@ -4,12 +4,14 @@ file again on the sample image and on more image sizes, and compare its detectio
 model's. See afigan/analysis/export.py.
 
     python tools/export_model.py --config-file CONFIG --output DIR [--format torchscript|onnx]
-        [--export-method tracing] [--sample-image IMAGE] [--check-sizes HxW,HxW,...|none] [KEY VALUE ...]
+        [--export-method tracing] [--batch N] [--sample-image IMAGE] [--check-sizes HxW,HxW,...|none]
+        [KEY VALUE ...]
         (e.g. MODEL.WEIGHTS model_final.pth)
 
 Writes DIR/model.ts or DIR/model.onnx and DIR/export.json (output names, sample, per-size checks).
-The graph's input is one float32 image (3, H, W) in INPUT.FORMAT order, resized but not normalised
-(normalisation and padding are inside). ONNX needs the onnx extra: pip install -e ".[onnx]".
+The graph's input is one float32 image (3, H, W) (with --batch N: N of them, inputs image0 ...) in
+INPUT.FORMAT order, resized but not normalised (normalisation and padding are inside); the ONNX
+graph's height and width axes are dynamic. ONNX needs the onnx extra: pip install -e ".[onnx]".
 
 The check matches exported and PyTorch detections one-to-one (same class, box IoU >= {match_iou:g},
 greedy in decreasing score), so near-tied detections in another order are no difference. Exit
@@ -57,9 +59,18 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=FORMATS, default="torchscript", help="output format (default torchscript)")
     p.add_argument(
         "--export-method",
-        choices=["tracing"],
+        choices=["tracing", "scripting"],
         default="tracing",
-        help="only tracing (Detectron2's TracingAdapter); Detectron2's caffe2_tracing and scripting are not supported",
+        help="tracing (Detectron2's TracingAdapter); scripting stops with one sentence (afigan's upsamplers and "
+        "necks are not scriptable); Detectron2's caffe2_tracing is not offered",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="trace with N images (the sample and N-1 copies rolled sideways): the file then takes exactly N "
+        "images, each of any size, and returns N images' detections (default 1)",
     )
     p.add_argument(
         "--sample-image",
@@ -84,8 +95,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = export_model(args.config_file, args.output, args.format, args.sample_image, args.opts, args.check_sizes)
-    print(f"wrote {result.path} (traced on {result.sample}; it takes float32 (3, H, W) images)")
+    result = export_model(
+        args.config_file,
+        args.output,
+        args.format,
+        args.sample_image,
+        args.opts,
+        args.check_sizes,
+        batch=args.batch,
+        method=args.export_method,
+    )
+    takes = "one float32 (3, H, W) image" if args.batch == 1 else f"{args.batch} float32 (3, H, W) images"
+    print(f"wrote {result.path} (traced on {result.sample}; it takes {takes})")
     print(size_table(result.sizes))
     print(result.summary())
     return result

@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import detectron2.data.transforms as T
-import numpy as np
 import torch
 from detectron2.export import TracingAdapter
 from detectron2.export.flatten import DictSchema, InstancesSchema, ListSchema, TensorWrapSchema
@@ -31,18 +29,29 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 
 from afigan.checkpoint import AFICheckpointer
 from afigan.config import load_config
-from afigan.data.image_io import read_image_or_raise
 from afigan.io import atomic_write_json
 
-from .export_check import ExportError, cut_offs, default_check_sizes, exported_runner, resized
+from .export_check import (
+    ExportError,
+    batch_images,
+    cut_offs,
+    default_check_sizes,
+    exported_runner,
+    resized,
+    sample_image,
+)
 from .export_check import check_sizes as _check_sizes
-from .export_match import TOLERANCES, SizeCheck
+from .export_limits import FIXED_SIZE, NOT_BATCHABLE, NOT_EXPORTABLE, SCRIPTING_REFUSAL, limit
+from .export_match import TOLERANCES, SizeCheck, worst_differences
 from .gradcam import quiet_inference
 
 __all__ = [
     "FORMATS",
     "ONNX_OPSET",
     "NOT_EXPORTABLE",
+    "FIXED_SIZE",
+    "NOT_BATCHABLE",
+    "SCRIPTING_REFUSAL",
     "ExportError",
     "ExportResult",
     "dynamic_axes",
@@ -62,10 +71,6 @@ FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 
-# (format, MODEL.AFI.INTERP kind) -> why it cannot be exported. Every kind of the upsampler
-# registry that is not listed here is exported and checked by tests/test_export.py.
-NOT_EXPORTABLE: Dict[Tuple[str, str], str] = {}
-
 
 @dataclass
 class ExportResult:
@@ -84,6 +89,7 @@ class ExportResult:
     sizes: List[SizeCheck] = field(default_factory=list)
     differences: Dict[str, float] = field(default_factory=dict)
     tolerances: Dict[str, float] = field(default_factory=lambda: dict(TOLERANCES))
+    batch: int = 1
 
     @property
     def ok(self) -> bool:
@@ -91,7 +97,7 @@ class ExportResult:
 
     def summary(self) -> str:
         """One line: sizes checked, largest matched differences, unmatched count, verdict."""
-        sizes = ", ".join(f"{c.size[0]}x{c.size[1]}" for c in self.sizes)
+        sizes = ", ".join(c.label for c in self.sizes)
         diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.differences.items()) or "none"
         unmatched = sum(len(c.unmatched) for c in self.sizes)
         near = sum(u["near_cut"] for c in self.sizes for u in c.unmatched)
@@ -99,12 +105,13 @@ class ExportResult:
         verdict = (
             "all within tolerance"
             if not bad
-            else "DIFFERENT at " + "; ".join(f"{c.size[0]}x{c.size[1]}: {c.problems[0]}" for c in bad)
+            else "DIFFERENT at " + "; ".join(f"{c.label}: {c.problems[0]}" for c in bad)
         )
+        traced = "traced image" + ("s" if self.batch > 1 else "")
         return (
-            f"{self.format}: checked at {len(self.sizes)} sizes ({sizes}); {self.detections} detections at the "
-            f"sample; largest matched difference to PyTorch: {diffs}; unmatched {unmatched} "
-            f"({near} near a cut); {verdict}"
+            f"{self.format}: checked at {len(self.sizes)} sizes ({sizes}); {self.detections} detections in the "
+            f"{traced}; largest matched difference to PyTorch: {diffs}; unmatched {unmatched} ({near} near a cut); "
+            f"{verdict}"
         )
 
     def to_dict(self) -> dict:
@@ -139,25 +146,6 @@ def quiet_export():
         yield
 
 
-def sample_image(cfg, path: Optional[str] = None, seed: int = 0) -> Tuple[torch.Tensor, str]:
-    """``(image, description)``: the float32 (3, H, W) input the graph is traced on.
-
-    With ``path``: the file read in ``INPUT.FORMAT`` and resized like Detectron2's
-    ``DefaultPredictor`` (shortest edge ``INPUT.MIN_SIZE_TEST``, longest at most
-    ``INPUT.MAX_SIZE_TEST``). Without: a random uint8 image (``seed``) of ``MIN_SIZE_TEST`` x
-    ``round(4/3 MIN_SIZE_TEST)`` (the long side capped at ``MAX_SIZE_TEST``)."""
-    short, long_max = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-    if path:
-        img = read_image_or_raise(path, cfg.INPUT.FORMAT)
-        img = T.ResizeShortestEdge([short, short], long_max).get_transform(img).apply_image(img)
-        image = torch.as_tensor(np.ascontiguousarray(img.astype("float32").transpose(2, 0, 1)))
-        return image, f"{path} resized to {image.shape[1]}x{image.shape[2]}"
-    h, w = short, min(int(round(short * 4 / 3)), long_max)
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float()
-    return image, f"a random {h}x{w} image (seed {seed}; INPUT.MIN_SIZE_TEST {short}; no --sample-image given)"
-
-
 def upsampler_kind(cfg, model: torch.nn.Module) -> Optional[str]:
     """``MODEL.AFI.INTERP`` when the model's neck has an afigan upsampler (``srf_module`` or
     ``srf_modules``), else None (e.g. Detectron2's own FPN)."""
@@ -176,7 +164,7 @@ def _inference_func(model):
         # As Detectron2's export_model.py: do_postprocess=False keeps the per-box mask
         # probabilities (pasting them into the image is data-dependent Python).
         def inference(model, inputs):
-            return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+            return [{"instances": r} for r in model.inference(inputs, do_postprocess=False)]
 
         return inference
     return None  # one-stage detectors: model(inputs); without "height"/"width" the output size is the input's
@@ -203,32 +191,40 @@ def output_names(schema, prefix: str = "") -> List[str]:
     return [prefix or "output"]
 
 
-def _export_torchscript(adapter, image: torch.Tensor, path: str):
-    traced = torch.jit.trace(adapter, (image,))
+def _export_torchscript(adapter, images: Tuple[torch.Tensor, ...], path: str):
+    traced = torch.jit.trace(adapter, images)
     torch.jit.save(traced, path)
 
 
-def dynamic_axes(names: Sequence[str]) -> Dict[str, Dict[int, str]]:
-    """The ONNX graph's dynamic axes: the image's height and width, and the detection count (the
-    first axis) of every output but ``image_size``."""
-    axes = {"image": {1: "height", 2: "width"}}
-    axes.update({n: {0: "detections"} for n in names if not n.endswith("image_size")})
-    return axes
+def input_names(batch: int) -> List[str]:
+    """The ONNX graph's inputs: ``image``, or ``image0`` ... ``image{batch-1}``."""
+    return ["image"] if batch == 1 else [f"image{i}" for i in range(batch)]
 
 
-def _export_onnx(adapter, image: torch.Tensor, path: str, names: List[str]):
+def dynamic_axes(names: Sequence[str], batch: int = 1) -> Dict[str, Dict[int, str]]:
+    """The ONNX graph's dynamic axes: every image's height and width, and the detection count (the
+    first axis) of every output but ``image_size`` (named per image when ``batch`` > 1)."""
+    if batch == 1:
+        axes = {"image": {1: "height", 2: "width"}}
+        return {**axes, **{n: {0: "detections"} for n in names if not n.endswith("image_size")}}
+    axes = {f"image{i}": {1: f"height{i}", 2: f"width{i}"} for i in range(batch)}
+    per_image = {n: {0: "detections" + n.split(".")[0]} for n in names if not n.endswith("image_size")}
+    return {**axes, **per_image}
+
+
+def _export_onnx(adapter, images: Tuple[torch.Tensor, ...], path: str, names: List[str]):
     # dynamo=False: torch 2.14's default torch.export-based exporter stops at data-dependent
     # sizes (GuardOnDataDependentSymNode, first at the x2 map's crop/pad in afigan/layers/shape.py
     # for a Mask R-CNN); the TorchScript-based exporter traces TracingAdapter as torch.jit.trace does.
     torch.onnx.export(
         adapter,
-        (image,),
+        images,
         path,
         opset_version=ONNX_OPSET,
         dynamo=False,
-        input_names=["image"],
+        input_names=input_names(len(images)),
         output_names=names,
-        dynamic_axes=dynamic_axes(names),
+        dynamic_axes=dynamic_axes(names, len(images)),
     )
 
 
@@ -240,46 +236,66 @@ def export_detector(
     output_dir: str,
     sample: str = "",
     check_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    batch: int = 1,
 ) -> ExportResult:
-    """Trace ``model`` (eval mode) on ``image``, write ``output_dir/model.ts`` or ``model.onnx``,
-    run the written file on ``image`` and on ``image`` resized to each (H, W) of ``check_sizes``,
-    match its detections with the PyTorch model's on the same image, and write
+    """Trace ``model`` (eval mode) on ``image`` (with ``batch`` > 1: on :func:`batch_images`, and the
+    graph takes exactly that many images), write ``output_dir/model.ts`` or ``model.onnx``, run the
+    written file on the traced images and on them resized to each (H, W) of ``check_sizes``, match
+    its detections with the PyTorch model's on the same images, and write
     ``output_dir/export.json``. Raises :class:`ExportError` (one sentence) when the model cannot be
     exported in ``fmt``; a difference, or a size the file fails on, makes ``ok`` false."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}.")
     kind = upsampler_kind(cfg, model)
     what = describe(cfg, kind)
-    if (fmt, kind) in NOT_EXPORTABLE:
-        raise ExportError(f"MODEL.AFI.INTERP {kind!r} cannot be exported to {fmt}: {NOT_EXPORTABLE[fmt, kind]}.")
+    if batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {batch}.")
+    blocked = limit(cfg, fmt, kind, NOT_EXPORTABLE)
+    if blocked:
+        raise ExportError(f"{blocked[0]} cannot be exported to {fmt}: {blocked[1]}.")
+    blocked = limit(cfg, fmt, kind, NOT_BATCHABLE) if batch > 1 else None
+    if blocked:
+        raise ExportError(f"{blocked[0]} cannot be exported to {fmt} with more than one image: {blocked[1]}.")
+    fixed = limit(cfg, fmt, kind, FIXED_SIZE)
+    if fixed and check_sizes:
+        logger.warning(
+            f"{fixed[0]} exports to {fmt} at the traced image size only ({fixed[1]}), so the file is checked "
+            "at the sample's size only."
+        )
+        check_sizes = []
     model.eval()
     device = next(model.parameters()).device
-    image = image.to(device)
+    images = batch_images(image.to(device), batch)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FILES[fmt])
     # eval(): torch.onnx.export puts the module back in the mode it found it in, and a new
     # TracingAdapter is in training mode, which would switch the model to training after export.
-    adapter = TracingAdapter(model, [{"image": image}], _inference_func(model)).eval()
+    adapter = TracingAdapter(model, [{"image": x} for x in images], _inference_func(model)).eval()
     try:
         with torch.no_grad(), quiet_export():
-            adapter(image)  # sets adapter.outputs_schema
+            adapter(*images)  # sets adapter.outputs_schema
             names = output_names(adapter.outputs_schema)
             if fmt == "torchscript":
-                _export_torchscript(adapter, image, path)
+                _export_torchscript(adapter, images, path)
             else:
-                _export_onnx(adapter, image, path, names)
+                _export_onnx(adapter, images, path, names)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the tracer or exporter raises becomes one sentence
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"{what} could not be exported to {fmt} ({type(e).__name__}: {first[:300]}).") from e
     h, w = int(image.shape[1]), int(image.shape[2])
-    images = [(image, "the sample")] + [
-        (resized(image, size), f"the sample resized from {h}x{w}") for size in (check_sizes or ())
+    what_ran = "the sample" if batch == 1 else f"the sample and {batch - 1} rolled copies"
+    batches = [(images, what_ran)] + [
+        (tuple(resized(x, size) for x in images), f"{what_ran} resized from {h}x{w}") for size in (check_sizes or ())
     ]
+    if batch > 1 and len(check_sizes or ()) > 1:  # one call with images of different sizes (padded together)
+        mixed = [check_sizes[i % len(check_sizes)] for i in range(batch)]
+        text = ", ".join(f"{a}x{b}" for a, b in mixed)
+        batches.append((tuple(resized(x, s) for x, s in zip(images, mixed)), f"mixed sizes: {text}"))
     threshold, topk = cut_offs(model)
     with torch.no_grad(), quiet_export():
-        checks = _check_sizes(adapter, exported_runner(fmt, path), names, images, threshold, topk)
+        checks = _check_sizes(adapter, exported_runner(fmt, path), names, batches, threshold, topk)
     result = ExportResult(
         format=fmt,
         path=path,
@@ -289,27 +305,18 @@ def export_detector(
         detections=checks[0].pytorch,
         sizes=checks,
         differences=worst_differences(checks),
+        batch=batch,
     )
     info = {
         **result.to_dict(),
         "model": what,
-        "input": f"image: float32 (3, H, W), any H and W, INPUT.FORMAT {cfg.INPUT.FORMAT}, resized, not normalised",
+        "inputs": input_names(batch),
+        "input": f"each image: float32 (3, H, W), INPUT.FORMAT {cfg.INPUT.FORMAT}, resized, not normalised",
         "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
         "cut_offs": {"score_threshold": threshold, "topk": topk},
     }
     atomic_write_json(os.path.join(output_dir, "export.json"), info)
     return result
-
-
-def worst_differences(checks: Sequence[SizeCheck]) -> Dict[str, float]:
-    """The largest matched box (px), score and mask differences over ``checks`` (a key only where
-    something was compared)."""
-    out = {}
-    for key in ("box_px", "score", "mask"):
-        values = [getattr(c, key) for c in checks if getattr(c, key) is not None]
-        if values:
-            out[key] = max(values)
-    return out
 
 
 def build_detector(cfg) -> torch.nn.Module:
@@ -329,14 +336,21 @@ def export_model(
     sample: Optional[str] = None,
     opts: Sequence[str] = (),
     check_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    batch: int = 1,
+    method: str = "tracing",
 ) -> ExportResult:
     """``tools/export_model.py``: the config's detector (see :func:`build_detector`, on the CPU
     unless ``opts`` set ``MODEL.DEVICE``) exported by :func:`export_detector` on
     :func:`sample_image`, checked at the sample's size and at ``check_sizes`` (None:
-    :func:`~afigan.analysis.export_check.default_check_sizes`; ``[]``: the sample only)."""
+    :func:`~afigan.analysis.export_check.default_check_sizes`; ``[]``: the sample only).
+    ``method`` "scripting" stops with :data:`SCRIPTING_REFUSAL` before anything is built."""
+    if method == "scripting":
+        raise ExportError(SCRIPTING_REFUSAL)
+    if method != "tracing":
+        raise ExportError(f"--export-method must be tracing (or scripting, which is refused), got {method!r}.")
     cfg = load_config(config_file, opts, device="cpu")
     with quiet_inference():
         model = build_detector(cfg)
     image, description = sample_image(cfg, sample)
     sizes = default_check_sizes(cfg) if check_sizes is None else check_sizes
-    return export_detector(cfg, model, image, fmt, output_dir, sample=description, check_sizes=sizes)
+    return export_detector(cfg, model, image, fmt, output_dir, sample=description, check_sizes=sizes, batch=batch)

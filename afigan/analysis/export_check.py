@@ -4,12 +4,26 @@ the same image (:func:`afigan.analysis.export_match.match_detections`)."""
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import detectron2.data.transforms as T
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .export_match import SizeCheck, match_detections
+from afigan.data.image_io import read_image_or_raise
 
-__all__ = ["ExportError", "default_check_sizes", "resized", "cut_offs", "exported_runner", "check_sizes"]
+from .export_match import SizeCheck, match_detections, merge_checks
+
+__all__ = [
+    "sample_image",
+    "batch_images",
+    "ExportError",
+    "default_check_sizes",
+    "resized",
+    "cut_offs",
+    "exported_runner",
+    "per_image",
+    "check_sizes",
+]
 
 
 class ExportError(ValueError):
@@ -38,6 +52,32 @@ def resized(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
+def sample_image(cfg, path: Optional[str] = None, seed: int = 0) -> Tuple[torch.Tensor, str]:
+    """``(image, description)``: the float32 (3, H, W) input the graph is traced on.
+
+    With ``path``: the file read in ``INPUT.FORMAT`` and resized like Detectron2's
+    ``DefaultPredictor`` (shortest edge ``INPUT.MIN_SIZE_TEST``, longest at most
+    ``INPUT.MAX_SIZE_TEST``). Without: a random uint8 image (``seed``) of ``MIN_SIZE_TEST`` x
+    ``round(4/3 MIN_SIZE_TEST)`` (the long side capped at ``MAX_SIZE_TEST``)."""
+    short, long_max = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    if path:
+        img = read_image_or_raise(path, cfg.INPUT.FORMAT)
+        img = T.ResizeShortestEdge([short, short], long_max).get_transform(img).apply_image(img)
+        image = torch.as_tensor(np.ascontiguousarray(img.astype("float32").transpose(2, 0, 1)))
+        return image, f"{path} resized to {image.shape[1]}x{image.shape[2]}"
+    h, w = short, min(int(round(short * 4 / 3)), long_max)
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float()
+    return image, f"a random {h}x{w} image (seed {seed}; INPUT.MIN_SIZE_TEST {short}; no --sample-image given)"
+
+
+def batch_images(image: torch.Tensor, batch: int) -> Tuple[torch.Tensor, ...]:
+    """``image`` and ``batch - 1`` more of its size: it rolled sideways by i/batch of its width
+    (other content at the same size, so the images of a batch give different detections)."""
+    w = image.shape[-1]
+    return tuple(torch.roll(image, shifts=i * w // batch, dims=-1) for i in range(batch))
+
+
 def cut_offs(model: torch.nn.Module) -> Tuple[Optional[float], Optional[int]]:
     """``(score threshold, top-k)`` of the model's final detections, the threshold in the scale of
     the output ``scores`` (None where the threshold acts on another quantity): the last box
@@ -59,55 +99,70 @@ def cut_offs(model: torch.nn.Module) -> Tuple[Optional[float], Optional[int]]:
 
 
 def exported_runner(fmt: str, path: str) -> Runner:
-    """A function image -> the written file's flattened outputs, loaded once."""
+    """A function images -> the written file's flattened outputs, loaded once."""
     if fmt == "torchscript":
         module = torch.jit.load(path)
-        return lambda image: list(module(image))
+        return lambda *images: list(module(*images))
     try:
         import onnxruntime
     except ImportError:
         raise ExportError("Checking an ONNX export needs onnxruntime: pip install -e '.[onnx]'.") from None
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda image: [torch.as_tensor(x) for x in session.run(None, {name: image.cpu().numpy()})]
+    inputs = [i.name for i in session.get_inputs()]
+    return lambda *images: [
+        torch.as_tensor(x) for x in session.run(None, {n: im.cpu().numpy() for n, im in zip(inputs, images)})
+    ]
 
 
-def _detections(names: Sequence[str], outputs: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {n: o.detach().cpu() for n, o in zip(names, outputs) if not n.endswith("image_size")}
+def per_image(names: Sequence[str], outputs: Sequence[torch.Tensor], n: int) -> List[Dict[str, torch.Tensor]]:
+    """Flattened outputs of ``n`` images (names ``pred_boxes``, ... for one image; ``0.pred_boxes``,
+    ..., ``1.pred_boxes``, ... for several) -> one ``{name: tensor}`` per image, ``image_size`` left out."""
+    named = {k: o.detach().cpu() for k, o in zip(names, outputs) if not k.endswith("image_size")}
+    if n == 1:
+        return [named]
+    return [{k[len(f"{i}.") :]: v for k, v in named.items() if k.startswith(f"{i}.")} for i in range(n)]
+
+
+def _failed(size, description, n_pytorch, problem) -> SizeCheck:
+    check = SizeCheck(size=size, image=description, pytorch=n_pytorch)
+    check.problems.append(problem)
+    return check
 
 
 def check_sizes(
     pytorch: Runner,
     exported: Runner,
     names: Sequence[str],
-    images: Sequence[Tuple[torch.Tensor, str]],
+    batches: Sequence[Tuple[Sequence[torch.Tensor], str]],
     score_threshold: Optional[float] = None,
     topk: Optional[int] = None,
 ) -> List[SizeCheck]:
-    """One :class:`SizeCheck` per ``(image, description)``: ``pytorch(image)`` and
-    ``exported(image)`` (flattened outputs named ``names``) matched as detections. An exported
-    file that fails on an image, or returns other outputs, is a problem of that size, not an
-    exception."""
+    """One :class:`SizeCheck` per ``(images, description)`` (the images of one call, all of one
+    size): ``pytorch(*images)`` and ``exported(*images)`` (flattened outputs named ``names``)
+    matched as detections image by image, the counts summed and the differences maximised over the
+    images. An exported file that fails on the images, or returns other outputs, is a problem of
+    that size, not an exception."""
     checks = []
-    for image, description in images:
-        size = (int(image.shape[-2]), int(image.shape[-1]))
+    for images, description in batches:
+        size = (int(images[0].shape[-2]), int(images[0].shape[-1]))
         with torch.no_grad():
-            expected = _detections(names, pytorch(image))
+            expected = per_image(names, pytorch(*images), len(images))
+        count = sum(len(e.get("scores", ())) for e in expected)
         try:
-            outputs = exported(image)
+            outputs = exported(*images)
         except Exception as e:  # noqa: BLE001 - a file that cannot run at this size is this size's verdict
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            check = SizeCheck(size=size, image=description, pytorch=len(expected.get("scores", ())))
-            check.problems.append(f"the exported file fails on this size ({type(e).__name__}: {first})")
-            checks.append(check)
+            problem = f"the exported file fails on this size ({type(e).__name__}: {first})"
+            checks.append(_failed(size, description, count, problem))
             continue
         if len(outputs) != len(names):
-            check = SizeCheck(size=size, image=description, pytorch=len(expected.get("scores", ())))
-            check.problems.append(f"the exported file returns {len(outputs)} outputs, PyTorch {len(names)}")
-            checks.append(check)
+            problem = f"the exported file returns {len(outputs)} outputs, PyTorch {len(names)}"
+            checks.append(_failed(size, description, count, problem))
             continue
-        actual = _detections(names, outputs)
-        checks.append(
-            match_detections(expected, actual, size=size, image=description, score_threshold=score_threshold, topk=topk)
-        )
+        actual = per_image(names, outputs, len(images))
+        per = [
+            match_detections(e, a, size=size, image=description, score_threshold=score_threshold, topk=topk)
+            for e, a in zip(expected, actual)
+        ]
+        checks.append(merge_checks(per))
     return checks

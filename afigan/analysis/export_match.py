@@ -30,6 +30,8 @@ __all__ = [
     "SizeCheck",
     "box_iou",
     "match_detections",
+    "merge_checks",
+    "worst_differences",
     "size_table",
 ]
 
@@ -83,6 +85,11 @@ class SizeCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def label(self) -> str:
+        """``HxW``, or ``mixed`` for a batch of images of different sizes (``image`` says which)."""
+        return "mixed" if self.image.startswith("mixed sizes") else f"{self.size[0]}x{self.size[1]}"
 
     def to_dict(self) -> dict:
         """JSON-ready, with ``ok``."""
@@ -209,6 +216,39 @@ def match_detections(
     return check
 
 
+def merge_checks(checks: Sequence[SizeCheck]) -> SizeCheck:
+    """The checks of the images of one batch (one size) as one: counts summed, differences the
+    largest, unmatched detections and problems of image i > 0 prefixed "image i:"."""
+    if len(checks) == 1:
+        return checks[0]
+    out = SizeCheck(size=checks[0].size, image=checks[0].image)
+    for i, c in enumerate(checks):
+        out.pytorch, out.exported, out.matched = (
+            out.pytorch + c.pytorch,
+            out.exported + c.exported,
+            out.matched + c.matched,
+        )
+        for key in ("box_px", "score", "mask"):
+            values = [v for v in (getattr(out, key), getattr(c, key)) if v is not None]
+            setattr(out, key, max(values) if values else None)
+        for k, v in c.other.items():
+            out.other[k] = max(out.other.get(k, 0.0), v)
+        out.unmatched += [{**u, "image": i} for u in c.unmatched]
+        out.problems += [f"image {i}: {p}" for p in c.problems]
+    return out
+
+
+def worst_differences(checks: Sequence[SizeCheck]) -> Dict[str, float]:
+    """The largest matched box (px), score and mask differences over ``checks`` (a key only where
+    something was compared)."""
+    out = {}
+    for key in ("box_px", "score", "mask"):
+        values = [getattr(c, key) for c in checks if getattr(c, key) is not None]
+        if values:
+            out[key] = max(values)
+    return out
+
+
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.2g}"
 
@@ -222,7 +262,7 @@ def size_table(checks: Sequence[SizeCheck]) -> str:
         near = sum(u["near_cut"] for u in c.unmatched)
         rows.append(
             (
-                f"{c.size[0]}x{c.size[1]}",
+                c.label,
                 str(c.pytorch),
                 str(c.exported),
                 str(c.matched),

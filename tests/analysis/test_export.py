@@ -127,11 +127,15 @@ def test_fcos_retinanet_and_pafpn_export_through_the_tool(model, fmt, tmp_path, 
     _check(result, masks=masks)
     out = capsys.readouterr().out
     assert "traced on a random 64x85 image (seed 0" in out  # the default sample, named
-    assert f"{fmt}: checked at 1 sizes (64x85); {result.detections} detections at the sample; " in out
+    assert f"{fmt}: checked at 1 sizes (64x85); {result.detections} detections in the traced image; " in out
     assert out.rstrip().endswith("all within tolerance")
     info = json.load(open(tmp_path / "export.json"))
     assert info["format"] == fmt and info["outputs"] == result.outputs and info["ok"] is True
     assert [s["size"] for s in info["sizes"]] == [[64, 85]] and info["sizes"][0]["matched"] == result.detections
+    # The cuts an unmatched detection may sit at: the toy configs' thresholds and DETECTIONS_PER_IMAGE
+    # 50; FCOS thresholds the class probability (not the output score) and keeps POST_NMS_TOPK_TEST.
+    cuts = {FCOS: [None, 100], RETINANET: [0.0, 50]}.get(model, [0.05, 50])
+    assert [info["cut_offs"]["score_threshold"], info["cut_offs"]["topk"]] == cuts
     assert result.outputs == ["pred_boxes", "pred_classes", *(["pred_masks"] if masks else []), "scores", "image_size"]
     if fmt == "onnx":
         onnx = pytest.importorskip("onnx")
@@ -203,5 +207,136 @@ def test_help_lists_detectron2s_flags(capsys):
     out = capsys.readouterr().out
     first = ast.get_docstring(ast.parse(open(TOOL).read())).splitlines()[0]
     assert first in " ".join(out.split("\n"))
-    for flag in ("--config-file", "--output", "--format", "--export-method", "--sample-image"):
+    for flag in (
+        "--config-file",
+        "--output",
+        "--format",
+        "--export-method",
+        "--sample-image",
+        "--check-sizes",
+        "--batch",
+    ):
         assert flag in out
+
+
+def _run_tool(monkeypatch, *args):
+    """``tools/export_model.py ARGS`` as ``__main__``: its exit code."""
+    monkeypatch.setattr(sys, "argv", [TOOL, *args])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(TOOL, run_name="__main__")
+    return e.value.code
+
+
+def _wrap_exported(monkeypatch, change):
+    """Make the check see ``change(outputs)`` of the written file's outputs (as a faulty runtime would)."""
+    from afigan.analysis import export, export_check
+
+    real = export_check.exported_runner
+    monkeypatch.setattr(export, "exported_runner", lambda fmt, path: lambda *x: change(real(fmt, path)(*x)))
+
+
+def _reorder(outputs):
+    # Reverse the detections (the first four outputs of Mask R-CNN: boxes, classes, masks, scores).
+    return [o.flip(0) for o in outputs[:4]] + outputs[4:]
+
+
+def _move_first_box(outputs):
+    boxes = outputs[0].clone()
+    boxes[0] += 2.0
+    return [boxes] + outputs[1:]
+
+
+def test_the_check_matches_detections_in_another_order_and_catches_a_moved_box(tmp_path, monkeypatch, capsys):
+    """Issue 22's false alarm: the same detections in another order (near-tied scores) made the
+    index-by-index comparison exit 1 on pred_boxes; matched as sets they pass, at every size, and a
+    box moved by 2 px still fails with exit 1."""
+    args = ["--config-file", MASK_RCNN, "--format", "torchscript", "--check-sizes", "49x65", *SMALL]
+    _wrap_exported(monkeypatch, _reorder)
+    assert _run_tool(monkeypatch, "--output", str(tmp_path / "a"), *args) == 0
+    out = capsys.readouterr().out
+    assert "all within tolerance" in out and out.count(" ok ") == 2
+    _wrap_exported(monkeypatch, _move_first_box)
+    assert _run_tool(monkeypatch, "--output", str(tmp_path / "b"), *args) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENT at 64x85: a matched box differs by 2 px (> 0.05)" in out
+
+
+@pytest.mark.skipif(not _has("onnxruntime"), reason="onnxruntime is not installed (pip install -e '.[onnx]')")
+def test_onnx_batch_of_two_at_every_default_size(tmp_path, capsys):
+    """--batch 2: two image inputs with dynamic height and width, checked at the sample's size, the
+    three default sizes and once with two different sizes in one call."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    result = runpy.run_path(TOOL)["main"](
+        ["--config-file", MASK_RCNN, "--output", str(tmp_path), "--format", "onnx", "--batch", "2", *SMALL]
+    )
+    assert result.ok, result.summary()
+    assert [c.label for c in result.sizes] == ["64x85", "49x65", "81x49", "97x129", "mixed"]
+    assert result.sizes[-1].image == "mixed sizes: 49x65, 81x49"
+    assert all(c.pytorch == c.exported == c.matched > 0 for c in result.sizes)
+    assert result.outputs[:5] == ["0.pred_boxes", "0.pred_classes", "0.pred_masks", "0.scores", "0.image_size"]
+    graph = onnx.load(result.path).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"image0": [3, "height0", "width0"], "image1": [3, "height1", "width1"]}
+    assert "it takes 2 float32 (3, H, W) images" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "export.json"))["inputs"] == ["image0", "image1"]
+
+
+def test_scripting_is_refused_in_one_sentence_before_anything_is_built(tmp_path, monkeypatch):
+    from afigan.analysis import export
+
+    monkeypatch.setattr(export, "build_detector", None)  # would fail if reached
+    code = _run_tool(monkeypatch, "--config-file", MASK_RCNN, "--output", str(tmp_path), "--export-method", "scripting")
+    assert code == f"export_model: {export.SCRIPTING_REFUSAL}"
+    assert code.count(". ") == 0 and not os.listdir(tmp_path)
+
+
+def test_a_family_that_cannot_take_a_batch_or_other_sizes_says_so(tmp_path, monkeypatch, caplog):
+    from afigan.analysis import export
+
+    monkeypatch.setitem(export.NOT_BATCHABLE, ("torchscript", "GeneralizedRCNN"), "a reason")
+    with pytest.raises(export.ExportError) as e:
+        export.export_model(MASK_RCNN, str(tmp_path), "torchscript", opts=SMALL, batch=2)
+    assert str(e.value) == (
+        "MODEL.META_ARCHITECTURE 'GeneralizedRCNN' cannot be exported to torchscript with more than one image: "
+        "a reason."
+    )
+    monkeypatch.setitem(export.FIXED_SIZE, ("torchscript", "build_resnet_fpn_sr_backbone"), "an op")
+    result = export.export_model(MASK_RCNN, str(tmp_path), "torchscript", opts=SMALL)
+    assert [c.label for c in result.sizes] == ["64x85"] and result.ok
+    assert (
+        "MODEL.BACKBONE.NAME 'build_resnet_fpn_sr_backbone' exports to torchscript at the traced image size only "
+        "(an op), so the file is checked at the sample's size only." in caplog.text
+    )
+
+
+def test_help_states_the_tolerances(capsys):
+    from afigan.analysis.export_match import BOX_TOLERANCE_PX, CUT_EPSILON, MASK_TOLERANCE, SCORE_TOLERANCE
+
+    with pytest.raises(SystemExit):
+        runpy.run_path(TOOL)["parse_args"](["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"a matched box corner differing by more than {BOX_TOLERANCE_PX:g} px" in out
+    assert f"a matched score by more than {SCORE_TOLERANCE:g}" in out
+    assert f"a matched mask by more than {MASK_TOLERANCE:g}" in out
+    assert f"not within {CUT_EPSILON:g} of the score threshold or of the top-k cut-off" in out
+
+
+def test_check_sizes_flag(capsys):
+    parse = runpy.run_path(TOOL)["parse_args"]
+    base = ["--config-file", MASK_RCNN, "--output", "x"]
+    assert parse([*base, "--check-sizes", "81x49,97X129"]).check_sizes == [(81, 49), (97, 129)]
+    assert parse([*base, "--check-sizes", "none"]).check_sizes == []
+    assert parse(base).check_sizes is None  # the defaults of default_check_sizes
+    with pytest.raises(SystemExit):
+        parse([*base, "--check-sizes", "81,49"])
+    assert "sizes are HEIGHTxWIDTH in pixels separated by commas" in capsys.readouterr().err
+
+
+def test_default_check_sizes_are_odd_smaller_portrait_and_larger():
+    from afigan.analysis.export_check import default_check_sizes
+    from afigan.config import load_config
+
+    assert default_check_sizes(load_config(MASK_RCNN, SMALL)) == [(49, 65), (81, 49), (97, 129)]
+    assert default_check_sizes(load_config(MASK_RCNN, [])) == [(121, 161), (201, 121), (241, 321)]
