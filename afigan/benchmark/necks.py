@@ -1,8 +1,6 @@
 """Inference cost of the necks with each upsampler: parameters, FLOPs (fvcore) and median latency
 of the neck alone and of a whole Mask R-CNN R-50 forward. Used by tools/benchmark_necks.py."""
 
-import statistics
-import time
 from typing import Dict, List
 
 import torch
@@ -11,6 +9,9 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from torch import nn
 
 from afigan.config import load_config
+
+from .timing import median_seconds as _median_seconds
+from .timing import peak_memory
 
 __all__ = ["NECKS", "neck_cfg", "benchmark", "format_table", "ConstantFeatures", "median_seconds"]
 
@@ -57,17 +58,9 @@ class ConstantFeatures(nn.Module):
 
 
 def median_seconds(fn, repeats: int, device: str) -> float:
-    times = []
-    for i in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i:  # the first call warms up caches and kernels
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls after one untimed warm-up (CUDA events on a GPU,
+    afigan/benchmark/timing.py)."""
+    return _median_seconds(fn, repeats, device, warmup=1)
 
 
 @torch.no_grad()
@@ -90,6 +83,7 @@ def benchmark(
                 sum(p.numel() for p in backbone.srf_module.parameters()) if hasattr(backbone, "srf_module") else 0
             )
             backbone.bottom_up = ConstantFeatures(feats)
+            memory = {}  # peak MiB of the timed calls, on CUDA only
             try:
                 neck_flops = (
                     FlopCountAnalysis(backbone, images)
@@ -97,7 +91,8 @@ def benchmark(
                     .uncalled_modules_warnings(False)
                     .total()
                 )
-                neck_s = median_seconds(lambda: backbone(images), repeats, device)
+                with peak_memory(device, memory, "neck_peak_mib"):
+                    neck_s = median_seconds(lambda: backbone(images), repeats, device)
             finally:
                 backbone.bottom_up = bottom_up
             row = dict(
@@ -109,6 +104,7 @@ def benchmark(
                 neck_ms=neck_s * 1e3,
                 image=f"{h}x{w}",
                 device=device,
+                **memory,
             )
             if full:
                 inputs = [{"image": image, "height": h, "width": w}]
@@ -118,10 +114,12 @@ def benchmark(
                     .uncalled_modules_warnings(False)
                     .total()
                 )
+                with peak_memory(device, row, "model_peak_mib"):
+                    model_s = median_seconds(lambda: model(inputs), repeats, device)
                 row.update(
                     model_params=sum(p.numel() for p in model.parameters()),
                     model_gflops=flops / 1e9,
-                    model_ms=median_seconds(lambda: model(inputs), repeats, device) * 1e3,
+                    model_ms=model_s * 1e3,
                 )
             rows.append(row)
             model = None  # free it before the next one is built
@@ -135,8 +133,10 @@ def format_table(rows: List[Dict]) -> str:
         ("neck_params", "neck params (M)", "{:.2f}"),
         ("neck_gflops", "neck GFLOPs", "{:.1f}"),
         ("neck_ms", "neck ms", "{:.1f}"),
+        ("neck_peak_mib", "neck MiB", "{:.0f}"),  # CUDA only (afigan/benchmark/timing.py)
         ("model_gflops", "Mask R-CNN GFLOPs", "{:.1f}"),
         ("model_ms", "Mask R-CNN ms", "{:.1f}"),
+        ("model_peak_mib", "Mask R-CNN MiB", "{:.0f}"),
     ]
     cols = [c for c in cols if c[0] in rows[0]]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]

@@ -13,8 +13,6 @@ measured in :mod:`.roofline_steps`, the tables and the chart are :mod:`.roofline
 """
 
 import contextlib
-import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -23,6 +21,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from afigan.layers import AFInterpolator, FeaturePatchDiscriminator
+
+from .timing import median_seconds, peak_memory
 
 __all__ = [
     "VARIANTS",
@@ -75,23 +75,10 @@ def counted_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA events on a
+    GPU: afigan/benchmark/timing.py)."""
+    return median_seconds(fn, repeats, device, warmup=warmup)
 
 
 def _autocast(device: str, dtype: torch.dtype):
@@ -180,7 +167,8 @@ def _module_row(
 ) -> Dict:
     v = VARIANTS[variant]
     x = _format(x, v["channels_last"]).requires_grad_(backward)
-    with _autocast(device, v["dtype"]):
+    memory = {}  # peak MiB of the timed calls, on CUDA only
+    with _autocast(device, v["dtype"]), peak_memory(device, memory, "peak_mem_mib"):
         run = _run(module, x, backward)
         seconds = timed(run, repeats, device)
     with _eager(module):  # the counters see a compiled graph's kernels only in eager mode
@@ -198,6 +186,7 @@ def _module_row(
         gflops_per_s=flops / seconds / 1e9,
         plain_conv_gflops_per_s=ref["gflops_per_s"],
         input=list(x.shape),
+        **memory,
     )
     row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
     if with_layers:

@@ -6,10 +6,12 @@ __all__ = ["format_table", "targets", "plot"]
 
 
 def format_table(rows: List[Dict]) -> str:
+    """The Markdown table; on CUDA with a last column, the peak memory of each row's timed calls."""
+    memory = any("peak_mem_mib" in r for r in rows)  # CUDA rows only (afigan/benchmark/timing.py)
     lines = [
         "| component | variant | short side | ms | GFLOPs | GFLOP/s | plain 3x3 conv GFLOP/s | ratio | own "
-        "layers ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "layers ratio |" + (" peak MiB |" if memory else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if memory else ""),
     ]
     for r in rows:
         own = f"{r['ratio_to_own_layers']:.2f}" if "ratio_to_own_layers" in r else ""
@@ -17,6 +19,7 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(
             f"| {name} | {r['variant']} | {r['short_side']} | {r['seconds'] * 1e3:.0f} | {r['gflops']:.1f} | "
             f"{r['gflops_per_s']:.0f} | {r['plain_conv_gflops_per_s']:.0f} | {r['ratio_to_plain_conv']:.2f} | {own} |"
+            + (f" {r['peak_mem_mib']:.0f} |" if memory else "")
         )
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer
 from afigan.modeling.meta_arch import build_guide_model
 
 from .roofline import STEP_CONFIGS, VARIANTS, counted_flops, plain_conv, timed
+from .timing import peak_memory
 from .training import REFERENCE_SIZES, random_stage_inputs
 
 __all__ = ["step_rows", "top_ops", "patch_ablation"]
@@ -137,9 +138,11 @@ def step_rows(
                 continue  # Detectron2's own trainer knows none of the switches (and its AMP needs CUDA)
             torch.manual_seed(0)
             trainer = _trainer(stage, configs_dir, short_side, batch, variant, device)
+            memory = {}  # peak MiB of the timed steps, on CUDA only
             with EventStorage(0) as trainer.storage:
                 flops = counted_flops(trainer.run_step)  # also the warm-up call
-                seconds = timed(trainer.run_step, repeats, device, warmup=0)
+                with peak_memory(device, memory, "peak_mem_mib"):
+                    seconds = timed(trainer.run_step, repeats, device, warmup=0)
                 ops = top_ops(trainer.run_step, device=device) if variant in profile else None
             row = dict(
                 component=f"{stage} step",
@@ -152,6 +155,7 @@ def step_rows(
                 short_side=short_side,
                 batch=batch,
                 image=trainer.image_size,
+                **memory,
             )
             row["ratio_to_plain_conv"] = row["gflops_per_s"] / ref["gflops_per_s"]
             if ops is not None:

@@ -7,7 +7,6 @@ import os
 import resource
 import statistics
 import tempfile
-import time
 from typing import Dict, List
 
 import torch
@@ -17,6 +16,8 @@ from afigan.engine import DetectorTrainer, Stage1Trainer, Stage2Trainer, setup_c
 from afigan.engine.adversarial import build_discriminator
 from afigan.engine.stage1 import build_generator
 from afigan.modeling.meta_arch import build_guide_model
+
+from .timing import Stopwatch, on_cuda
 
 __all__ = ["BENCHMARK_CONFIGS", "REFERENCE_SIZES", "measure", "random_stage_inputs"]
 
@@ -30,18 +31,17 @@ BENCHMARK_CONFIGS = {
 
 
 class _Timer(HookBase):
-    def __init__(self):
+    """Seconds of each step on the device's clock (CUDA events on a GPU: afigan/benchmark/timing.py)."""
+
+    def __init__(self, device: str):
         self.times: List[float] = []
+        self.watch = Stopwatch(device)
 
     def before_step(self):
-        if self.trainer.device_sync:
-            torch.cuda.synchronize()
-        self._t = time.perf_counter()
+        self.watch.start()
 
     def after_step(self):
-        if self.trainer.device_sync:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(self.watch.stop())
 
 
 # The paper's sizes over the toy configs: 256-channel FPN, 3 dense blocks, full-width D, R-50.
@@ -116,12 +116,11 @@ def measure(
     trainer = {"stage1": Stage1Trainer, "stage2": Stage2Trainer, "stage3": DetectorTrainer, "plain_nn": DefaultTrainer}[
         stage
     ](cfg)
-    trainer.device_sync = device.startswith("cuda")
-    timer = _Timer()
+    timer = _Timer(device)
     trainer.register_hooks([timer])
     if stage != "plain_nn":
         trainer.resume_or_load(resume=False)
-    if device.startswith("cuda"):
+    if on_cuda(device):
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     times = timer.times[2:] or timer.times

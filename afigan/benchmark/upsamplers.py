@@ -12,6 +12,7 @@ from torch import nn
 from afigan.modeling.necks import upsampler_from_config
 
 from .necks import ConstantFeatures, median_seconds, neck_cfg
+from .timing import peak_memory
 
 __all__ = ["VARIANTS", "benchmark", "format_table", "plot"]
 
@@ -107,8 +108,9 @@ def benchmark(
                 shared=cfg.MODEL.AFI.SHARED,
                 params=params,
                 call_gflops=_flops(call, (x, guide)) / 1e9,
-                call_ms=median_seconds(lambda: call(x, guide), repeats, device) * 1e3,
             )
+            with peak_memory(device, row, "call_peak_mib"):  # CUDA only
+                row["call_ms"] = median_seconds(lambda: call(x, guide), repeats, device) * 1e3
         call.train()
         xg = x.clone().requires_grad_(True)
         row["train_saved_mb"] = _saved_for_backward_mb(lambda: call(xg, guide)) if params else 0.0
@@ -125,8 +127,9 @@ def benchmark(
                     row.update(
                         neck_upsampler_params=sum(p.numel() for p in ups.parameters()),
                         neck_gflops=_flops(backbone, images) / 1e9,
-                        neck_ms=median_seconds(lambda: backbone(images), repeats, device) * 1e3,
                     )
+                    with peak_memory(device, row, "neck_peak_mib"):
+                        row["neck_ms"] = median_seconds(lambda: backbone(images), repeats, device) * 1e3
                 finally:
                     backbone.bottom_up = bottom_up
             del model
@@ -141,10 +144,12 @@ def format_table(rows: List[Dict]) -> str:
         ("params", "params (one)", "{:,}"),
         ("call_gflops", "x2 GFLOPs", "{:.2f}"),
         ("call_ms", "x2 ms", "{:.1f}"),
+        ("call_peak_mib", "x2 MiB", "{:.0f}"),  # CUDA only (afigan/benchmark/timing.py)
         ("train_saved_mb", "x2 train MB", "{:.0f}"),
         ("neck_upsampler_params", "neck upsampler params", "{:,}"),
         ("neck_gflops", "FPN GFLOPs", "{:.1f}"),
         ("neck_ms", "FPN ms", "{:.1f}"),
+        ("neck_peak_mib", "FPN MiB", "{:.0f}"),
     ]
     cols = [c for c in cols if c[0] in rows[0]]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
