@@ -109,7 +109,7 @@ class CARAFE(nn.Module):
     def forward(
         self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None, guide: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if not torch.jit.is_tracing():  # fixed shapes when traced; the check would only warn
+        if not torch.jit.is_tracing():  # a traced graph keeps no Python checks; they would only warn
             check_feature_map(x, self.channels, type(self).__name__)
         reassemble = reassemble_in_float32 if self.float32_island else carafe_reassemble
         out = reassemble(x, self.kernels(x), self.up_kernel, self.scale)

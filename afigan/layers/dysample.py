@@ -105,7 +105,7 @@ class DySample(nn.Module):
     def forward(
         self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None, guide: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if not torch.jit.is_tracing():  # fixed shapes when traced; the check would only warn
+        if not torch.jit.is_tracing():  # a traced graph keeps no Python checks; they would only warn
             check_feature_map(x, self.channels, type(self).__name__)
         n, _, h, w = x.shape
         s, g = self.scale, self.groups

@@ -106,16 +106,10 @@ class FADE(nn.Module):
             )
         if not torch.jit.is_tracing():  # a traced graph keeps no Python checks; they would only warn
             self._check_inputs(x, guide)
+        # Under tracing h and w are traced sizes and fit_to gathers (no replicate pad, whose ONNX
+        # export reverses its pads with a step -1 Slice), so the graph fits any input size.
         h, w = x.shape[-2], x.shape[-1]
-        if torch.jit.is_tracing():
-            # fit_to's Python branch on traced sizes would warn; for the guide sizes allowed here
-            # (2h-1 .. 2h+1) repeating the last row and column once, then cropping, gives exactly
-            # the same map (by concatenation: ONNX's export of a replicate pad reverses its pads
-            # with a step -1 Slice, which the exporter warns about).
-            en = torch.cat([guide, guide[..., -1:, :]], dim=-2)
-            en = torch.cat([en, en[..., -1:]], dim=-1)[..., : 2 * h, : 2 * w]
-        else:
-            en = fit_to(guide, (2 * h, 2 * w))
+        en = fit_to(guide, (2 * h, 2 * w))
         gate = self.gate_generator(x)
         kernels = F.softmax(self.kernel_generator(en, x), dim=1)
         reassemble = reassemble_in_float32 if self.float32_island else carafe_reassemble

@@ -44,7 +44,7 @@ class DeconvUpsampler(nn.Module):
     def forward(
         self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None, guide: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if not torch.jit.is_tracing():  # fixed shapes when traced; the check would only warn
+        if not torch.jit.is_tracing():  # a traced graph keeps no Python checks; they would only warn
             check_feature_map(x, self.channels, type(self).__name__)
         return resize_to(self.deconv(x), output_size, x.shape[-2:])
 
@@ -79,7 +79,7 @@ class PixelShuffleUpsampler(nn.Module):
     def forward(
         self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None, guide: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if not torch.jit.is_tracing():  # fixed shapes when traced; the check would only warn
+        if not torch.jit.is_tracing():  # a traced graph keeps no Python checks; they would only warn
             check_feature_map(x, self.channels, type(self).__name__)
         return resize_to(self.shuffle(self.conv(x)), output_size, x.shape[-2:])
 

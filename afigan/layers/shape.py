@@ -1,4 +1,12 @@
-"""Input validation and size alignment shared by every upsampler."""
+"""Input validation and size alignment shared by every upsampler.
+
+Trace-safe: under ``torch.jit.trace`` (and the TorchScript-based ONNX exporter, which traces) a
+size read from ``x.shape`` is a 0-dim tensor that the graph recomputes for every input, while
+``int()`` of it or a Python ``if`` on it is frozen at the traced size. :func:`resize_to` and
+:func:`fit_to` therefore crop and edge-pad by gathering rows and columns whose indices come from
+those sizes (``arange(size).clamp(max=last)``) when tracing: the same values as slicing plus
+replicate padding, for any input size. Eager calls keep the plain slicing and padding.
+"""
 
 from typing import Optional, Sequence
 
@@ -30,6 +38,8 @@ def resize_to(out: torch.Tensor, output_size: Optional[Sequence[int]], in_size: 
     """
     if output_size is None:
         return out
+    if torch.jit.is_tracing():  # no Python ints or checks: they would freeze the traced size
+        return _fit_traced(out, output_size)
     size = tuple(int(s) for s in output_size)
     h, w = int(in_size[0]), int(in_size[1])
     if len(size) != 2 or not (1 <= size[0] <= 2 * h + 1 and 1 <= size[1] <= 2 * w + 1):
@@ -53,8 +63,21 @@ def crop_to_common(a: torch.Tensor, b: torch.Tensor):
 
 def fit_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crop or edge-pad (..., H, W) at the bottom/right to ``size`` (no bound on the change)."""
+    if torch.jit.is_tracing():
+        return _fit_traced(x, size)
     x = x[..., : size[0], : size[1]]
     pad_h, pad_w = size[0] - x.shape[-2], size[1] - x.shape[-1]
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     return x
+
+
+def _fit_traced(x: torch.Tensor, size: Sequence) -> torch.Tensor:
+    """:func:`fit_to` for tracing: row i of the result is row min(i, H - 1) of ``x`` (likewise
+    columns), so rows past the end repeat the last one (replicate padding) and rows past ``size``
+    are dropped (cropping). ``size`` and ``x``'s own sizes stay traced values (Range, Min and
+    Gather in ONNX), so the graph fits every input size, not just the traced one."""
+    h, w = x.shape[-2], x.shape[-1]
+    rows = torch.arange(size[0], device=x.device).clamp(max=h - 1)
+    cols = torch.arange(size[1], device=x.device).clamp(max=w - 1)
+    return x.index_select(-2, rows).index_select(-1, cols)

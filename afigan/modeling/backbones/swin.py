@@ -4,7 +4,8 @@ A thin subclass of Detectron2's :class:`detectron2.modeling.backbone.SwinTransfo
 the Swin detection code the reference used, so its parameter and buffer names -- ``patch_embed.proj``,
 ``layers.{i}.blocks.{j}.attn.relative_position_bias_table``, ``norm{i}``, ... -- and the reference
 checkpoints load strictly). Added here: ``@configurable`` construction from ``MODEL.SWINT``, the
-reference's output names ``stage2..stage5``, input/config checks, and frozen stages that stay frozen.
+reference's output names ``stage2..stage5``, input/config checks, frozen stages that stay frozen,
+and a forward that tracing keeps size-free (``swin_trace``).
 """
 
 from typing import Dict, Optional, Sequence
@@ -14,6 +15,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.swin import SwinTransformer as _D2SwinTransformer
+
+from .swin_trace import swin_forward
 
 __all__ = ["SwinTransformer", "build_swint_backbone"]
 
@@ -115,7 +118,10 @@ class SwinTransformer(_D2SwinTransformer):
         """(N, C, H, W) -> {stage{i+2}: (N, E * 2^i, ceil(H / 2^(i+2)), ceil(W / 2^(i+2)))}."""
         if x.dim() != 4:
             raise ValueError(f"SwinTransformer expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}.")
-        return {f"stage{int(k[1:]) + 2}": v for k, v in super().forward(x).items()}  # Detectron2 names p{i}
+        # Tracing: Detectron2's forward freezes the traced size (swin_trace explains where); the
+        # size-free copy is used then, the port's own code otherwise.
+        outs = swin_forward(self, x) if torch.jit.is_tracing() else super().forward(x)
+        return {f"stage{int(k[1:]) + 2}": v for k, v in outs.items()}  # Detectron2 names p{i}
 
 
 @BACKBONE_REGISTRY.register()

@@ -313,7 +313,7 @@ class FCOS(nn.Module):
                 candidates = (scores if self.thresh_with_ctr else cls_prob) > self.pre_nms_thresh[t]
                 scores = scores[candidates]
                 idx = candidates.nonzero()
-                scores, top = scores.topk(min(len(scores), self.pre_nms_topk[t]))
+                scores, top = scores.topk(_topk_count(scores, self.pre_nms_topk[t]))
                 loc, cls_idx = idx[top].unbind(dim=1)
                 boxes_all.append(self.box2box_transform.apply_deltas(deltas_l[i][loc], anchors_l.tensor[loc]))
                 scores_all.append(scores)
@@ -333,3 +333,10 @@ class FCOS(nn.Module):
             else:
                 results.append(Instances(image_size, pred_boxes=boxes[keep], scores=scores, pred_classes=classes[keep]))
         return results
+
+
+def _topk_count(scores: Tensor, k: int):
+    """min(number of candidates, k). Under tracing the count is a 0-dim tensor (Python's min()
+    would freeze the traced image's count into the graph), as in Detectron2's dense detectors."""
+    n = scores.shape[0]
+    return torch.clamp(n, max=k) if isinstance(n, Tensor) else min(n, k)

@@ -79,7 +79,14 @@ def static_same_max_pool(x: torch.Tensor, size: Optional[Sequence[int]] = None) 
     crops or edge-pads the result to the map it is fused with (odd inputs).
     """
     h, w = x.shape[-2:]
-    x = F.max_pool2d(F.pad(x, (0, max(1, 3 - w), 0, max(1, 3 - h))), kernel_size=3, stride=2)
+    if torch.jit.is_tracing():
+        # max(1, 3 - w) would freeze the traced size. Two zero columns/rows for every size, then
+        # the result cut to max(1, floor(W/2)), gives the same values: the second pad column only
+        # ever falls in the window the cut drops. Sizes stay traced (0-dim tensors).
+        x = F.max_pool2d(F.pad(x, (0, 2, 0, 2)), kernel_size=3, stride=2)
+        x = x[..., : torch.clamp(h // 2, min=1), : torch.clamp(w // 2, min=1)]
+    else:
+        x = F.max_pool2d(F.pad(x, (0, max(1, 3 - w), 0, max(1, 3 - h))), kernel_size=3, stride=2)
     return fit_to(x, size) if size is not None else x
 
 

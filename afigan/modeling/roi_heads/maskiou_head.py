@@ -153,6 +153,9 @@ def mask_iou_inference(pred_iou: Tensor, instances: List[Instances]) -> None:
     classes = cat([i.pred_classes for i in instances]) if instances else pred_iou.new_zeros((0,), dtype=torch.long)
     if pred_iou.shape[1] == 1:
         classes = torch.zeros_like(classes)
-    ious = pred_iou[torch.arange(len(classes), device=pred_iou.device), classes].clamp(0, 1)
-    for iou, inst in zip(ious.split([len(i) for i in instances]), instances):
+    # shape[0], not len(): a traced value under tracing, so the graph fits any number of detections.
+    ious = pred_iou[torch.arange(classes.shape[0], device=pred_iou.device), classes].clamp(0, 1)
+    # __len__(), not len() (which makes an int of it): traced counts, as Detectron2's
+    # patch_builtin_len gives its own ROI heads under tracing.
+    for iou, inst in zip(ious.split([i.__len__() for i in instances]), instances):
         inst.mask_scores = inst.scores * iou

@@ -26,12 +26,16 @@ def assign_boxes_to_levels_by_ratio(
 
     ``image_sizes[i]`` = (H, W) of image i, the size the boxes are given in (before padding).
     """
-    box_areas = cat([b.area() for b in box_lists])
-    image_areas = cat(
-        [torch.full((len(b),), float(h * w), device=box_areas.device) for b, (h, w) in zip(box_lists, image_sizes)]
+    # Each image's area divided by its boxes' areas (a 0-dim tensor over a vector: the same float32
+    # divisions as a filled vector). No len() or float(): under tracing both sizes are traced values.
+    ratios = cat(
+        [
+            torch.as_tensor(h * w, device=b.tensor.device).to(torch.float32) / b.area()
+            for b, (h, w) in zip(box_lists, image_sizes)
+        ]
     )
     # A zero-area box gives log2(inf) = inf -> the finest level after clamping, like FPN's rule.
-    levels = torch.ceil(max_level - torch.log2(image_areas / box_areas))
+    levels = torch.ceil(max_level - torch.log2(ratios))
     levels = torch.clamp(levels, min=min_level, max=max_level)
     return levels.to(torch.int64) - min_level
 
@@ -59,7 +63,8 @@ class RatioROIPooler(ROIPooler):
             raise ValueError("The 'ratio' level assignment needs one (H, W) image size per image.")
         pooler_fmt_boxes = convert_boxes_to_pooler_format(box_lists)
         levels = assign_boxes_to_levels_by_ratio(box_lists, image_sizes, self.min_level, self.max_level)
-        output = x[0].new_zeros((len(pooler_fmt_boxes), x[0].shape[1], *self.output_size))
+        # shape[0], not len(): a traced value under tracing, so the graph fits any number of boxes.
+        output = x[0].new_zeros((pooler_fmt_boxes.shape[0], x[0].shape[1], *self.output_size))
         for level, pooler in enumerate(self.level_poolers):
             inds = nonzero_tuple(levels == level)[0]
             output.index_put_((inds,), pooler(x[level], pooler_fmt_boxes[inds]))
