@@ -12,48 +12,9 @@ dense block here), 7.0e-2 / 2.8e-2: autocast's error builds up with depth, in an
 
 import pytest
 import torch
+from precision_helpers import DEEP_PARAM_GRAD, TOLERANCE, inputs, rel, step, trained_like
 
-from afigan.layers import CARAFE, FADE, DySample, build_upsampler, is_guided, upsampler_kinds
-
-# dtype -> (output, input gradient, worst parameter gradient) tolerances
-TOLERANCE = {torch.bfloat16: (8e-3, 1.5e-2, 2e-2), torch.float16: (1e-3, 4e-3, 3e-3)}
-DEEP_PARAM_GRAD = {torch.bfloat16: 0.15, torch.float16: 0.06}  # the AF interpolator's parameters
-# Small but not toy: 24 x 40 -> 48 x 80 (positions up to 80 px), 16 channels.
-SHAPE = (2, 16, 24, 40)
-
-
-def _rel(a, b) -> float:
-    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
-
-
-def _trained_like(up):
-    """Weights drawn at a trained network's scale: the learned kinds start near identity (zero
-    offsets, uniform kernels), which would hide the error of their learned parts."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in up.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.05)
-    return up
-
-
-def _inputs(kind, shape=SHAPE, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    x = torch.randn(*shape, generator=g)
-    guide = torch.randn(n, c, 2 * h, 2 * w, generator=g) if is_guided(kind) else None
-    weight = torch.randn(n, c, 2 * h, 2 * w, generator=g)  # a fixed upstream gradient
-    return x, guide, weight
-
-
-def _step(up, x, guide, weight, autocast_dtype=None):
-    """Output, input gradient and parameter gradients of ``sum(weight * up(x))``."""
-    up.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        out = up(x, guide=guide)
-    (out.float() * weight).sum().backward()
-    return out, x.grad, {n: p.grad.clone() for n, p in up.named_parameters()}
+from afigan.layers import CARAFE, FADE, DySample, build_upsampler, upsampler_kinds
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -61,17 +22,17 @@ def _step(up, x, guide, weight, autocast_dtype=None):
 def test_every_upsampler_under_cpu_autocast_matches_float32(kind, dtype):
     torch.manual_seed(0)
     up = build_upsampler(kind, 16, **({"num_blocks": 1} if kind == "afi" else {}))
-    _trained_like(up)
-    x, guide, weight = _inputs(kind)
+    trained_like(up)
+    x, guide, weight = inputs(kind)
     x, guide = x.to(dtype), None if guide is None else guide.to(dtype)  # what a previous layer hands over
-    ref_out, ref_dx, ref_dp = _step(up, x.float(), None if guide is None else guide.float(), weight)
-    out, dx, dp = _step(up, x, guide, weight, autocast_dtype=dtype)
+    ref_out, ref_dx, ref_dp = step(up, x.float(), None if guide is None else guide.float(), weight)
+    out, dx, dp = step(up, x, guide, weight, autocast_dtype=dtype)
     tol_out, tol_dx, tol_dp = TOLERANCE[dtype]
     tol_dp = DEEP_PARAM_GRAD[dtype] if kind == "afi" else tol_dp
     assert out.dtype == dtype and dx.dtype == dtype  # it really ran in half precision
-    assert _rel(out, ref_out) < tol_out
-    assert _rel(dx, ref_dx) < tol_dx
-    assert sorted(dp) == sorted(ref_dp) and all(_rel(dp[k], ref_dp[k]) < tol_dp for k in dp)
+    assert rel(out, ref_out) < tol_out
+    assert rel(dx, ref_dx) < tol_dx
+    assert sorted(dp) == sorted(ref_dp) and all(rel(dp[k], ref_dp[k]) < tol_dp for k in dp)
     assert all(dp[k].dtype == torch.float32 for k in dp)  # float32 master weights get float32 gradients
 
 
@@ -81,7 +42,7 @@ def _island_errors(up, x, guide, run):
     errors = []
     for island in (True, False):
         up.float32_island = island
-        errors.append(_rel(run(up, x, guide), ref))
+        errors.append(rel(run(up, x, guide), ref))
     del up.float32_island  # back to the class default
     return errors
 
@@ -90,8 +51,8 @@ def test_dysample_positions_in_float32_keep_a_half_precision_module_accurate():
     """A whole-half DySample (module and input in bfloat16 / float16, no autocast, as in a
     ``model.half()`` deployment): without the island the sampling positions of a 160-px-wide map
     are rounded to 1 px (bfloat16) / 1/16 px (float16)."""
-    x, _, _ = _inputs("dysample", shape=(1, 16, 20, 160))
-    up = _trained_like(DySample(16, groups=4))
+    x, _, _ = inputs("dysample", shape=(1, 16, 20, 160))
+    up = trained_like(DySample(16, groups=4))
 
     def run(module, inp, guide):
         with torch.no_grad():
@@ -109,11 +70,11 @@ def test_dysample_positions_in_float32_keep_a_half_precision_module_accurate():
 @pytest.mark.parametrize("cls", [CARAFE, FADE], ids=["carafe", "fade"])
 def test_reassembly_in_float32_under_autocast_is_more_accurate(cls):
     kind = cls.__name__.lower()
-    x, guide, weight = _inputs(kind, shape=(2, 16, 24, 100))
-    up = _trained_like(cls(16))
+    x, guide, weight = inputs(kind, shape=(2, 16, 24, 100))
+    up = trained_like(cls(16))
 
     def run(module, inp, g):
-        return _step(module, inp, g, weight, autocast_dtype=None if inp.dtype == torch.float32 else inp.dtype)[0]
+        return step(module, inp, g, weight, autocast_dtype=None if inp.dtype == torch.float32 else inp.dtype)[0]
 
     xq = x.to(torch.bfloat16)
     gq = None if guide is None else guide.to(torch.bfloat16)
@@ -128,12 +89,12 @@ def test_reassembly_in_float32_under_autocast_is_more_accurate(cls):
 @pytest.mark.parametrize("cls", [DySample, CARAFE, FADE], ids=["dysample", "carafe", "fade"])
 def test_islands_change_nothing_in_float32(cls):
     kind = cls.__name__.lower()
-    x, guide, weight = _inputs(kind)
-    up = _trained_like(cls(16))
+    x, guide, weight = inputs(kind)
+    up = trained_like(cls(16))
     results = []
     for island in (True, False):
         up.float32_island = island
-        results.append(_step(up, x, guide, weight))
+        results.append(step(up, x, guide, weight))
     (out_a, dx_a, dp_a), (out_b, dx_b, dp_b) = results
     assert torch.equal(out_a, out_b) and torch.equal(dx_a, dx_b)
     assert all(torch.equal(dp_a[k], dp_b[k]) for k in dp_a)
