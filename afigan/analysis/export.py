@@ -60,6 +60,7 @@ __all__ = [
     "export_model",
     "export_detector",
     "quiet_export",
+    "inference_func",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def describe(cfg, kind: Optional[str]) -> str:
     return f"{cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}{up})"
 
 
-def _inference_func(model):
+def inference_func(model):
+    """What TracingAdapter calls the model with: R-CNNs' ``inference(..., do_postprocess=False)`` per
+    image, None (``model(inputs)``) for one-stage detectors."""
     if isinstance(model, GeneralizedRCNN):
         # As Detectron2's export_model.py: do_postprocess=False keeps the per-box mask
         # probabilities (pasting them into the image is data-dependent Python).
@@ -270,7 +273,7 @@ def export_detector(
     path = os.path.join(output_dir, FILES[fmt])
     # eval(): torch.onnx.export puts the module back in the mode it found it in, and a new
     # TracingAdapter is in training mode, which would switch the model to training after export.
-    adapter = TracingAdapter(model, [{"image": x} for x in images], _inference_func(model)).eval()
+    adapter = TracingAdapter(model, [{"image": x} for x in images], inference_func(model)).eval()
     try:
         with torch.no_grad(), quiet_export():
             adapter(*images)  # sets adapter.outputs_schema
