@@ -4,6 +4,7 @@ no import against the layering ``tools -> engine -> modeling -> layers`` (``data
 
 import ast
 import os
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "afigan")
@@ -66,7 +67,7 @@ def _resolve(module: str, path: str, node: ast.ImportFrom):
 
 def imports_of(module: str, path: str):
     """[(imported afigan module, line, inside a function?)] of one module."""
-    tree = ast.parse(open(path).read(), path)
+    tree = ast.parse(Path(path).read_text(), path)
     found = []
 
     def visit(node, in_function):
@@ -151,7 +152,7 @@ def test_imports_follow_the_layering():
 def test_layers_never_import_detectron2():
     for module, path in MODULES.items():
         if component(module) in ("afigan.layers", "afigan.seeding"):
-            tree = ast.parse(open(path).read())
+            tree = ast.parse(Path(path).read_text())
             names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
             names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
             assert not [n for n in names if n.split(".")[0] == "detectron2"], module
