@@ -1,6 +1,7 @@
 """The study of tools/study.py (afigan/benchmark/study/): its fidelity measures against values
-computed by hand, its statistics over seeds, its schedule compression, and the whole command on a
-2-iteration budget (all outputs written, every run recorded, a second call skipping them all)."""
+computed by hand, its statistics over seeds, its schedule compression, and its detection part on a
+2-iteration budget (all outputs written, every run recorded, a second call skipping them all).
+The curves and probe parts: test_study_parts.py."""
 
 import json
 import math
@@ -209,6 +210,8 @@ def study():
 # (stage 2 halves the teacher's P6, which needs 2 px, so 128 px is the least for a 5-level pyramid).
 TINY = [
     "--quick",
+    "--part",
+    "detection",
     "--max-iter",
     2,
     2,

@@ -30,13 +30,51 @@ Modules by job: :mod:`.settings` (arms, ablations, study sizes, the study's toy 
 study.md, charts).
 """
 
+from .blur import BlurSums, blur_scores, laplacian
+from .bootstrap import average_precision, coco_matching, paired_bootstrap
+from .curves import CONVERGED_BELOW, convergence, run_curves
 from .fidelity import ErrorSums, fixed_x2, interpolation_fidelity, learned_x2, teacher_pyramids
+from .probe import load_detector, probe_detections, probe_scores, run_probe
 from .report import format_markdown, plot_detection, plot_fidelity, write_outputs
-from .runner import StudyRunner, budget_overrides, content_loss, run_study
-from .settings import ABLATIONS, ARMS, FULL, QUICK, STUDY_TOY, Arm, StudySettings, ensure_study_toy
-from .stats import mean_std, paired, seed_noise, subset_ap, summarize
+from .runner import StudyRunner, content_loss, run_study
+from .settings import (
+    ABLATIONS,
+    ARMS,
+    CURVE_KINDS,
+    FULL,
+    PARTS,
+    QUICK,
+    STUDY_TOY,
+    Arm,
+    CurveSettings,
+    ProbeSettings,
+    StudySettings,
+    budget_overrides,
+    ensure_probe_toy,
+    ensure_study_toy,
+)
+from .stats import mean_over_levels, mean_std, paired, seed_noise, subset_ap, summarize
 
 __all__ = [
+    "BlurSums",
+    "blur_scores",
+    "laplacian",
+    "average_precision",
+    "coco_matching",
+    "paired_bootstrap",
+    "CONVERGED_BELOW",
+    "convergence",
+    "run_curves",
+    "load_detector",
+    "probe_detections",
+    "probe_scores",
+    "run_probe",
+    "CURVE_KINDS",
+    "PARTS",
+    "CurveSettings",
+    "ProbeSettings",
+    "ensure_probe_toy",
+    "mean_over_levels",
     "ErrorSums",
     "fixed_x2",
     "interpolation_fidelity",

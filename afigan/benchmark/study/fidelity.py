@@ -1,6 +1,6 @@
 """Interpolation fidelity of the study: how far an x2 upsampling of the teacher's
 half-resolution features P^lr_l is from its full-resolution features P^hr_l, per pyramid level
-(L1, relative L2, PSNR over the level's feature range). Pure PyTorch down to
+(L1, relative L2, PSNR over the level's feature range, and the blur measure of :mod:`.blur`). Pure PyTorch down to
 :func:`teacher_pyramids`, which runs the teacher on a Detectron2 data set: the half-size image is
 made as stage 1 makes it (:class:`afigan.data.hr_lr_mapper.HRLRDatasetMapper`) and each G is called
 as stage 1 calls it (:class:`afigan.engine.stage1.LevelwiseGenerator`).
@@ -20,6 +20,8 @@ from afigan.data.hr_lr_mapper import HRLRDatasetMapper
 from afigan.layers import crop_to_common, is_guided
 from afigan.modeling.interpolator import LevelwiseGenerator, guided_levels, load_interpolator
 from afigan.modeling.meta_arch import build_guide_model
+
+from .blur import BlurSums
 
 __all__ = [
     "Pyramid",
@@ -75,11 +77,12 @@ def fixed_x2(mode: str, levels: Sequence[str]) -> Interpolator:
 def interpolation_fidelity(
     pyramids: Iterable[Tuple[Pyramid, Pyramid]], interpolators: Dict[str, Interpolator], levels: Sequence[str]
 ) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``{interpolator: {level: {"l1", "rel_l2", "psnr", "values"}}}`` over ``pyramids``, pairs of
+    """``{interpolator: {level: {"l1", "rel_l2", "psnr", "hf_l1", "hf_ratio", "values"}}}`` over ``pyramids``, pairs of
     (full-resolution target pyramid, half-resolution pyramid). The PSNR peak of a level is the
     range of its target values over all pairs, one for every interpolator. A level an
     interpolator does not predict (a guided kind's p2) is left out of its entry."""
     sums = {name: {l: ErrorSums() for l in levels} for name in interpolators}
+    blur = {name: {l: BlurSums() for l in levels} for name in interpolators}
     lo = {l: math.inf for l in levels}
     hi = {l: -math.inf for l in levels}
     with torch.no_grad():
@@ -89,9 +92,14 @@ def interpolation_fidelity(
             for name, fn in interpolators.items():
                 for l, pred in fn(low).items():
                     sums[name][l].add(pred, real[l])
+                    blur[name][l].add(pred, real[l])
     out = {}
     for name, per_level in sums.items():
-        out[name] = {l: dict(s.scores(hi[l] - lo[l]), values=s.count) for l, s in per_level.items() if s.count}
+        out[name] = {
+            l: dict(s.scores(hi[l] - lo[l]), **blur[name][l].scores(), values=s.count)
+            for l, s in per_level.items()
+            if s.count
+        }
     return out
 
 

@@ -1,16 +1,21 @@
 """The study's outputs: study.json (every run and every number), study.md (how it was run, then the
-fidelity, ablation and detection tables) and the charts fidelity.png and detection.png."""
+curves, probe, fidelity, ablation and detection tables) and the charts fidelity_curves.png,
+fidelity.png and detection.png. A part not run by this invocation keeps its section from the
+study.json already there."""
 
+import dataclasses
+import json
 import math
 import os
 import platform
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
 from afigan.io import atomic_write, atomic_write_json
 
-from .settings import ABLATION_RUN, ABLATIONS, ARMS, REFERENCE_ARM, StudySettings
+from .report_evidence import format_curves, format_probe, plot_curves
+from .settings import ABLATION_RUN, ABLATIONS, ARMS, PARTS, REFERENCE_ARM, StudySettings
 from .stats import seed_noise, summarize
 
 __all__ = ["write_json", "format_markdown", "plot_fidelity", "plot_detection", "write_outputs"]
@@ -57,8 +62,11 @@ def format_markdown(study: Dict) -> str:
         "",
     ]
     s = study["settings"]
+    lines += format_curves(study.get("curves") or {})
+    lines += format_probe(study.get("probe") or {})
     lines += [
-        f"Settings: kinds {', '.join(s['kinds'])}; seeds {', '.join(map(str, s['seeds']))} (stage 3 only; one "
+        f"Detection study settings (parts run by this invocation: {', '.join(s.get('parts', PARTS))}): "
+        f"kinds {', '.join(s['kinds'])}; seeds {', '.join(map(str, s['seeds']))} (stage 3 only; one "
         f"teacher and one stage-1/2 chain per learned kind serve all seeds); ablations "
         f"{', '.join(s['ablations']) or 'none'}; "
         f"SOLVER.MAX_ITER stage 0/1/2/3 = {'/'.join(str(i or 'YAML') for i in s['max_iter'])}; data "
@@ -261,12 +269,33 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+# study.json's sections written by each part.
+SECTIONS = {
+    "curves": ("curves",),
+    "probe": ("probe",),
+    "detection": ("fidelity", "content_loss", "teacher", "detection", "summary", "noise", "image_noise"),
+}
+
+
 def write_outputs(
-    output_dir: str, settings: StudySettings, results: Dict, runs: List[Dict], command: str, wall_s: float
+    output_dir: str,
+    settings: StudySettings,
+    results: Dict,
+    runs: List[Dict],
+    command: str,
+    wall_s: float,
+    parts: Sequence[str] = PARTS,
 ) -> Dict[str, str]:
-    """Write study.json, study.md, fidelity.png and detection.png; return their paths."""
-    summary = summarize(results["detection"])
+    """Write study.json, study.md and the charts of the sections present; return their paths.
+    ``results`` holds the sections of ``parts``; the others, and the runs of earlier invocations,
+    are kept from the study.json already in ``output_dir``."""
+    json_path = os.path.join(output_dir, "study.json")
+    previous = {}
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    names = {r["name"] for r in runs}
     study = {
         "command": command,
         "machine": _machine(),
@@ -274,27 +303,35 @@ def write_outputs(
         "load_average_1min": load,
         "wall_s": wall_s,
         "runs_wall_s": sum(r.get("wall_s") or 0.0 for r in runs),
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
-        "runs": runs,
-        "fidelity": results["fidelity"],
-        "content_loss": results["content_loss"],
-        "teacher": results["teacher"],
-        "detection": results["detection"],
-        "summary": summary,
-        "noise": seed_noise(summary),
-        "image_noise": results.get("image_noise") or {},
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()},
+        "runs": [r for r in previous.get("runs", []) if r["name"] not in names] + runs,
     }
+    if "detection" in parts:
+        summary = summarize(results["detection"])
+        results = dict(results, summary=summary, noise=seed_noise(summary))
+    for part, keys in SECTIONS.items():
+        for key in keys:
+            study[key] = results.get(key) if part in parts else previous.get(key)
+    study["image_noise"] = study.get("image_noise") or {}
     paths = {
-        "json": os.path.join(output_dir, "study.json"),
+        "json": json_path,
         "md": os.path.join(output_dir, "study.md"),
+        "curves_png": os.path.join(output_dir, "fidelity_curves.png"),
         "fidelity_png": os.path.join(output_dir, "fidelity.png"),
         "detection_png": os.path.join(output_dir, "detection.png"),
     }
     write_json(paths["json"], study)
     atomic_write(paths["md"], format_markdown(study))
-    if results["fidelity"]:
-        plot_fidelity(results["fidelity"], paths["fidelity_png"])
+    if (study.get("curves") or {}).get("arms"):
+        plot_curves(study["curves"], paths["curves_png"])
+    else:
+        del paths["curves_png"]
+    if study.get("fidelity"):
+        plot_fidelity(study["fidelity"], paths["fidelity_png"])
     else:
         del paths["fidelity_png"]
-    plot_detection(summary, paths["detection_png"])
+    if study.get("summary"):
+        plot_detection(study["summary"], paths["detection_png"])
+    else:
+        del paths["detection_png"]
     return paths

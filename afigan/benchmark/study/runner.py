@@ -16,15 +16,19 @@ from afigan.analysis.metrics import read_metrics
 from afigan.config import cfg_get, load_config
 from afigan.engine.pipeline import Pipeline
 
+from .curves import run_curves
 from .fidelity import fixed_x2, interpolation_fidelity, learned_x2, teacher_pyramids
+from .probe import run_probe
 from .report import write_json, write_outputs
 from .settings import (
     ABLATION_RUN,
     ABLATIONS,
     ARMS,
+    PARTS,
     REFERENCE_ARM,
     STUDY_TOY,
     StudySettings,
+    budget_overrides,
     chain_kinds,
     config_set,
     ensure_study_toy,
@@ -35,24 +39,6 @@ __all__ = ["budget_overrides", "StudyRunner", "content_loss", "run_study"]
 
 # The second way out of a stale run (the first: a new --output-dir); the study has no --retrain.
 WAY_ON = "delete that folder (and the study's runs that start from it) to train it again"
-
-
-def budget_overrides(config_file: str, iters: int, opts: Sequence[str]) -> List[str]:
-    """Overrides that compress the YAML's schedule (steps and warm-up scaled alike) to ``iters``."""
-    if iters <= 0:
-        return []
-    solver = load_config(config_file, list(opts)).SOLVER
-    scale = iters / solver.MAX_ITER
-    # fvcore's schedule wants every step before the last iteration; a budget that short keeps none.
-    steps = tuple(sorted({max(1, round(s * scale)) for s in solver.STEPS if round(s * scale) < iters}))
-    return [
-        "SOLVER.MAX_ITER",
-        str(iters),
-        "SOLVER.STEPS",
-        str(steps),
-        "SOLVER.WARMUP_ITERS",
-        str(max(1, round(solver.WARMUP_ITERS * scale))),
-    ]
 
 
 class StudyRunner:
@@ -74,6 +60,13 @@ class StudyRunner:
                     f"(stage1.yaml, stage2.yaml, stage3.yaml); make it, or leave {kind} out of "
                     f"--kinds and --ablations."
                 )
+        if "curves" in settings.parts:
+            for kind in settings.curves.kinds:
+                if not os.path.isfile(os.path.join(config_set(settings, kind), "stage1.yaml")):
+                    raise FileNotFoundError(
+                        f"The {kind} curve needs the config set {config_set(settings, kind)!r} (stage1.yaml); "
+                        f"make it, or leave {kind} out of --curve-kinds."
+                    )
         if STUDY_TOY in (settings.dataset_train + settings.dataset_test) and args.num_gpus * args.num_machines > 1:
             raise ValueError(
                 f"The study's toy set {STUDY_TOY!r} is registered in this process only; with --num-gpus "
@@ -178,7 +171,8 @@ class StudyRunner:
         return self._pipeline(kind_dir, name, opts, budgets)
 
     # ---- the study ----
-    def run(self) -> Dict:
+    def check_data(self) -> None:
+        """Make the study's toy set when it is used, and check both data sets are registered."""
         s = self.settings
         if STUDY_TOY in (s.dataset_train + s.dataset_test):
             ensure_study_toy()
@@ -188,6 +182,13 @@ class StudyRunner:
                     f"Data set {name!r} is not registered; give --dataset-train/--dataset-test names of "
                     f"registered data sets (e.g. afigan_toy_train, coco_2017_val)."
                 )
+
+    def ensure_teacher(self) -> str:
+        """The study's one teacher (stage 0 of ``--config-dir`` in ``OUTPUT/teacher``, trained when
+        missing, skipped when done), or the command line's ``MODEL.GUIDE_WEIGHTS``; returns its weights."""
+        if self.teacher:
+            return self.teacher
+        s = self.settings
         stage0 = os.path.join(s.config_dir, "stage0.yaml")
         budget0 = budget_overrides(stage0, s.max_iter[0], self.opts) if os.path.isfile(stage0) else []
         teacher_chain = self._pipeline(s.config_dir, "teacher", self.opts, {"stage0": budget0})
@@ -200,6 +201,12 @@ class StudyRunner:
                     f"MODEL.GUIDE_WEIGHTS on the command line."
                 )
             self._stage(teacher_chain, "teacher", "stage0")
+        return self.teacher
+
+    def run(self) -> Dict:
+        """The detection study (part "detection"): teacher, chains, ablations, stage-3 arms, fidelity."""
+        s = self.settings
+        self.ensure_teacher()
         chains: Dict[str, Pipeline] = {}
         for kind in chain_kinds(s):
             chains[kind] = self._chain(config_set(s, kind), kind)
@@ -327,6 +334,27 @@ def run_study(
     """Run (or resume) the whole study in ``output_dir`` and write its outputs (see the package
     docstring). ``report_only``: train nothing, write the outputs of the runs already finished."""
     t0 = time.perf_counter()
+    unknown = [p for p in settings.parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--part: {unknown[0]!r} is not a part of the study; choose from {', '.join(PARTS)} or all.")
     runner = StudyRunner(settings, output_dir, args, log, report_only)
-    results = runner.run()
-    return write_outputs(output_dir, settings, results, runner.runs, command, round(time.perf_counter() - t0, 1))
+    runner.check_data()
+    results: Dict = {}
+    if "curves" in settings.parts:
+        results["curves"] = run_curves(runner)
+    if "probe" in settings.parts:
+        curves = results.get("curves") or _previous_section(runner.json_path, "curves")
+        if not curves:
+            log("[study] probe: no curves in this study yet (run --part curves first): only the fixed arms")
+        results["probe"] = run_probe(runner, curves or {})
+    if "detection" in settings.parts:
+        results.update(runner.run())
+    wall = round(time.perf_counter() - t0, 1)
+    return write_outputs(output_dir, settings, results, runner.runs, command, wall, settings.parts)
+
+
+def _previous_section(json_path: str, key: str) -> Dict:
+    if not os.path.isfile(json_path):
+        return {}
+    with open(json_path) as f:
+        return json.load(f).get(key) or {}

@@ -1,9 +1,10 @@
-"""What the study runs: the detection arms, the stage-1 ablations, the study's own toy set and the
-two sizes of study (:data:`QUICK`, :data:`FULL`)."""
+"""What the study runs: the detection arms, the stage-1 ablations, the fidelity curves' arms, the
+probe's settings, the study's own toy sets and the two sizes of study (:data:`QUICK`, :data:`FULL`)."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from afigan.config import load_config
 from afigan.data.datasets import register_toy_dataset, toy_root
 from afigan.data.toy_shapes import ensure_toy_dataset
 
@@ -20,6 +21,16 @@ __all__ = [
     "ensure_study_toy",
     "config_set",
     "chain_kinds",
+    "PARTS",
+    "CURVE_KINDS",
+    "CurveArm",
+    "CurveSettings",
+    "ProbeSettings",
+    "PROBE_TOY",
+    "ensure_probe_toy",
+    "first_seed_arms",
+    "second_seed_arms",
+    "budget_overrides",
 ]
 
 
@@ -60,6 +71,68 @@ STUDY_TOY = "afigan_toy_study"
 STUDY_TOY_VAL = 64
 
 
+PROBE_TOY = "afigan_toy_probe"
+# The probe's own validation split: 256 images drawn with generator seed 1, so none of them is one
+# of the study's 64 (seed 0); its training split is never used.
+PROBE_TOY_VAL = 256
+PROBE_TOY_SEED = 1
+
+PARTS = ("curves", "probe", "detection")
+# Learned kinds with a toy chain (configs/toy/pipeline_<kind>, afi: configs/toy/pipeline).
+CURVE_KINDS = ("afi", "dysample", "carafe", "fade", "deconv", "pixelshuffle")
+
+
+@dataclass(frozen=True)
+class CurveArm:
+    """One stage-1 run of the fidelity curves: ``kind``'s chain, ``SEED seed``, and ``opts`` on top."""
+
+    name: str
+    kind: str
+    seed: int = 0
+    opts: Tuple[str, ...] = ()
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """Stage 1 alone per learned kind for ``iters`` iterations, G evaluated every ``period``;
+    ``adv_weights``: further AFI arms at these ``MODEL.AFI.ADV_WEIGHT`` values (the default arm
+    keeps the YAML's 1e-3); ``second_seed``: AFI and the best other kind again with SEED 1."""
+
+    kinds: Tuple[str, ...] = CURVE_KINDS
+    adv_weights: Tuple[str, ...] = ("0", "1e-2")
+    second_seed: bool = True
+    iters: int = 900
+    period: int = 100
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The detection probe: the first ``images`` images of ``dataset`` (0: all), ``resamples``
+    paired bootstrap resamples drawn with ``seed``."""
+
+    images: int = 0
+    resamples: int = 1000
+    seed: int = 0
+    dataset: str = PROBE_TOY + "_val"
+
+
+def first_seed_arms(c: CurveSettings) -> List[CurveArm]:
+    """Every kind at SEED 0, then AFI at each extra adversarial weight."""
+    arms = [CurveArm(k, k, 0, (), f"{k}, seed 0") for k in c.kinds]
+    if "afi" in c.kinds:
+        arms += [
+            CurveArm(f"afi_adv{w}", "afi", 0, ("MODEL.AFI.ADV_WEIGHT", str(float(w))), f"afi, ADV_WEIGHT {w}, seed 0")
+            for w in c.adv_weights
+        ]
+    return arms
+
+
+def second_seed_arms(kinds: Sequence[str]) -> List[CurveArm]:
+    """The second-seed runs (SEED 1) of ``kinds``."""
+    return [CurveArm(f"{k}_seed1", k, 1, (), f"{k}, seed 1") for k in kinds]
+
+
 @dataclass
 class StudySettings:
     kinds: Tuple[str, ...]
@@ -72,9 +145,23 @@ class StudySettings:
     dataset_test: str = STUDY_TOY + "_val"
     fidelity_images: int = 0  # 0: all of dataset_test
     opts: List[str] = field(default_factory=list)
+    parts: Tuple[str, ...] = PARTS
+    curves: CurveSettings = field(default_factory=CurveSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
-QUICK = StudySettings(kinds=("nearest", "bilinear", "afi", "afi_stage3_only"), seeds=(0,), ablations=("adv",))
+# --quick: every part, shrunk to fit 10 minutes on 2 CPU cores: detection with nearest and the AFI
+# chain at seed 0 with half the stage-3 budget (so give it its own --output-dir: the full study's
+# stage-3 runs have other settings), curves of AFI and DySample over 150 iterations, the probe on
+# 64 images.
+QUICK = StudySettings(
+    kinds=("nearest", "afi"),
+    seeds=(0,),
+    ablations=(),
+    max_iter=(200, 60, 60, 120),
+    curves=CurveSettings(kinds=("afi", "dysample"), adv_weights=(), second_seed=False, iters=150, period=50),
+    probe=ProbeSettings(images=64),
+)
 FULL = StudySettings(
     kinds=("nearest", "bilinear", "afi", "afi_stage3_only", "dysample", "carafe"),
     seeds=(0, 1, 2),
@@ -101,3 +188,30 @@ def chain_kinds(settings: StudySettings) -> List[str]:
     kinds = {ARMS[k].chain for k in settings.kinds if ARMS[k].chain}
     kinds |= {ABLATIONS[a][0] for a in settings.ablations}
     return sorted(kinds)
+
+
+def ensure_probe_toy() -> str:
+    """Make (when missing) and register the probe's toy set ``afigan_toy_probe_{train,val}``
+    (:data:`PROBE_TOY_VAL` validation images, generator seed :data:`PROBE_TOY_SEED`); returns its root."""
+    root = toy_root() + "_probe"
+    ensure_toy_dataset(root, num_val=PROBE_TOY_VAL, seed=PROBE_TOY_SEED)
+    register_toy_dataset(root, prefix=PROBE_TOY)
+    return root
+
+
+def budget_overrides(config_file: str, iters: int, opts: Sequence[str]) -> List[str]:
+    """Overrides that compress the YAML's schedule (steps and warm-up scaled alike) to ``iters``."""
+    if iters <= 0:
+        return []
+    solver = load_config(config_file, list(opts)).SOLVER
+    scale = iters / solver.MAX_ITER
+    # fvcore's schedule wants every step before the last iteration; a budget that short keeps none.
+    steps = tuple(sorted({max(1, round(s * scale)) for s in solver.STEPS if round(s * scale) < iters}))
+    return [
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        str(steps),
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, round(solver.WARMUP_ITERS * scale))),
+    ]

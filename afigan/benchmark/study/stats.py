@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from .settings import REFERENCE_ARM
 
-__all__ = ["mean_std", "paired", "summarize", "seed_noise", "subset_ap"]
+__all__ = ["mean_std", "paired", "summarize", "seed_noise", "subset_ap", "mean_over_levels"]
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -102,3 +102,14 @@ def subset_ap(gt_json: str, results_json: str, parts: int = 4, iou_type: str = "
             e.summarize()
             out.append(max(0.0, float(e.stats[0])) * 100)
     return out
+
+
+def mean_over_levels(scores: Dict[str, Dict[str, float]], metric: str, reference: Optional[Dict] = None) -> float:
+    """Mean over the levels in ``scores`` of ``metric``, or of its ratio to ``reference``'s (when given)."""
+    # float(): study.json stores inf and nan as strings.
+    vals = [
+        float(m[metric]) / float(reference[l][metric]) if reference else float(m[metric])
+        for l, m in scores.items()
+        if math.isfinite(float(m[metric])) and (not reference or float(reference[l][metric]))
+    ]
+    return sum(vals) / len(vals) if vals else math.nan
