@@ -256,7 +256,8 @@ def _fmt(v: Optional[float]) -> str:
 def size_table(checks: Sequence[SizeCheck]) -> str:
     """A plain-text table, one row per size: image, detections in each runtime, matched, largest
     matched box/score/mask difference, unmatched (of them near a cut), verdict."""
-    head = ("size", "PyTorch", "exported", "matched", "box px", "score", "mask", "unmatched (near cut)", "", "image")
+    head = ("size", "PyTorch", "exported", "matched", "box px", "score", "mask", "unmatched (near cut)", "verdict")
+    head += ("image",)
     rows = [head]
     for c in checks:
         near = sum(u["near_cut"] for u in c.unmatched)
