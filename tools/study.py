@@ -17,7 +17,7 @@ Writes study.json, study.md and the charts into --output-dir; re-running skips f
 resumes an interrupted one (a run started with other settings stops the study with one sentence).
 See afigan/benchmark/study/ and docs/results.md, "What we measured".
 
-    python tools/study.py --quick --output-dir output/study      (every part, shrunk: 10 min on 2 CPU cores)
+    python tools/study.py --quick --output-dir output/study_quick   (every part, shrunk: 10 min on 2 CPU cores)
     python tools/study.py --part curves --output-dir output/study
     python tools/study.py --part probe --output-dir output/study
     python tools/study.py --part detection --output-dir output/study
@@ -86,9 +86,9 @@ def main(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"detection: kinds {', '.join(QUICK.kinds)}, seed {QUICK.seeds[0]}, no ablation (the full study's "
-        f"budgets); curves: {', '.join(QUICK.curves.kinds)} over {QUICK.curves.iters} iterations, one seed; probe: "
-        f"{QUICK.probe.images} images",
+        help=f"detection: kinds {', '.join(QUICK.kinds)}, seed {QUICK.seeds[0]}, no ablation, stage-3 budget "
+        f"{QUICK.max_iter[3]} (give it its own --output-dir); curves: {', '.join(QUICK.curves.kinds)} over "
+        f"{QUICK.curves.iters} iterations, one seed; probe: {QUICK.probe.images} images",
     )
     parser.add_argument("--kinds", nargs="+", choices=list(ARMS), help=f"detection arms (full: {' '.join(FULL.kinds)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="stage-3 SEED values (full: 0 1 2)")

@@ -30,7 +30,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList
@@ -158,6 +158,11 @@ def run_probe(runner, curves: Dict) -> Dict:
     teacher = runner.ensure_teacher()
     if p.dataset.startswith("afigan_toy_probe"):
         ensure_probe_toy()
+    if p.dataset not in DatasetCatalog.list():
+        raise KeyError(
+            f"--probe-dataset {p.dataset!r} is not a registered data set; give the name of one (e.g. "
+            f"afigan_toy_probe_val, coco_2017_val)."
+        )
     t0 = time.perf_counter()
     cfg, model = load_detector(_teacher_config(runner), teacher, runner.opts + ["DATASETS.TEST", f"('{p.dataset}',)"])
     levels = list(cfg.MODEL.AFI.LEVELS)

@@ -341,7 +341,9 @@ def run_study(
     runner.check_data()
     results: Dict = {}
     if "curves" in settings.parts:
-        results["curves"] = run_curves(runner)
+        # --report-only evaluates nothing: the curves already in study.json stand.
+        previous = _previous_section(runner.json_path, "curves") if report_only else {}
+        results["curves"] = previous or run_curves(runner)
     if "probe" in settings.parts:
         curves = results.get("curves") or _previous_section(runner.json_path, "curves")
         if not curves:
