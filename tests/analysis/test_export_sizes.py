@@ -90,20 +90,19 @@ def test_export_gives_pytorch_detections_at_other_sizes(case, fmt, tmp_path):
     result = _export(case, fmt, tmp_path)
     assert [c.size for c in result.sizes] == [(64, 85), *SIZES]
     for check in result.sizes:
-        # Something was compared at every size, and every match is within tolerance.
-        assert check.pytorch > 0 and check.matched > 0, result.summary()
+        # Something was compared at every size, every match is within tolerance, and nearly all
+        # detections found their partner (all of them, measured: no near-tie sits at these cuts;
+        # 90 % keeps a stray one allowed while "unmatched but near a cut" cannot hide a broken graph).
+        assert check.pytorch > 0 and check.matched >= 0.9 * max(check.pytorch, check.exported), result.summary()
         assert check.ok, f"{check.label}: {check.problems}"
         assert (check.mask is not None) == CASES[case][2]
     assert result.ok
+    if fmt == "onnx":
+        import onnx
 
-
-def test_onnx_file_declares_dynamic_height_and_width(tmp_path):
-    import onnx
-
-    result = _export("mask_rcnn_fpn_nearest", "onnx", tmp_path)
-    (image,) = onnx.load(result.path).graph.input
-    dims = image.type.tensor_type.shape.dim
-    assert dims[0].dim_value == 3 and dims[1].dim_param and dims[2].dim_param  # (3, H, W), H and W symbolic
+        (image,) = onnx.load(result.path).graph.input
+        dims = image.type.tensor_type.shape.dim
+        assert dims[0].dim_value == 3 and dims[1].dim_param and dims[2].dim_param  # (3, H, W), H and W symbolic
 
 
 def _traced(fn, *examples):
