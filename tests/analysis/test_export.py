@@ -1,6 +1,7 @@
 """tools/export_model.py (afigan/analysis/export.py): toy detectors with random weights traced to
 TorchScript and ONNX on a 64 x 85 image; the exported files, run again (TorchScript in PyTorch,
-ONNX in onnxruntime), give the PyTorch model's boxes, scores, classes and masks."""
+ONNX in onnxruntime) on it and on other sizes, give the PyTorch model's detections (matched
+one-to-one); the check catches a moved box; batches, refusals, flags and the cut-offs."""
 
 import ast
 import os
@@ -15,8 +16,6 @@ pytest.importorskip("detectron2")
 from d2_helpers import CONFIGS, REPO  # noqa: E402
 from detector_helpers import one_thread  # noqa: E402
 
-from afigan.layers import upsampler_kinds  # noqa: E402
-
 TOOL = os.path.join(REPO, "tools", "export_model.py")
 # PIXEL_STD: Detectron2's torchvision-style std instead of the toy configs' 1.0 (Caffe2 style). A
 # randomly initialised BN network in eval mode passes its O(100) input pixels on unscaled, so its
@@ -26,12 +25,11 @@ TOOL = os.path.join(REPO, "tools", "export_model.py")
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]
 DETECTORS = os.path.join(CONFIGS, "toy", "detectors")
 MASK_RCNN = os.path.join(CONFIGS, "toy", "fpn_toy.yaml")  # Mask R-CNN R-18, 32-channel AFI FPN
-# Random heads score below the default thresholds; 0 keeps every candidate so boxes are compared.
-FCOS = (os.path.join(DETECTORS, "fcos_R_50_FPN_toy_afi.yaml"), "MODEL.FCOS.INFERENCE_TH_TEST", "0.0")
-RETINANET = (os.path.join(DETECTORS, "retinanet_R_50_FPN_toy_afi.yaml"), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
-PAFPN = (os.path.join(DETECTORS, "mask_rcnn_R_50_PAFPN_toy_afi.yaml"),)
+FCOS = os.path.join(DETECTORS, "fcos_R_50_FPN_toy_afi.yaml")
+RETINANET = os.path.join(DETECTORS, "retinanet_R_50_FPN_toy_afi.yaml")
 # One upsampler per top-down step (srf_modules), of a guided kind (FADE gets the finer lateral).
-PAFPN_PER_LEVEL = (PAFPN[0], "MODEL.AFI.SHARED", "False", "MODEL.AFI.INTERP", "fade")
+PAFPN_PER_LEVEL = (os.path.join(DETECTORS, "mask_rcnn_R_50_PAFPN_toy_afi.yaml"), "MODEL.AFI.SHARED", "False")
+PAFPN_PER_LEVEL += ("MODEL.AFI.INTERP", "fade")
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -77,72 +75,69 @@ def _check(result, masks=False):
     assert os.path.isfile(result.path) and os.path.isfile(os.path.join(os.path.dirname(result.path), "export.json"))
 
 
-def _kind_formats():
-    """Every kind in the strictest available format (ONNX when onnxruntime is there), and AFI and
-    the guided FADE in TorchScript too; every kind's module alone is traced to TorchScript in
-    tests/test_learned_upsamplers.py, so the whole-model TorchScript run of each adds little."""
-    if not _has("onnxruntime"):
-        return [(k, "torchscript") for k in upsampler_kinds()]
-    return [(k, "onnx") for k in upsampler_kinds()] + [(k, "torchscript") for k in ("afi", "fade")]
-
-
-@pytest.mark.parametrize("kind, fmt", _kind_formats())
-def test_mask_rcnn_exports_with_every_upsampler_kind(kind, fmt, tmp_path):
-    """Every kind of the upsampler registry (read when the tests are collected) either exports
-    and matches, or is listed in NOT_EXPORTABLE and stops with its one sentence."""
-    from afigan.analysis.export import NOT_EXPORTABLE, ExportError
-
-    if (fmt, kind) in NOT_EXPORTABLE:
-        with pytest.raises(ExportError) as e:
-            _export(MASK_RCNN, fmt, tmp_path, "MODEL.AFI.INTERP", kind)
-        assert str(e.value) == f"MODEL.AFI.INTERP {kind!r} cannot be exported to {fmt}: {NOT_EXPORTABLE[fmt, kind]}."
-        return
-    _check(_export(MASK_RCNN, fmt, tmp_path, "MODEL.AFI.INTERP", kind), masks=True)
+# Every upsampler kind (Mask R-CNN FPN) and every detector family, in both formats and at three
+# sizes besides the sample's: tests/analysis/test_export_sizes.py. Here: the tool itself.
 
 
 @pytest.mark.parametrize("fmt", _formats())
-@pytest.mark.parametrize(
-    "model",
-    [FCOS, RETINANET, PAFPN, PAFPN_PER_LEVEL],
-    ids=["fcos", "retinanet", "mask_rcnn_pafpn", "mask_rcnn_pafpn_per_level_fade"],
-)
-def test_fcos_retinanet_and_pafpn_export_through_the_tool(model, fmt, tmp_path, capsys):
+def test_the_tool_writes_the_file_a_size_table_and_export_json(fmt, tmp_path, capsys):
+    """Through the tool, on the one case no other test exports: PAFPN with one FADE per top-down
+    step; the sample and one more size."""
     import json
 
     result = runpy.run_path(TOOL)["main"](
-        [
-            "--config-file",
-            model[0],
-            "--output",
-            str(tmp_path),
-            "--format",
-            fmt,
-            "--check-sizes",
-            "none",
-            *SMALL,
-            *model[1:],
-        ]
+        ["--config-file", PAFPN_PER_LEVEL[0], "--output", str(tmp_path), "--format", fmt, "--check-sizes", "49x65"]
+        + [*SMALL, *PAFPN_PER_LEVEL[1:]]
     )
-    masks = model[0] == PAFPN[0]
-    _check(result, masks=masks)
+    _check(result, masks=True)
+    assert result.sizes[1].matched == result.sizes[1].pytorch > 0
     out = capsys.readouterr().out
     assert "traced on a random 64x85 image (seed 0" in out  # the default sample, named
-    assert f"{fmt}: checked at 1 sizes (64x85); {result.detections} detections in the traced image; " in out
+    rows = [line.split()[:4] for line in out.splitlines()[1:4]]
+    assert rows[0] == ["size", "PyTorch", "exported", "matched"] and [r[0] for r in rows[1:]] == ["64x85", "49x65"]
+    assert f"{fmt}: checked at 2 sizes (64x85, 49x65); {result.detections} detections in the traced image; " in out
     assert out.rstrip().endswith("all within tolerance")
     info = json.load(open(tmp_path / "export.json"))
     assert info["format"] == fmt and info["outputs"] == result.outputs and info["ok"] is True
-    assert [s["size"] for s in info["sizes"]] == [[64, 85]] and info["sizes"][0]["matched"] == result.detections
-    # The cuts an unmatched detection may sit at: the toy configs' thresholds and DETECTIONS_PER_IMAGE
-    # 50; FCOS thresholds the class probability (not the output score) and keeps POST_NMS_TOPK_TEST.
-    cuts = {FCOS: [None, 100], RETINANET: [0.0, 50]}.get(model, [0.05, 50])
-    assert [info["cut_offs"]["score_threshold"], info["cut_offs"]["topk"]] == cuts
-    assert result.outputs == ["pred_boxes", "pred_classes", *(["pred_masks"] if masks else []), "scores", "image_size"]
+    assert [s["size"] for s in info["sizes"]] == [[64, 85], [49, 65]]
+    assert info["sizes"][0]["matched"] == result.detections and info["inputs"] == ["image"]
+    assert info["tolerances"] == {
+        "match_iou": 0.5,
+        "box_px": 0.05,
+        "score": 1e-4,
+        "mask_mean_abs": 1e-3,
+        "cut_epsilon": 1e-3,
+    }
+    assert info["cut_offs"] == {"score_threshold": 0.05, "topk": 50}  # the toy configs' R-CNN test settings
+    assert result.outputs == ["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"]
     if fmt == "onnx":
         onnx = pytest.importorskip("onnx")
         graph = onnx.load(result.path)
         assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
         assert [o.name for o in graph.graph.output] == result.outputs
         assert [i.name for i in graph.graph.input] == ["image"]
+
+
+def test_cut_offs_of_each_family():
+    """The cuts an unmatched detection may sit at, in the scale of the output scores: R-CNN's last
+    box predictor (Cascade's third), RetinaNet's own, FCOS's top-k, and FCOS's threshold only where
+    it thresholds probability x centerness (its score is the square root of that)."""
+    from detectron2.modeling import build_model
+
+    from afigan.analysis.export_check import cut_offs
+    from afigan.config import load_config
+
+    def cuts(config, *opts):
+        return cut_offs(build_model(load_config(config, ["MODEL.DEVICE", "cpu", *opts])))
+
+    assert cuts(MASK_RCNN) == (0.05, 50)
+    assert cuts(os.path.join(DETECTORS, "cascade_mask_rcnn_S_101_PAFPN_toy_afi.yaml"), *SMALL) == (0.05, 50)
+    assert cuts(RETINANET, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.1") == (pytest.approx(0.1), 50)
+    assert cuts(FCOS) == (None, 100)
+    assert cuts(FCOS, "MODEL.FCOS.THRESH_WITH_CTR", "True", "MODEL.FCOS.INFERENCE_TH_TEST", "0.04") == (
+        pytest.approx(0.2),
+        100,
+    )
 
 
 def test_sample_image_is_resized_like_the_predictor(tmp_path):
