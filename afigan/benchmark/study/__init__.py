@@ -24,10 +24,23 @@ last checkpoint when interrupted, both only when it was started with the same se
 pipeline's stale-settings rule). ``study.json`` records every run's config, overrides, seed and
 wall time as it goes; ``study.md``, ``fidelity.png`` and ``detection.png`` are written at the end.
 
-Modules by job: :mod:`.settings` (arms, ablations, study sizes, the study's toy set),
-:mod:`.fidelity` (interpolation fidelity), :mod:`.stats` (seed statistics, subset AP),
-:mod:`.runner` (the runs, through the pipeline's public stage API), :mod:`.report` (study.json,
-study.md, charts).
+Two more parts (``--part curves|probe|detection``; the above is "detection") ask the question
+without the two reasons the detection part cannot answer it (too little training, training noise):
+
+* **Curves** (:mod:`.curves`): stage 1 alone per learned kind (and AFI at three adversarial
+  weights, and a second seed for AFI and the best other kind), trained until its fidelity curve
+  flattens; G evaluated at every checkpoint per level (L1, PSNR and the blur measure of
+  :mod:`.blur`), a convergence verdict per arm, ``fidelity_curves.png``.
+* **Probe** (:mod:`.probe`): the teacher's own RPN and heads on its full-resolution pyramid, on
+  the half-size image's pyramid upsampled by nearest, bilinear and each converged G, and on the
+  half-size pyramid alone; COCO AP per arm on the probe's own 256 images and a paired bootstrap
+  over them of each arm's difference to bilinear (:mod:`.bootstrap`).
+
+Modules by job: :mod:`.settings` (arms, ablations, curve arms, study sizes, the study's toy sets),
+:mod:`.fidelity` (interpolation fidelity), :mod:`.blur` (high-frequency error and energy ratio),
+:mod:`.curves`, :mod:`.probe`, :mod:`.bootstrap` (AP from per-image matching, paired bootstrap),
+:mod:`.stats` (seed statistics, subset AP), :mod:`.runner` (the runs, through the pipeline's
+public stage API), :mod:`.report` and :mod:`.report_evidence` (study.json, study.md, charts).
 """
 
 from .blur import BlurSums, blur_scores, laplacian

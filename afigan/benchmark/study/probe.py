@@ -187,10 +187,12 @@ def run_probe(runner, curves: Dict) -> Dict:
     }
     cached = {name: _cached(os.path.join(folder, f"{name}.json"), keys[name]) for name in arms}
     todo = {name: fn for name, fn in arms.items() if cached[name] is None}
-    ran = []
+    ran, detect_s = [], 0.0
     if todo and not runner.report_only:
         runner.log(f"[study] probe: {len(todo)} arms ({', '.join(todo)}) on {p.dataset} ({p.images or 'all'} images)")
+        t1 = time.perf_counter()
         dets, fallback, ids = probe_detections(model, cfg, p.dataset, todo, p.images)
+        detect_s = time.perf_counter() - t1
         for name in todo:
             cached[name] = {"key": keys[name], "image_ids": ids, "fallback": fallback.get(name, []), "dets": dets[name]}
             write_json(os.path.join(folder, f"{name}.json"), cached[name])
@@ -200,7 +202,9 @@ def run_probe(runner, curves: Dict) -> Dict:
         return {}
     ids = next(iter(done.values()))["image_ids"]
     gt = _coco(MetadataCatalog.get(p.dataset).json_file)
+    t1 = time.perf_counter()
     scores = probe_scores(gt, {n: c["dets"] for n, c in done.items()}, ids, p.resamples, p.seed)
+    score_s = time.perf_counter() - t1
     return {
         "dataset": p.dataset,
         "images": len(ids),
@@ -215,6 +219,8 @@ def run_probe(runner, curves: Dict) -> Dict:
         "ran": ran,
         "scores": scores,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "detect_wall_s": round(detect_s, 1),  # the arms run by this invocation
+        "score_wall_s": round(score_s, 1),  # matching and bootstrap of every arm
     }
 
 
