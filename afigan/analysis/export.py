@@ -37,6 +37,7 @@ from .export_check import (
     cut_offs,
     default_check_sizes,
     exported_runner,
+    full_float32,
     resized,
     sample_image,
 )
@@ -297,7 +298,7 @@ def export_detector(
         text = ", ".join(f"{a}x{b}" for a, b in mixed)
         batches.append((tuple(resized(x, s) for x, s in zip(images, mixed)), f"mixed sizes: {text}"))
     threshold, topk = cut_offs(model)
-    with torch.no_grad(), quiet_export():
+    with torch.no_grad(), quiet_export(), full_float32():
         checks = _check_sizes(adapter, exported_runner(fmt, path), names, batches, threshold, topk)
     result = ExportResult(
         format=fmt,

@@ -2,6 +2,7 @@
 sample image and on more image sizes, and compare each run with the PyTorch model's detections on
 the same image (:func:`afigan.analysis.export_match.match_detections`)."""
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import detectron2.data.transforms as T
@@ -14,6 +15,7 @@ from afigan.data.image_io import read_image_or_raise
 from .export_match import SizeCheck, match_detections, merge_checks
 
 __all__ = [
+    "full_float32",
     "sample_image",
     "batch_images",
     "ExportError",
@@ -76,6 +78,19 @@ def batch_images(image: torch.Tensor, batch: int) -> Tuple[torch.Tensor, ...]:
     (other content at the same size, so the images of a batch give different detections)."""
     w = image.shape[-1]
     return tuple(torch.roll(image, shifts=i * w // batch, dims=-1) for i in range(batch))
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for convolutions and matrix products while inside (PyTorch's cuDNN default is on):
+    on an Ampere-or-newer GPU it rounds eager and TorchScript runs to 10-bit mantissas, which moves
+    boxes by more than the check's tolerance against onnxruntime's float32 on the CPU."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def cut_offs(model: torch.nn.Module) -> Tuple[Optional[float], Optional[int]]:

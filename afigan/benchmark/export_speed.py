@@ -1,7 +1,9 @@
 """Speed of an exported detector: the same Mask R-CNN (one per upsampler kind) timed in PyTorch eager,
 as the TorchScript file and as the ONNX file in onnxruntime, on the same image. Both files are written
 and checked by :func:`afigan.analysis.export.export_detector` first, so every timed runtime gives the
-eager model's detections (matched one-to-one) on that image."""
+eager model's detections (matched one-to-one) on that image. The check runs in full float32 (TF32 off,
+:func:`afigan.analysis.export_check.full_float32`); the timings with PyTorch's defaults (on an Ampere
+or newer GPU: cuDNN convolutions in TF32)."""
 
 import os
 import platform

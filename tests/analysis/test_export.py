@@ -335,3 +335,16 @@ def test_default_check_sizes_are_odd_smaller_portrait_and_larger():
 
     assert default_check_sizes(load_config(MASK_RCNN, SMALL)) == [(49, 65), (81, 49), (97, 129)]
     assert default_check_sizes(load_config(MASK_RCNN, [])) == [(121, 161), (201, 121), (241, 321)]
+
+
+def test_the_check_runs_in_full_float32_and_restores_tf32():
+    from afigan.analysis.export_check import full_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_float32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 == before[1]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
