@@ -18,8 +18,7 @@ resumes an interrupted one (a run started with other settings stops the study wi
 See afigan/benchmark/study/ and docs/results.md, "What we measured".
 
     python tools/study.py --quick --output-dir output/study_quick   (every part, shrunk: 10 min on 2 CPU cores)
-    python tools/study.py --part curves --output-dir output/study
-    python tools/study.py --part probe --output-dir output/study
+    python tools/study.py --part curves probe --output-dir output/study   (sized for 45 min on 2 CPU cores)
     python tools/study.py --part detection --output-dir output/study
     python tools/study.py --output-dir output/study --report-only    (tables of the finished runs, nothing trained)
 """
@@ -36,7 +35,8 @@ from afigan.quiet import quiet_third_party
 
 def run(args):
     base = QUICK if args.quick else FULL
-    settings = replace(base, opts=list(args.opts), parts=PARTS if args.part == "all" else (args.part,))
+    parts = PARTS if "all" in args.part else tuple(p for p in PARTS if p in args.part)
+    settings = replace(base, opts=list(args.opts), parts=parts)
     for key in (
         "kinds",
         "seeds",
@@ -79,9 +79,10 @@ def main(argv=None):
     )
     parser.add_argument(
         "--part",
-        default="all",
+        nargs="+",
+        default=["all"],
         choices=list(PARTS) + ["all"],
-        help="which part to run (default all, in the order curves, probe, detection)",
+        help="the parts to run, always in the order curves, probe, detection (default all)",
     )
     parser.add_argument(
         "--quick",
