@@ -26,9 +26,13 @@ from afigan.layers import upsampler_kinds  # noqa: E402
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
 # The sample (a random 64 x 85 image, INPUT.MIN_SIZE_TEST 64) and three sizes besides: odd (no
-# side a multiple of a backbone stride), smaller landscape, portrait, larger landscape.
+# side a multiple of a backbone stride), smaller landscape, portrait, larger landscape. Chosen so
+# that padded to the backbone's size divisibility they still differ from the sample's 64 x 96 (FPN,
+# 32) in both sides; with BiFPN's 128 the sample is 128 x 128, as is the smallest, but the portrait
+# (256 x 128) and the larger one (256 x 384) differ. Sizes that pad to the traced tensor's size
+# would not notice a frozen size at all.
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
-SIZES = [(49, 65), (81, 49), (97, 129)]
+SIZES = [(31, 59), (161, 63), (131, 259)]
 # Torchvision-style PIXEL_STD (as tests/analysis/test_export.py): O(1) inputs keep a random
 # network's neck levels at a trained one's scale, where float rounding stays far below tolerance.
 STD = ["MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]
