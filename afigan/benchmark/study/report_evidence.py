@@ -165,7 +165,7 @@ def plot_curves(c: Dict, path: str) -> str:
     fig, axes = plt.subplots(
         len(METRICS), len(levels), figsize=(3.3 * len(levels), 2.5 * len(METRICS) + 1.4), squeeze=False
     )
-    colours = plt.get_cmap("tab20")
+    colours = plt.get_cmap("tab10")  # distinct hues; second seeds are dashed
     names = list(c["arms"])
     for i, (metric, title) in enumerate(METRICS):
         for j, l in enumerate(levels):
@@ -178,7 +178,7 @@ def plot_curves(c: Dict, path: str) -> str:
                 ]
                 if pts:
                     style = "--" if c["arms"][name]["seed"] else "-"
-                    ax.plot(*zip(*pts), style, color=colours(k % 20), marker=".", markersize=3, linewidth=1)
+                    ax.plot(*zip(*pts), style, color=colours(k % 10), marker=".", markersize=3, linewidth=1)
             for name, style in (("nearest", ":"), ("bilinear", "--")):
                 if ref and l in ref.get(name, {}):
                     ax.axhline(float(ref[name][l][metric]), color="black", linestyle=style, linewidth=0.9)
@@ -186,7 +186,7 @@ def plot_curves(c: Dict, path: str) -> str:
             ax.tick_params(labelsize=6)
             if i == len(METRICS) - 1:
                 ax.set_xlabel("iteration", fontsize=7)
-    handles = [plt.Line2D([], [], color=colours(k % 20)) for k in range(len(names))]
+    handles = [plt.Line2D([], [], color=colours(k % 10)) for k in range(len(names))]
     handles += [plt.Line2D([], [], color="black", linestyle=s) for s in (":", "--")]
     labels = [c["arms"][n]["label"] for n in names] + ["nearest", "bilinear"]
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
