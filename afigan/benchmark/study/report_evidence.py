@@ -186,7 +186,10 @@ def plot_curves(c: Dict, path: str) -> str:
             ax.tick_params(labelsize=6)
             if i == len(METRICS) - 1:
                 ax.set_xlabel("iteration", fontsize=7)
-    handles = [plt.Line2D([], [], color=colours(k % 10)) for k in range(len(names))]
+    handles = [
+        plt.Line2D([], [], color=colours(k % 10), linestyle="--" if c["arms"][n]["seed"] else "-")
+        for k, n in enumerate(names)
+    ]
     handles += [plt.Line2D([], [], color="black", linestyle=s) for s in (":", "--")]
     labels = [c["arms"][n]["label"] for n in names] + ["nearest", "bilinear"]
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
