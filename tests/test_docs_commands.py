@@ -85,7 +85,18 @@ SMALLEST = {
     },
     # Its own budget flag (its budgets override trailing keys), one seed: the full study's other
     # seeds are the same runs again.
-    "study.py": {"--max-iter": ["2", "2", "2", "2"], "--fidelity-images": ["4"], "--seeds": ["0"]},
+    "study.py": {
+        "--max-iter": ["2", "2", "2", "2"],
+        "--fidelity-images": ["4"],
+        "--seeds": ["0"],
+        "--curve-iters": ["4"],
+        "--curve-period": ["2"],
+        "--curve-kinds": ["afi"],
+        "--adv-weights": [],
+        "--second-seed": ["off"],
+        "--probe-images": ["2"],
+        "--resamples": ["20"],
+    },
     "lazy_train_net.py": {},
 }
 
