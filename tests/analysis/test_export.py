@@ -180,6 +180,26 @@ def test_a_kind_that_cannot_export_stops_with_one_sentence(tmp_path, monkeypatch
     assert not os.path.exists(tmp_path / "model.onnx")
 
 
+def test_deformable_convolution_is_refused_for_onnx_only_before_exporting(tmp_path):
+    from d2_helpers import make_cfg
+
+    from afigan.analysis.export import ExportError
+    from afigan.analysis.export_limits import NOT_EXPORTABLE, limit
+
+    why = NOT_EXPORTABLE["onnx", "deformable convolution"]
+    resnet = make_cfg(None, "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, True, True]")
+    assert limit(resnet, "onnx", None, NOT_EXPORTABLE) == (
+        "deformable convolution (MODEL.RESNETS.DEFORM_ON_PER_STAGE [False, False, True, True])",
+        why,
+    )
+    assert limit(resnet, "torchscript", None, NOT_EXPORTABLE) is None
+    assert limit(make_cfg(FCOS), "onnx", "afi", NOT_EXPORTABLE) is None  # switches off: nothing refused
+    with pytest.raises(ExportError) as e:
+        _export(FCOS, "onnx", tmp_path, "MODEL.FCOS.USE_DEFORMABLE", "True")
+    assert str(e.value) == f"deformable convolution (MODEL.FCOS.USE_DEFORMABLE True) cannot be exported to onnx: {why}."
+    assert not os.path.exists(tmp_path / "model.onnx")
+
+
 def test_an_exporter_failure_becomes_one_sentence(tmp_path, monkeypatch):
     from afigan.analysis import export
 
