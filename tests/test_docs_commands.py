@@ -57,6 +57,7 @@ CANNOT_RUN = [
     ("datasets/coco/", "needs COCO"),
     ("weights/AFI-GAN_", "needs the authors' released weights"),
     ("output/fcos_R_50_FPN_afi/", "evaluates the 8-GPU COCO run above"),
+    ("--device cuda", "needs a CUDA GPU"),
 ]
 
 # Trailing overrides that cut a training run to a few iterations; they come last, so they win.
@@ -75,6 +76,8 @@ SMALLEST = {
     "benchmark_necks.py": {"--size": ["128", "128"], "--repeats": ["1"], "--necks": ["FPN"], "--kinds": ["afi"]},
     "benchmark_training.py": {"--size": ["128"], "--iters": ["3"]},
     "benchmark_upsamplers.py": {"--repeats": ["1"], "--p2": ["16", "16"]},
+    # The reference-size R-50 at 64 px, one kind: two exports and three runtimes, timed once.
+    "benchmark_export.py": {"--size": ["64"], "--repeats": ["1"], "--kinds": ["afi"]},
     # --iters 5: Detectron2's timer skips 3 warm-up iterations; module rows are tests/benchmark's job.
     "benchmark_roofline.py": {
         "--sizes": ["128"],

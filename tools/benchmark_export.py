@@ -3,8 +3,8 @@
 each timed in PyTorch eager, as its TorchScript file and as its ONNX file in onnxruntime, on the same
 image (median seconds per image after three untimed calls). Both files are written and checked against
 eager first (tools/export_model.py's check: detections matched one-to-one), so every runtime timed
-gives the same detections. Random weights, score threshold 0 (every image keeps
-TEST.DETECTIONS_PER_IMAGE detections, so the mask head's work is that of a busy image).
+gives the same detections. Random weights, score threshold 0 and torchvision-style PIXEL_STD, so
+the heads see as many boxes as a busy image gives them (the table counts the detections).
 
     python tools/benchmark_export.py --reference-sizes --size 800 --device cuda --repeats 10
     python tools/benchmark_export.py --size 64 --repeats 1 --kinds afi --device cpu --out output/bench_export.json

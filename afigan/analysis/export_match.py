@@ -115,6 +115,10 @@ def _greedy_match(expected: Dict[str, torch.Tensor], actual: Dict[str, torch.Ten
     if not len(eb) or not len(ab):
         return []
     iou = box_iou(eb, ab)
+    # A zero-area box (clipped to the image border; random weights make many) has IoU 0 with every
+    # box, its own copy included: boxes equal to within the box tolerance count as IoU 1.
+    equal = (eb[:, None, :] - ab[None, :, :]).abs().amax(-1) <= BOX_TOLERANCE_PX
+    iou = torch.where(equal, torch.ones_like(iou), iou)
     same = expected["pred_classes"].long()[:, None] == actual["pred_classes"].long()[None, :]
     iou = torch.where(same, iou, torch.full_like(iou, -1.0))
     # Among equal IoUs (duplicated boxes) the closest score wins; the 1e-9 weight never outranks

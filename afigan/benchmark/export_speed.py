@@ -30,12 +30,13 @@ CONFIG = "toy/pipeline/stage3.yaml"  # Mask R-CNN FPN; R-50 and the paper's neck
 
 def options(size: int, reference: bool) -> List[str]:
     """Config overrides: test size ``size`` (short side; long side at most 5/3 of it, as 800/1333);
-    score threshold 0, so every image keeps TEST.DETECTIONS_PER_IMAGE detections and the mask head
-    runs on that many boxes whatever random weights score (a loaded image, not an empty one); with
+    score threshold 0 and Detectron2's torchvision-style PIXEL_STD (random BN layers pass the toy
+    configs' unscaled O(100) pixels on, and a random R-50's RPN then clips most proposals to empty
+    boxes), so the heads see as many boxes as a busy image gives them (the table counts them); with
     ``reference`` the paper's sizes (REFERENCE_SIZES: R-50, 256-channel FPN, full interpolator),
     COCO's 80 classes and 100 detections per image."""
     opts = ["INPUT.MIN_SIZE_TEST", str(size), "INPUT.MAX_SIZE_TEST", str(size * 5 // 3)]
-    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]
     if reference:
         opts += REFERENCE_SIZES + ["MODEL.ROI_HEADS.NUM_CLASSES", "80", "TEST.DETECTIONS_PER_IMAGE", "100"]
     return opts

@@ -62,6 +62,20 @@ def test_a_box_moved_by_two_pixels_fails():
     assert check.problems == [f"a matched box differs by 2 px (> {BOX_TOLERANCE_PX:g})"]
 
 
+def test_zero_area_boxes_match_their_copies_only():
+    # Boxes clipped to the image border collapse to a line: IoU 0 even with their own copy.
+    flat = [[0.0, 10.0, 0.0, 60.0], [100.0, 90.0, 140.0, 90.0], *BOXES]
+    expected = _dets(flat, [0.8, 0.7, 0.25, 0.5, 0.9], [2, 2, 1, 1, 0])
+    actual = _permuted(expected, [1, 0, 4, 3, 2])
+    check = match_detections(expected, actual)
+    assert check.ok, check.problems
+    assert check.matched == 5 and check.box_px == 0.0
+    moved = {k: v.clone() for k, v in expected.items()}
+    moved["pred_boxes"][0, 1] += 2.0  # the flat box moved: no partner left, and confident
+    check = match_detections(expected, moved)
+    assert not check.ok and check.matched == 4
+
+
 def test_a_changed_score_fails():
     expected = _dets(BOXES, [0.25, 0.5, 0.9], [1, 1, 0])
     actual = {k: v.clone() for k, v in expected.items()}

@@ -175,3 +175,22 @@ def test_arms_matched_on_other_images_are_refused():
     b = coco_matching(_coco(gt), dets, "bbox", [1, 2, 3])
     with pytest.raises(ValueError, match="other images"):
         paired_bootstrap({"a": a, "b": b}, "a", resamples=10)
+
+
+def test_probe_scores_compare_every_arm_with_bilinear_and_with_afi(monkeypatch):
+    pytest.importorskip("detectron2")
+    from afigan.benchmark.study import probe
+
+    monkeypatch.setattr(probe, "TASKS", ("bbox",))  # the constructed detections carry no masks
+    gt = _gt_dict()
+    ids = [i["id"] for i in gt["images"]]
+    dets = {name: _noisy_detections(gt, seed=s) for name, s in (("bilinear", 1), ("afi", 2), ("x", 3))}
+    out = probe.probe_scores(_coco(gt), dets, ids, resamples=100)["bbox"]
+    assert out["afi"]["vs_afi"]["diff"] == 0.0 and out["afi"]["vs_afi"]["ci"] == [0.0, 0.0]
+    assert out["x"]["vs_afi"]["diff"] == pytest.approx(out["x"]["ap"] - out["afi"]["ap"], abs=1e-12)
+    assert out["bilinear"]["vs_afi"]["diff"] == pytest.approx(-out["afi"]["diff"], abs=1e-12)
+    matchings = {name: coco_matching(_coco(gt), d, "bbox", ids) for name, d in dets.items()}
+    assert out["x"]["vs_afi"]["ci"] == paired_bootstrap(matchings, "afi", resamples=100)["x"]["ci"]
+    assert out["x"]["ci"] == paired_bootstrap(matchings, "bilinear", resamples=100)["x"]["ci"]
+    without = probe.probe_scores(_coco(gt), {k: dets[k] for k in ("bilinear", "x")}, ids, resamples=20)["bbox"]
+    assert all("vs_afi" not in e for e in without.values())

@@ -49,9 +49,11 @@ from .fidelity import fixed_x2, learned_x2
 from .report import write_json
 from .settings import ensure_probe_toy
 
-__all__ = ["FULL", "HALF", "REFERENCE", "load_detector", "probe_detections", "probe_scores", "upsampled_arm"]
+__all__ = ["AFI_ARM", "FULL", "HALF", "REFERENCE", "load_detector", "probe_detections", "probe_scores", "upsampled_arm"]
 
 FULL, HALF, REFERENCE = "full", "half", "bilinear"
+# The second reference: is AFI's G (first seed) better than the other kinds' and its own variants'?
+AFI_ARM = "afi"
 TASKS = ("bbox", "segm")
 Pyramid = Dict[str, torch.Tensor]
 # An upsampling arm: half-size pyramid -> the levels it predicts at about twice their size.
@@ -135,13 +137,19 @@ def probe_detections(
 def probe_scores(
     gt: COCO, dets: Dict[str, List[Dict]], image_ids: Sequence[int], resamples: int, seed: int = 0
 ) -> Dict[str, Dict]:
-    """{task: {arm: {"ap", "diff", "ci", "resolved", "p_le_0"}}}: COCO AP of every arm on
-    ``image_ids`` and its paired-bootstrap difference to bilinear (:func:`.bootstrap.paired_bootstrap`)."""
+    """{task: {arm: {"ap", "diff", "ci", "resolved", "p_le_0"[, "vs_afi"]}}}: COCO AP of every arm
+    on ``image_ids`` and its paired-bootstrap difference to bilinear
+    (:func:`.bootstrap.paired_bootstrap`); with an ``afi`` arm, ``vs_afi`` holds the difference to
+    it on the same resamples ({"diff", "ci", "resolved", "p_le_0"})."""
     out = {}
     for task in TASKS:
         matchings = {name: coco_matching(gt, d, task, image_ids) for name, d in dets.items()}
         ref = REFERENCE if REFERENCE in matchings else next(iter(matchings))
         out[task] = paired_bootstrap(matchings, ref, resamples, seed)
+        if AFI_ARM in matchings and AFI_ARM != ref:
+            versus = paired_bootstrap(matchings, AFI_ARM, resamples, seed)
+            for name, e in out[task].items():
+                e["vs_afi"] = {k: versus[name][k] for k in ("diff", "ci", "resolved", "p_le_0")}
     return out
 
 

@@ -119,10 +119,12 @@ def format_probe(p: Dict) -> List[str]:
         "`nearest`, `bilinear` and each G: the half-size image's pyramid upsampled x2, fitted to the full "
         "sizes; `half` the half-size image's own pyramid, boxes rescaled. Δ = arm − bilinear on the same images, "
         f"with the 95 % percentile interval of a paired bootstrap over the images ({p['resamples']} resamples, "
-        f"seed {p['seed']}, per-image matching computed once); resolved = the interval excludes 0.",
+        f"seed {p['seed']}, per-image matching computed once); resolved = the interval excludes 0. "
+        "Δ vs afi: the same against AFI's G (first seed), on the same resamples; * = resolved.",
         "",
-        "| arm | bbox AP | Δ bbox [95 % CI] | bbox | segm AP | Δ segm [95 % CI] | segm | G converged |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | bbox AP | Δ bbox [95 % CI] | bbox | segm AP | Δ segm [95 % CI] | segm | G converged "
+        "| Δ bbox vs afi | Δ segm vs afi |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     b, s = p["scores"]["bbox"], p["scores"]["segm"]
     for name in p["arms"]:
@@ -131,7 +133,8 @@ def format_probe(p: Dict) -> List[str]:
         lines.append(
             f"| {label} | {b[name]['ap']:.2f} | {_delta(b[name])} | {_resolved(b[name], name, p)} "
             f"| {s[name]['ap']:.2f} | {_delta(s[name])} | {_resolved(s[name], name, p)} | "
-            f"{'–' if conv is None else ('yes' if conv else 'no')} |"
+            f"{'–' if conv is None else ('yes' if conv else 'no')} | {_versus_afi(b[name], name)} "
+            f"| {_versus_afi(s[name], name)} |"
         )
     if p.get("fallback"):
         lines += [
@@ -145,6 +148,13 @@ def format_probe(p: Dict) -> List[str]:
 
 def _delta(e: Dict) -> str:
     return f"{e['diff']:+.2f} [{e['ci'][0]:+.2f}, {e['ci'][1]:+.2f}]"
+
+
+def _versus_afi(e: Dict, name: str) -> str:
+    v = e.get("vs_afi")
+    if v is None or name == "afi":
+        return "–"
+    return _delta(v) + (" *" if v["resolved"] else "")
 
 
 def _resolved(e: Dict, name: str, p: Dict) -> str:
