@@ -53,16 +53,10 @@ def test_reference_options_are_the_papers_sizes():
     from afigan.benchmark.training import REFERENCE_SIZES
 
     opts = options(800, reference=True)
-    assert opts[:6] == [
-        "INPUT.MIN_SIZE_TEST",
-        "800",
-        "INPUT.MAX_SIZE_TEST",
-        "1333",
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-        "0.0",
-    ]
-    assert opts[6 : 6 + len(REFERENCE_SIZES)] == REFERENCE_SIZES
-    assert opts[6 + len(REFERENCE_SIZES) :] == ["MODEL.ROI_HEADS.NUM_CLASSES", "80", "TEST.DETECTIONS_PER_IMAGE", "100"]
-    assert options(64, reference=False) == [
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "106", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"
+    common = [
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"
     ]  # fmt: skip
+    assert opts[:8] == ["INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333", *common]
+    assert opts[8 : 8 + len(REFERENCE_SIZES)] == REFERENCE_SIZES
+    assert opts[8 + len(REFERENCE_SIZES) :] == ["MODEL.ROI_HEADS.NUM_CLASSES", "80", "TEST.DETECTIONS_PER_IMAGE", "100"]
+    assert options(64, reference=False) == ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "106", *common]
