@@ -66,26 +66,42 @@ def _loggers_propagate():
     yield
 
 
+def clear_run_loggers():
+    """Drop the logging handlers a tool run adds: Detectron2's setup_logger binds them to the
+    streams of the test that ran it, which later tests do not capture. "afigan_pipeline": the
+    pipeline's status lines (afigan/engine/pipeline.py), handler made once."""
+    import logging
+
+    from detectron2.utils import logger as d2_logger
+
+    for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
+        logging.getLogger(name).handlers.clear()
+    d2_logger.setup_logger.cache_clear()
+
+
+@pytest.fixture
+def study():
+    """Run tools/study.py in this process: ``study(*argv)`` calls its ``main``; the run's logging
+    handlers are removed before and after."""
+    import runpy
+
+    clear_run_loggers()
+    main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "study.py"))["main"]
+    yield lambda *argv: main([str(a) for a in argv])
+    clear_run_loggers()
+
+
 @pytest.fixture
 def tool(capsys):
     """Run an entry point in this process as its ``__main__`` would: ``tool(main, *argv)`` with
     ``main`` one of ``stage1``..``stage3`` (tools/stage{N}_train.py), ``run_net`` or ``pipeline``;
     returns (exit status, stderr, stdout + stderr). Logging handlers the run adds (Detectron2's
     setup_logger binds them to this test's captured streams) are removed afterwards."""
-    import logging
-
-    from detectron2.utils import logger as d2_logger
-
-    def clear():
-        # "afigan_pipeline": the pipeline's status lines (afigan/engine/pipeline.py), handler made once.
-        for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
-            logging.getLogger(name).handlers.clear()
-        d2_logger.setup_logger.cache_clear()
 
     def run(main, *argv):
         from afigan.engine.cli import launch_stage
 
-        clear()  # handlers of earlier tests write to streams this test does not capture
+        clear_run_loggers()  # handlers of earlier tests write to streams this test does not capture
 
         argv = [str(a) for a in argv]
         try:
@@ -105,7 +121,7 @@ def tool(capsys):
         return code, err, out + err
 
     yield run
-    clear()
+    clear_run_loggers()
 
 
 def one_sentence_error(err: str) -> str:

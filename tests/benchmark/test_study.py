@@ -6,7 +6,6 @@ The curves and probe parts: test_study_parts.py."""
 import json
 import math
 import os
-import runpy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ pytest.importorskip("detectron2")
 pytest.importorskip("matplotlib")
 
 from conftest import one_sentence_error  # noqa: E402
-from d2_helpers import CONFIGS, REPO  # noqa: E402
+from d2_helpers import CONFIGS  # noqa: E402
 
 from afigan.benchmark.study import (  # noqa: E402
     budget_overrides,
@@ -27,8 +26,6 @@ from afigan.benchmark.study import (  # noqa: E402
     subset_ap,
     summarize,
 )
-
-TOOL = os.path.join(REPO, "tools", "study.py")
 
 # A tiny pyramid: p2's half-resolution map is 2x2, its target 4x4; p3's target is 2x3, one
 # column narrower than x2 of its 1x2 half-resolution map (an odd pyramid), so it is compared on
@@ -185,25 +182,6 @@ def test_budget_compresses_the_yaml_schedule():
         "()",
     ]  # no step at the last iteration
     assert budget_overrides(stage3, 0, []) == []
-
-
-def _clear_logging():
-    """Drop the handlers the runs add (Detectron2's setup_logger binds them to this test's captured
-    streams), as the suite's ``tool`` fixture does."""
-    import logging
-
-    from detectron2.utils import logger as d2_logger
-
-    for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
-        logging.getLogger(name).handlers.clear()
-    d2_logger.setup_logger.cache_clear()
-
-
-@pytest.fixture
-def study():
-    _clear_logging()
-    yield lambda *argv: runpy.run_path(TOOL)["main"]([str(a) for a in argv])
-    _clear_logging()
 
 
 # The smallest study: two iterations per stage, one seed, a fixed and a learned arm, 128-px images

@@ -5,36 +5,14 @@ bootstrap intervals, and both parts' sections kept in study.json whichever part 
 
 import json
 import os
-import runpy
 
 import pytest
 
 pytest.importorskip("detectron2")
 pytest.importorskip("matplotlib")
 
-from d2_helpers import REPO  # noqa: E402
 
 from afigan.config import load_config  # noqa: E402
-
-TOOL = os.path.join(REPO, "tools", "study.py")
-
-
-def _clear_logging():
-    import logging
-
-    from detectron2.utils import logger as d2_logger
-
-    for name in ("detectron2", "d2", "fvcore", "afigan", "afigan_pipeline"):
-        logging.getLogger(name).handlers.clear()
-    d2_logger.setup_logger.cache_clear()
-
-
-@pytest.fixture
-def study():
-    _clear_logging()
-    yield lambda *argv: runpy.run_path(TOOL)["main"]([str(a) for a in argv])
-    _clear_logging()
-
 
 # A 2-iteration teacher; curves of AFI (also at ADV_WEIGHT 0) and FADE over 4 iterations, G
 # evaluated every 2, second seeds on; the probe on 3 images with 50 resamples; 128-px images.
